@@ -1,0 +1,211 @@
+"""The ``compbias`` command line.
+
+::
+
+    compbias study CONFIG [--data-root DIR] [--seeds N|0,1,2] [--executor ray|local]
+    compbias train CONFIG [--data-root DIR] [--seeds ...]          # baselines only
+    compbias compress CONFIG [--method M ...] [--level L ...]      # from finished baselines
+    compbias audit ...                                              # see compbias.platform.audit.cli
+
+``CONFIG`` is a study file, or the name of one in the repository's
+``configs/`` directory (``digits`` means ``configs/digits.yaml``). Every
+default lives in the study file's schema (``compbias.platform.config``); the
+options here only override.
+
+Exit codes: 0 success, 1 some models failed, 2 bad usage or a bad study file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "resolve_config_path"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+def resolve_config_path(value: str) -> Path:
+    """A study file path, or a config name from ``configs/``.
+
+    Parameters
+    ----------
+    value : str
+        ``configs/digits.yaml``, ``/abs/path.yaml`` or ``digits``.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the places looked at and the available config names.
+    """
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    for cand in (CONFIGS_DIR / value, CONFIGS_DIR / f"{value}.yaml"):
+        if cand.is_file():
+            return cand
+    names = sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    raise FileNotFoundError(
+        f"no study file {value!r} (looked in {Path.cwd()} and {CONFIGS_DIR}); "
+        f"give a path to a YAML file or one of: {', '.join(names) or '(none found)'}"
+    )
+
+
+def _seeds(text: str):
+    text = text.strip()
+    if not text:
+        return None  # an empty value (e.g. an MLproject default) means "as in the study file"
+    try:
+        if "," in text or text.startswith("["):
+            return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a comma-separated list (0,1,2), got {text!r}") from None
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="study file (YAML) or the name of one in configs/ (e.g. digits)")
+    p.add_argument("--data-root", default=None, help="dataset root; overrides dataset.root of the study file")
+    p.add_argument("--seeds", type=_seeds, default=None, help="population: a count n (seeds 0..n-1) or a list 0,1,2")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray", help="run tasks on Ray (default) or one after another here")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or MLflow's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``compbias``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    parser = argparse.ArgumentParser(prog="compbias", description="Measure the bias that compressing neural networks induces.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{study,train,compress,audit}")
+    p = sub.add_parser("study", help="train the population, compress every model, log everything (resumes)")
+    _add_study_args(p)
+    p = sub.add_parser("train", help="train (or resume) the baseline population only")
+    _add_study_args(p)
+    p = sub.add_parser("compress", help="compress finished baselines with the study's methods")
+    _add_study_args(p)
+    p.add_argument("--method", action="append", default=None, help="only this method (repeatable), e.g. magnitude or structured+kd")
+    p.add_argument("--level", action="append", default=None, help="only this level (repeatable), e.g. 0.9 or int8_static")
+    p = sub.add_parser("audit", help="audit registered model versions of a study (compbias.platform.audit)", add_help=False)
+    p.add_argument("audit_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load(args):
+    from compbias.platform.config import load_study
+
+    path = resolve_config_path(args.config)
+    spec = load_study(path)
+    seeds = args.seeds
+    if args.data_root or seeds is not None:
+        spec = spec.with_overrides(data_root=args.data_root, seeds=seeds)
+    if spec.dataset.kind != "digits":
+        if not spec.dataset.root:
+            raise ValueError(f"dataset kind {spec.dataset.kind!r} needs a root: set dataset.root in {path} or pass --data-root DIR")
+        root = Path(spec.dataset.root).expanduser()
+        if not root.is_absolute():
+            root = (path.parent / root) if args.data_root is None else (Path.cwd() / root)
+        if not root.exists():
+            raise ValueError(f"dataset root {root} does not exist (from {'--data-root' if args.data_root else 'dataset.root'}; cwd {Path.cwd()})")
+        spec = spec.with_overrides(data_root=str(root.resolve()))
+    return path, spec
+
+
+def _run_study_command(args) -> int:
+    from compbias.platform.config import StudyConfigError
+    from compbias.platform.study import StudyConflictError, run_study
+
+    try:
+        path, spec = _load(args)
+    except (StudyConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"compbias {args.command}: {exc}", file=sys.stderr)
+        return 2
+    kwargs = {}
+    if args.command == "train":
+        kwargs["roles"] = ("baseline",)
+    elif args.command == "compress":
+        kwargs["roles"] = ("compressed",)
+        kwargs["methods"] = [m for m in args.method or [] if m] or None
+        kwargs["levels"] = [lv for lv in args.level or [] if lv] or None
+    try:
+        outcome = run_study(
+            spec,
+            study_text=path.read_text(),
+            executor=args.executor,
+            tracking_uri=args.tracking_uri,
+            step=args.command,
+            **kwargs,
+        )
+    except (StudyConflictError, ValueError) as exc:
+        print(f"compbias {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"compbias {args.command}: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(outcome.summary_table())
+    print()
+    share = outcome.tracking_seconds / outcome.wall_seconds if outcome.wall_seconds else 0.0
+    print(
+        f"study {outcome.study}: {len(outcome.trained)} trained, {len(outcome.resumed)} resumed, "
+        f"{len(outcome.failed)} failed in {outcome.wall_seconds:.1f}s (tracking {share:.1%}); "
+        f"experiment {spec.experiment_name!r}, parent run {outcome.parent_run_id}, "
+        f"registered model {spec.registered_model_name!r}"
+    )
+    for key, err in outcome.failed.items():
+        print(f"  failed: seed={key[0]} {key[1]}@{key[2]}: {err}", file=sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def _run_audit(args) -> int:
+    try:
+        audit_cli = importlib.import_module("compbias.platform.audit.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("compbias.platform.audit"):
+            print("compbias audit: the audit service (compbias.platform.audit.cli) is not installed in this version", file=sys.stderr)
+            return 2
+        raise
+    if not (hasattr(audit_cli, "add_arguments") and hasattr(audit_cli, "run")):
+        print("compbias audit: compbias.platform.audit.cli lacks add_arguments(parser)/run(args)", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="compbias audit", description="Audit registered model versions of a study.")
+    audit_cli.add_arguments(parser)
+    return int(audit_cli.run(parser.parse_args(args.audit_args)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compbias`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit code.
+    """
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".cache" / "numba"))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "audit":
+        return _run_audit(argparse.Namespace(command="audit", audit_args=argv[1:]))
+    args = build_parser().parse_args(argv)
+    return _run_study_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""The study file: schema, validation and defaults.
+
+A study file is YAML (see ``configs/digits.yaml`` and ``docs/architecture.md``).
+It is validated on load by :func:`load_study`; every default lives in the
+pydantic models below and nowhere else (the CLI and the MLproject only pass
+overrides through :meth:`StudySpec.with_overrides`).
+
+Errors are raised as :class:`StudyConfigError`, whose message has one line per
+problem naming the offending key (``compression[1].levels[0]``) and what is
+allowed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "StudyConfigError",
+    "StudySpec",
+    "DatasetSpec",
+    "ImbalanceSpec",
+    "ModelSpec",
+    "TrainSpec",
+    "PopulationSpec",
+    "CompressionSpec",
+    "ResourcesSpec",
+    "MlflowSpec",
+    "AuditSpec",
+    "ThresholdsSpec",
+    "load_study",
+    "parse_study",
+    "format_level",
+    "PRUNING_METHODS",
+    "QUANT_LEVELS",
+    "MITIGATIONS",
+]
+
+DATASET_KINDS = ("digits", "imagefolder", "celeba", "cifar10", "cifar100")
+ARCHS = ("smallcnn", "resnet20", "resnet32", "resnet18")
+PRUNING_METHODS = ("magnitude", "structured")
+METHODS = PRUNING_METHODS + ("quantize",)
+SCHEDULES = ("oneshot", "gradual", "scratch")
+QUANT_LEVELS = ("fp16", "bf16", "int8_weight", "int8_static")
+MITIGATIONS = ("kd", "at", "pkt", "at_kd", "pkt_kd", "pw")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class StudyConfigError(ValueError):
+    """A study file that cannot be used; the message names each bad key.
+
+    Parameters
+    ----------
+    problems : list of str
+        One line per problem, ``"<key>: <what is wrong and what is allowed>"``.
+    source : str, optional
+        Where the config came from (a file path), prepended to the message.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid study file{where}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are refused, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ImbalanceSpec(_Strict):
+    """Induced imbalance in the training split.
+
+    Either ``classes`` (keep a fraction ``keep`` of these classes, the biased
+    CIFAR of "Simon Says") or ``group`` (keep a fraction of the training
+    examples whose group attributes equal the given values), not both.
+    """
+
+    classes: list[int] | None = None
+    group: dict[str, int] | None = None
+    keep: float = Field(gt=0.0, le=1.0, description="fraction of the chosen examples kept")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ImbalanceSpec":
+        if (self.classes is None) == (self.group is None):
+            raise ValueError("give exactly one of 'classes' (a list of class ids) or 'group' (a mapping attribute: value)")
+        if self.classes is not None and (not self.classes or min(self.classes) < 0):
+            raise ValueError("'classes' must be a non-empty list of class ids >= 0")
+        if self.group is not None and not self.group:
+            raise ValueError("'group' must name at least one attribute, e.g. {Male: 1}")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Which data, which label, which groups; see ``compbias.jobs.load_dataset``."""
+
+    kind: Literal["digits", "imagefolder", "celeba", "cifar10", "cifar100"] = "digits"
+    root: str | None = None
+    target: str | None = None
+    groups: list[str] | None = None
+    attributes_csv: str | None = None
+    positive_class: int | str | None = None
+    image_size: int | None = Field(default=None, gt=0)
+    test_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    split_seed: int = Field(default=0, ge=0)
+    max_train: int | None = Field(default=None, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+    imbalance: ImbalanceSpec | None = None
+    allow_download: bool = False
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> "DatasetSpec":
+        if self.kind == "celeba" and not self.target:
+            raise ValueError("kind 'celeba' needs 'target': the attribute used as the label, e.g. Blond_Hair")
+        if self.kind != "celeba" and self.target is not None:
+            raise ValueError(f"'target' is only used with kind 'celeba', not {self.kind!r}; remove it")
+        if self.attributes_csv is not None and self.kind != "imagefolder":
+            raise ValueError("'attributes_csv' is only used with kind 'imagefolder'; remove it")
+        if self.groups is not None and len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"'groups' has duplicates: {self.groups}")
+        return self
+
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``compbias.jobs.load_dataset`` (everything but ``kind``).
+
+        Returns
+        -------
+        dict
+            The dataset section without ``kind``, with ``imbalance`` as a plain dict.
+        """
+        opts = self.model_dump(mode="json", exclude={"kind"})
+        return opts
+
+
+class ModelSpec(_Strict):
+    """The architecture and its width multiplier."""
+
+    arch: Literal["smallcnn", "resnet20", "resnet32", "resnet18"] = "smallcnn"
+    width: int = Field(default=1, ge=1, le=16)
+
+
+class TrainSpec(_Strict):
+    """Baseline training settings (SGD with momentum)."""
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0005, ge=0.0)
+
+
+class PopulationSpec(_Strict):
+    """How many baseline models: ``seeds: n`` means seeds ``0..n-1``; a list is taken as is."""
+
+    seeds: Union[Annotated[int, Field(ge=1)], list[Annotated[int, Field(ge=0)]]] = 3
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if not isinstance(v, (int, list)):
+            raise ValueError(f"seeds must be a positive int n (meaning seeds 0..n-1) or a list of ints >= 0, got {v!r}")
+        if isinstance(v, list) and not all(isinstance(x, int) for x in v):
+            raise ValueError(f"seeds must be a list of ints >= 0, got {v!r}")
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("seeds must be a positive int n (seeds 0..n-1) or a list of ints >= 0, not a boolean")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the list of seeds is empty; give at least one seed, e.g. [0, 1, 2]")
+            if any(isinstance(x, int) and x < 0 for x in v):
+                raise ValueError(f"seeds must be >= 0, got {v}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"seeds has duplicates: {v}")
+        elif isinstance(v, int) and v < 1:
+            raise ValueError(f"seeds as a count must be >= 1 (seeds 0..n-1), got {v}")
+        return v
+
+    def seed_list(self) -> list[int]:
+        """The seeds, as a list.
+
+        Returns
+        -------
+        list of int
+        """
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+def format_level(level: Any) -> str:
+    """The level as written in tags and metric keys (``0.9``, ``int8_static``).
+
+    Parameters
+    ----------
+    level : float or str
+
+    Returns
+    -------
+    str
+    """
+    if isinstance(level, float):
+        return repr(level)
+    return str(level)
+
+
+class CompressionSpec(_Strict):
+    """One compression method applied at several levels.
+
+    ``levels`` are sparsities in (0, 1) for pruning (``magnitude``,
+    ``structured``) and names in ``fp16 | bf16 | int8_weight | int8_static``
+    for ``quantize``. ``mitigation`` (pruning only) adds distillation from the
+    baseline (``kd``, ``at``, ``pkt``, ``at_kd``, ``pkt_kd``) or the
+    performance-weighted loss (``pw``) to fine-tuning.
+    """
+
+    method: Literal["magnitude", "structured", "quantize"]
+    schedule: Literal["oneshot", "gradual", "scratch"] | None = None
+    levels: list[Union[float, str]]
+    finetune_epochs: int | None = Field(default=None, ge=0)
+    mitigation: Literal["kd", "at", "pkt", "at_kd", "pkt_kd", "pw"] | None = None
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _levels_nonempty(cls, v: Any) -> Any:
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            v = [v]
+        if not isinstance(v, list) or not v:
+            raise ValueError("give at least one level, e.g. [0.5, 0.9] for pruning or [int8_weight] for quantize")
+        return v
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> "CompressionSpec":
+        if self.method in PRUNING_METHODS:
+            out = []
+            for i, lv in enumerate(self.levels):
+                if isinstance(lv, bool) or not isinstance(lv, (int, float)):
+                    raise ValueError(f"levels[{i}]: {lv!r} is not a sparsity; pruning levels are numbers in (0, 1) such as 0.9")
+                if not 0.0 < float(lv) < 1.0:
+                    raise ValueError(f"levels[{i}]: sparsity {lv!r} is out of range; it must be > 0 and < 1 (0.95 keeps 5% of the weights)")
+                out.append(float(lv))
+            if self.schedule is None:
+                object.__setattr__(self, "schedule", "gradual")
+            if self.finetune_epochs is None:
+                object.__setattr__(self, "finetune_epochs", 3)
+            object.__setattr__(self, "levels", out)
+        else:
+            for i, lv in enumerate(self.levels):
+                if lv not in QUANT_LEVELS:
+                    raise ValueError(f"levels[{i}]: {lv!r} is not a quantization level; quantize levels are one of {', '.join(QUANT_LEVELS)}")
+            if self.schedule is not None:
+                raise ValueError("schedule: 'schedule' applies to pruning only; remove it from the quantize entry")
+            if self.mitigation is not None:
+                raise ValueError("mitigation: 'mitigation' applies to pruning only; remove it from the quantize entry")
+            if self.finetune_epochs not in (None, 0):
+                raise ValueError("finetune_epochs: 'finetune_epochs' applies to pruning only; post-training quantization does not fine-tune")
+            object.__setattr__(self, "finetune_epochs", 0)
+        keys = [format_level(x) for x in self.levels]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"levels: duplicates in {keys}; list each level once")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The method name used in tags and metric keys: ``<method>`` or ``<method>+<mitigation>``."""
+        return self.method if self.mitigation is None else f"{self.method}+{self.mitigation}"
+
+
+class ResourcesSpec(_Strict):
+    """What each Ray task asks for."""
+
+    cpus_per_task: float = Field(default=1, gt=0)
+    gpus_per_task: Union[Literal["auto"], Annotated[float, Field(ge=0)]] = "auto"
+    max_retries: int = Field(default=3, ge=0)
+
+
+class MlflowSpec(_Strict):
+    """Where the study is recorded; ``None`` means the defaults derived from the study name."""
+
+    experiment: str | None = None
+    registered_model: str | None = None
+
+
+class ThresholdsSpec(_Strict):
+    """Audit pass/fail thresholds; ``None`` disables a check."""
+
+    cev: float | None = Field(default=None, ge=0)
+    sde: float | None = Field(default=None, ge=0)
+    worst_group_fpr_change: float | None = None
+    acc_drop: float | None = None
+
+
+class AuditSpec(_Strict):
+    """Settings read by the audit service (``compbias.platform.audit``)."""
+
+    cie_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.01, 0.05, 0.1], min_length=1)
+    bootstrap: int = Field(default=1000, ge=0)
+    probe_size: int = Field(default=256, ge=1)
+    thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec)
+    alias: str = Field(default="audited", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class StudySpec(_Strict):
+    """A whole study: data, model, training, population, compression, resources, tracking, audit."""
+
+    name: str = Field(pattern=_NAME_PATTERN, max_length=100)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    population: PopulationSpec = Field(default_factory=PopulationSpec)
+    compression: list[CompressionSpec]
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _some_compression(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError(
+                "the list of compression methods is empty; give at least one entry, "
+                "e.g. [{method: magnitude, levels: [0.5, 0.9]}]"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _unique_methods(self) -> "StudySpec":
+        seen: dict[tuple[str, str], int] = {}
+        for i, entry in enumerate(self.compression):
+            for lv in entry.levels:
+                key = (entry.name, format_level(lv))
+                if key in seen:
+                    raise ValueError(
+                        f"compression[{i}]: repeats method {entry.name!r} at level {key[1]} "
+                        f"(already in compression[{seen[key]}]); each (method, level) may appear once"
+                    )
+                seen[key] = i
+        return self
+
+    # -- derived values -------------------------------------------------
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment: ``mlflow.experiment`` or ``compbias/<name>``."""
+        return self.mlflow.experiment or f"compbias/{self.name}"
+
+    @property
+    def registered_model_name(self) -> str:
+        """The registered model: ``mlflow.registered_model`` or ``compbias-<name>``."""
+        return self.mlflow.registered_model or f"compbias-{self.name}"
+
+    def seeds(self) -> list[int]:
+        """The population's seeds.
+
+        Returns
+        -------
+        list of int
+        """
+        return self.population.seed_list()
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with every default filled in, as plain JSON-able data.
+
+        Returns
+        -------
+        dict
+        """
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text (what is logged as ``study.yaml``).
+
+        Returns
+        -------
+        str
+        """
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+    def model_fingerprint(self, compression_index: int | None) -> str:
+        """A short hash of everything that determines one model besides its seed and level.
+
+        Used to refuse resuming a study whose file changed in a way that would
+        make already-trained models stale.
+
+        Parameters
+        ----------
+        compression_index : int or None
+            Index into ``compression`` for compressed models, ``None`` for baselines.
+
+        Returns
+        -------
+        str
+            12 hex digits.
+        """
+        data = self.resolved()
+        part = {
+            "dataset": {k: v for k, v in data["dataset"].items() if k not in ("root", "allow_download")},
+            "model": data["model"],
+            "train": data["train"],
+        }
+        if compression_index is not None:
+            c = dict(data["compression"][compression_index])
+            c.pop("levels")
+            part["compression"] = c
+        blob = json.dumps(part, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def with_overrides(self, *, data_root: str | None = None, seeds: list[int] | int | None = None) -> "StudySpec":
+        """A copy with command-line overrides applied and validated.
+
+        Parameters
+        ----------
+        data_root : str, optional
+            Replaces ``dataset.root``.
+        seeds : int or list of int, optional
+            Replaces ``population.seeds``.
+
+        Returns
+        -------
+        StudySpec
+        """
+        data = self.resolved()
+        if data_root:
+            data["dataset"]["root"] = data_root
+        if seeds is not None:
+            data["population"]["seeds"] = seeds
+        return parse_study(data, source="command-line overrides")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part.startswith(("function-", "union[", "literal[", "int", "float", "str", "list[")) or part in ("function-after", "function-before")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<top level>"
+
+
+def _allowed_keys(model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    return ", ".join(model.model_fields)
+
+
+_SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "": StudySpec,
+    "dataset": DatasetSpec,
+    "dataset.imbalance": ImbalanceSpec,
+    "model": ModelSpec,
+    "train": TrainSpec,
+    "population": PopulationSpec,
+    "compression[]": CompressionSpec,
+    "resources": ResourcesSpec,
+    "mlflow": MlflowSpec,
+    "audit": AuditSpec,
+    "audit.thresholds": ThresholdsSpec,
+}
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    parent = ""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            parent += "[]"
+        else:
+            parent += ("." if parent else "") + str(part)
+    return _SECTION_MODELS.get(parent)
+
+
+def _problems(err: ValidationError) -> list[str]:
+    problems: list[str] = []
+    seen = set()
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        key = _loc(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(_section_of(loc))
+            msg = f"{key}: unknown key; allowed here: {allowed}"
+        elif e["type"] == "missing":
+            msg = f"{key}: required key is missing"
+        else:
+            text = e["msg"]
+            if text.startswith("Value error, "):
+                text = text[len("Value error, "):]
+                m = re.match(r"^([A-Za-z_][A-Za-z0-9_\[\]\.]*): (.*)$", text, re.S)
+                if m:
+                    sub, text = m.group(1), m.group(2)
+                    key = sub if key == "<top level>" else f"{key}.{sub}"
+            msg = f"{key}: {text} (got {e.get('input')!r})" if "got" not in text and not isinstance(e.get("input"), dict) else f"{key}: {text}"
+        if msg not in seen:
+            seen.add(msg)
+            problems.append(msg)
+    return problems
+
+
+def parse_study(data: Any, *, source: str | None = None) -> StudySpec:
+    """Validate a study given as plain data (the parsed YAML).
+
+    Parameters
+    ----------
+    data : dict
+        The parsed study file.
+    source : str, optional
+        Where it came from, for the error message.
+
+    Returns
+    -------
+    StudySpec
+
+    Raises
+    ------
+    StudyConfigError
+        With one line per problem, naming the key and what is allowed.
+    """
+    if not isinstance(data, dict):
+        raise StudyConfigError([f"<top level>: a study file is a YAML mapping with keys {_allowed_keys(StudySpec)}; got {type(data).__name__}"], source)
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise StudyConfigError(_problems(err), source) from None
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file.
+
+    Parameters
+    ----------
+    path : str or Path
+        A YAML file.
+
+    Returns
+    -------
+    StudySpec
+
+    Raises
+    ------
+    StudyConfigError
+        When the file is missing, is not YAML, or does not validate.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StudyConfigError([f"no such study file: {p} (give a path to a YAML file such as configs/digits.yaml)"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyConfigError([f"not valid YAML: {exc}"], str(p)) from None
+    return parse_study(data, source=str(p))

@@ -1,0 +1,279 @@
+"""Running model tasks: on Ray (the default) or one after another in this process.
+
+Both executors have the same small interface, used by the study driver:
+``submit(task, baseline)`` returns a handle, ``wait(handles)`` returns the
+handles that finished, ``result(handle)`` returns the :class:`TaskResult` or
+raises the task's error. A compressed task's ``baseline`` may be the handle of
+its baseline task: on Ray it is passed as an ``ObjectRef`` argument, so the
+compressed task starts as soon as its own baseline is done (a dependency, not
+a barrier).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from compbias.platform.config import StudySpec
+from compbias.platform.plan import ModelTask
+from compbias.platform.tasks import ModelFiles, TaskResult, execute_task
+
+__all__ = ["init_ray", "RayExecutor", "LocalExecutor", "make_executor", "cuda_available"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (torch imported lazily).
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _numba_cache_dir() -> str:
+    d = os.environ.get("NUMBA_CACHE_DIR") or str(REPO_ROOT / ".cache" / "numba")
+    try:
+        Path(d).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        d = str(Path(os.environ.get("TMPDIR", "/tmp")) / "compbias-numba")
+        Path(d).mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def init_ray(*, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process.
+
+    Joins the cluster named by ``RAY_ADDRESS`` when set, otherwise starts a
+    local one. Workers get ``NUMBA_CACHE_DIR`` (a writable directory) and the
+    repository on ``PYTHONPATH`` so ``compbias`` imports there too.
+
+    Parameters
+    ----------
+    num_cpus : int, optional
+        CPUs of a local cluster (ignored when joining one).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    env_vars = {"NUMBA_CACHE_DIR": _numba_cache_dir()}
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    repo = str(REPO_ROOT)
+    env_vars["PYTHONPATH"] = repo if not pythonpath else f"{repo}{os.pathsep}{pythonpath}"
+    kwargs: dict[str, Any] = dict(
+        address=address,
+        runtime_env={"env_vars": env_vars},
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="warning",
+    )
+    if address is None and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def _remote_body(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | TaskResult | None) -> TaskResult:
+    if isinstance(baseline, TaskResult):
+        baseline = baseline.model_files
+    return execute_task(task, spec_data, baseline)
+
+
+class RayExecutor:
+    """Runs tasks as Ray tasks, one per model.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        Supplies the resources: ``num_gpus`` per task when CUDA is present
+        (``gpus_per_task: auto``) else ``num_cpus = cpus_per_task``, and
+        ``max_retries`` for workers that die.
+    """
+
+    name = "ray"
+
+    def __init__(self, spec: StudySpec):
+        import ray
+
+        init_ray()
+        self._ray = ray
+        self.spec_data = spec.resolved()
+        gpus = spec.resources.gpus_per_task
+        if gpus == "auto":
+            gpus = 1 if cuda_available() else 0
+        options: dict[str, Any] = {"max_retries": spec.resources.max_retries, "retry_exceptions": False}
+        if gpus:
+            options["num_gpus"] = gpus
+            options["num_cpus"] = spec.resources.cpus_per_task
+        else:
+            options["num_cpus"] = spec.resources.cpus_per_task
+        self.options = options
+        self._remote = ray.remote(_remote_body).options(**options)
+        self._spec_ref = ray.put(self.spec_data)
+
+    def submit(self, task: ModelTask, baseline: Any = None):
+        """Start a task; ``baseline`` is model files, a handle of a baseline task, or None.
+
+        Parameters
+        ----------
+        task : ModelTask
+        baseline : ObjectRef or dict of bytes or None
+
+        Returns
+        -------
+        ray.ObjectRef
+        """
+        return self._remote.remote(task, self._spec_ref, baseline)
+
+    def put(self, files: ModelFiles):
+        """Store model files once in the object store to share among tasks.
+
+        Parameters
+        ----------
+        files : dict of str to bytes
+
+        Returns
+        -------
+        ray.ObjectRef
+        """
+        return self._ray.put(files)
+
+    def wait(self, handles: list) -> tuple[list, list]:
+        """Block until at least one handle is ready.
+
+        Parameters
+        ----------
+        handles : list of ObjectRef
+
+        Returns
+        -------
+        (ready, pending) : tuple of lists
+        """
+        return self._ray.wait(handles, num_returns=1)
+
+    def result(self, handle) -> TaskResult:
+        """The task's result, or its exception re-raised.
+
+        Parameters
+        ----------
+        handle : ObjectRef
+
+        Returns
+        -------
+        TaskResult
+        """
+        return self._ray.get(handle)
+
+
+class _Done:
+    def __init__(self, value: TaskResult | None = None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+
+class LocalExecutor:
+    """Runs each task to completion in this process, at submission, one after another.
+
+    Used by the benchmark as the sequential reference and handy for debugging
+    (``compbias study --executor local``).
+
+    Parameters
+    ----------
+    spec : StudySpec
+    """
+
+    name = "local"
+
+    def __init__(self, spec: StudySpec):
+        self.spec_data = spec.resolved()
+
+    def submit(self, task: ModelTask, baseline: Any = None) -> _Done:
+        """Run the task now.
+
+        Parameters
+        ----------
+        task : ModelTask
+        baseline : _Done or dict of bytes or None
+
+        Returns
+        -------
+        handle
+        """
+        if isinstance(baseline, _Done):
+            if baseline.error is not None:
+                return _Done(error=RuntimeError(f"baseline of {task.label} failed: {baseline.error}"))
+            baseline = baseline.value.model_files
+        try:
+            return _Done(value=execute_task(task, self.spec_data, baseline))
+        except Exception as exc:  # reported by result()
+            return _Done(error=exc)
+
+    def put(self, files: ModelFiles) -> ModelFiles:
+        """Identity (no object store).
+
+        Parameters
+        ----------
+        files : dict of str to bytes
+
+        Returns
+        -------
+        dict of str to bytes
+        """
+        return files
+
+    def wait(self, handles: list) -> tuple[list, list]:
+        """Everything is already done: return the first handle.
+
+        Parameters
+        ----------
+        handles : list
+
+        Returns
+        -------
+        (ready, pending) : tuple of lists
+        """
+        return handles[:1], handles[1:]
+
+    def result(self, handle: _Done) -> TaskResult:
+        """The task's result, or its exception re-raised.
+
+        Parameters
+        ----------
+        handle : _Done
+
+        Returns
+        -------
+        TaskResult
+        """
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+
+def make_executor(kind: str, spec: StudySpec):
+    """Build an executor by name.
+
+    Parameters
+    ----------
+    kind : {"ray", "local"}
+    spec : StudySpec
+
+    Returns
+    -------
+    RayExecutor or LocalExecutor
+    """
+    if kind == "ray":
+        return RayExecutor(spec)
+    if kind == "local":
+        return LocalExecutor(spec)
+    raise ValueError(f"unknown executor {kind!r}; use 'ray' or 'local'")

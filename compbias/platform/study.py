@@ -1,0 +1,359 @@
+"""The study job: plan, resume, run on Ray, log every model to MLflow as it completes.
+
+>>> from compbias.platform.config import load_study
+>>> from compbias.platform.study import run_study
+>>> outcome = run_study(load_study("configs/digits.yaml"))   # doctest: +SKIP
+>>> print(outcome.summary_table())                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from mlflow.entities import Metric
+
+from compbias.platform import tracking
+from compbias.platform.config import StudySpec
+from compbias.platform.orchestration import make_executor
+from compbias.platform.plan import ModelTask, plan_study
+
+__all__ = ["StudyOutcome", "StudyConflictError", "run_study"]
+
+
+class StudyConflictError(RuntimeError):
+    """The study file changed in a way that makes already-logged models stale."""
+
+
+@dataclass
+class StudyOutcome:
+    """What one execution did.
+
+    Attributes
+    ----------
+    study : str
+    experiment_id, parent_run_id : str
+    tracking_uri : str
+    models : dict
+        ``(seed, method, level) -> FinishedModel`` for every planned model now finished.
+    trained : list of tuple
+        Keys of the models this execution produced.
+    resumed : list of tuple
+        Keys found finished from an earlier execution.
+    failed : dict
+        Key -> error message for tasks that failed.
+    interrupted, deleted_versions : list of str
+        Runs marked failed and versions deleted while resuming.
+    wall_seconds, tracking_seconds : float
+        Total time and time spent talking to MLflow in the driver.
+    nodes : set of str
+        Ray node ids that ran tasks.
+    """
+
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    models: dict = field(default_factory=dict)
+    trained: list = field(default_factory=list)
+    resumed: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+    interrupted: list = field(default_factory=list)
+    deleted_versions: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+    tracking_seconds: float = 0.0
+    nodes: set = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        """True when no task failed."""
+        return not self.failed
+
+    def summary_rows(self) -> list[dict]:
+        """One row per model: seed, method, level, acc, sparsity, size, version, status.
+
+        Returns
+        -------
+        list of dict
+        """
+        rows = []
+        keys = sorted(set(self.models) | set(self.failed), key=lambda k: (k[1] != "baseline", k[1], k[2], k[0]))
+        for k in keys:
+            m = self.models.get(k)
+            if m is None:
+                rows.append({"seed": k[0], "method": k[1], "level": k[2], "status": "failed", "error": self.failed[k]})
+                continue
+            rows.append(
+                {
+                    "seed": k[0],
+                    "method": k[1],
+                    "level": k[2],
+                    "acc": m.metrics.get("acc"),
+                    "sparsity": m.metrics.get("sparsity"),
+                    "size_kb": (m.metrics["size_bytes"] / 1024) if "size_bytes" in m.metrics else None,
+                    "version": m.version,
+                    "status": "resumed" if m.resumed else "trained",
+                }
+            )
+        return rows
+
+    def summary_table(self) -> str:
+        """A short text table: mean accuracy, sparsity and size per (method, level) over seeds.
+
+        Returns
+        -------
+        str
+        """
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in self.summary_rows():
+            groups.setdefault((r["method"], r["level"]), []).append(r)
+        lines = [f"{'method':<22} {'level':<12} {'models':>6} {'acc':>7} {'sparsity':>9} {'size_kb':>9} {'status':<18}"]
+        for (method, level), rs in groups.items():
+            ok = [r for r in rs if r["status"] != "failed"]
+
+            def mean(key):
+                vals = [r[key] for r in ok if r.get(key) is not None]
+                return sum(vals) / len(vals) if vals else float("nan")
+
+            status = ",".join(sorted({r["status"] for r in rs}))
+            lines.append(
+                f"{method:<22} {level:<12} {len(rs):>6} {mean('acc'):>7.4f} {mean('sparsity'):>9.3f} {mean('size_kb'):>9.1f} {status:<18}"
+            )
+        return "\n".join(lines)
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    study_text: str | None = None,
+    executor: str = "ray",
+    roles: Iterable[str] = ("baseline", "compressed"),
+    methods: Iterable[str] | None = None,
+    levels: Iterable[str] | None = None,
+    tracking_uri: str | None = None,
+    step: str = "study",
+    log: Callable[[str], None] = _default_log,
+) -> StudyOutcome:
+    """Run (or resume) a study and record every model in MLflow.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        The validated study.
+    study_text : str, optional
+        The study file as written (logged as ``study.yaml``); defaults to the resolved config.
+    executor : {"ray", "local"}
+        Ray tasks (default) or one after another in this process.
+    roles : iterable of {"baseline", "compressed"}
+        ``("baseline",)`` trains the population only (``compbias train``).
+    methods, levels : iterable of str, optional
+        Restrict the compressed tasks (``compbias compress --method ... --level ...``).
+    tracking_uri : str, optional
+        Overrides ``MLFLOW_TRACKING_URI``.
+    step : str
+        Recorded as the parent run's ``compbias.step`` tag.
+    log : callable
+        Progress messages.
+
+    Returns
+    -------
+    StudyOutcome
+
+    Raises
+    ------
+    StudyConflictError
+        If finished models of this study were made with a different dataset,
+        model, training or compression setting.
+    RuntimeError
+        If compressed tasks are requested whose baselines are neither finished
+        nor planned (run ``compbias train`` first).
+    """
+    t_start = time.perf_counter()
+    watch = tracking.Stopwatch()
+    study_text = study_text if study_text is not None else spec.to_yaml()
+    roles = tuple(roles)
+    tasks = plan_study(spec, roles=roles, methods=methods, levels=levels)
+
+    with watch:
+        client = tracking.configure_tracking(tracking_uri)
+        exp_id = tracking.ensure_experiment(client, spec.experiment_name)
+        tracking.ensure_registered_model(client, spec)
+        project_run = os.environ.get("MLFLOW_RUN_ID")
+        state = tracking.scan_study(client, exp_id, spec, current_run_ids=[project_run] if project_run else [])
+    if state.interrupted:
+        log(f"marked {len(state.interrupted)} interrupted run(s) as FAILED; their models will be made again")
+    if state.deleted_versions:
+        log(f"deleted {len(state.deleted_versions)} registered version(s) without a finished run")
+
+    # refuse to mix models made under a different study file
+    stale = []
+    for t in tasks:
+        done = state.done.get(t.key)
+        if done is not None and done.spec_hash and done.spec_hash != spec.model_fingerprint(t.compression_index):
+            stale.append(t.label)
+    if stale:
+        raise StudyConflictError(
+            f"study {spec.name!r} already has finished models made with different dataset/model/train/compression "
+            f"settings ({', '.join(stale[:5])}{'...' if len(stale) > 5 else ''}); give the changed study a new "
+            f"'name' (or delete experiment {spec.experiment_name!r} and registered model {spec.registered_model_name!r})"
+        )
+
+    todo = [t for t in tasks if t.key not in state.done]
+    todo_keys = {t.key for t in todo}
+    missing_base = sorted(
+        {t.seed for t in todo if t.baseline_key and t.baseline_key not in state.done and t.baseline_key not in todo_keys}
+    )
+    if missing_base:
+        raise RuntimeError(
+            f"baselines for seeds {missing_base} of study {spec.name!r} are not finished; "
+            f"run `compbias train` (or `compbias study`) first"
+        )
+
+    with watch:
+        extra = {}
+        if project_run:
+            extra[f"{tracking.TAG}project_run_id"] = project_run
+        parent_id = tracking.start_parent_run(client, exp_id, spec, study_text, step=step, extra_tags=extra)
+        if project_run:
+            try:
+                client.set_tag(project_run, f"{tracking.TAG}study_run_id", parent_id)
+                client.set_tag(project_run, f"{tracking.TAG}study", spec.name)
+            except Exception:  # the project run may live in another store; not essential
+                pass
+
+    outcome = StudyOutcome(
+        study=spec.name,
+        experiment_id=exp_id,
+        parent_run_id=parent_id,
+        tracking_uri=client._tracking_client.tracking_uri,
+        interrupted=list(state.interrupted),
+        deleted_versions=list(state.deleted_versions),
+    )
+    for t in tasks:
+        if t.key in state.done:
+            outcome.models[t.key] = state.done[t.key]
+            outcome.resumed.append(t.key)
+    log(
+        f"study {spec.name}: {len(tasks)} models planned, {len(outcome.resumed)} already finished, "
+        f"{len(todo)} to run ({executor})"
+    )
+
+    ok = False
+    try:
+        if todo:
+            _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, executor, watch, log)
+        ok = outcome.ok
+    finally:
+        with watch:
+            now = int(time.time() * 1000)
+            client.log_batch(
+                parent_id,
+                metrics=[
+                    Metric("models_trained", float(len(outcome.trained)), now, 0),
+                    Metric("models_resumed", float(len(outcome.resumed)), now, 0),
+                    Metric("models_failed", float(len(outcome.failed)), now, 0),
+                ],
+            )
+            tracking.finish_run(client, parent_id, ok)
+        outcome.wall_seconds = time.perf_counter() - t_start
+        outcome.tracking_seconds = watch.seconds
+        try:
+            with watch:
+                client.log_metric(parent_id, "wall_seconds", outcome.wall_seconds)
+                client.log_metric(parent_id, "tracking_seconds", outcome.tracking_seconds)
+        except Exception:  # pragma: no cover
+            pass
+    return outcome
+
+
+def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, executor_kind, watch, log) -> None:
+    ex = make_executor(executor_kind, spec)
+    handles: dict = {}
+    task_of: dict = {}
+    baseline_refs: dict = {}
+    for t in todo:
+        if t.role == "baseline":
+            h = ex.submit(t)
+            handles[t.key] = h
+            task_of[h] = t
+    for t in todo:
+        if t.role != "compressed":
+            continue
+        bk = t.baseline_key
+        if bk in handles:
+            base = handles[bk]
+        else:
+            if bk not in baseline_refs:
+                with watch:
+                    files = tracking.download_model_files(client, spec, state.done[bk])
+                baseline_refs[bk] = ex.put(files)
+            base = baseline_refs[bk]
+        h = ex.submit(t, base)
+        handles[t.key] = h
+        task_of[h] = t
+
+    pending = list(task_of)
+    deferred: dict = {}  # baseline key -> [(task, result)] waiting for the baseline to be logged
+    n_total, n_done = len(pending), 0
+
+    def log_result(task: ModelTask, result) -> None:
+        nonlocal n_done
+        baseline = outcome.models.get(task.baseline_key) if task.baseline_key else None
+        try:
+            with watch:
+                fm = tracking.log_model_run(client, exp_id, parent_id, spec, study_text, result, baseline=baseline)
+        except Exception as exc:
+            outcome.failed[task.key] = f"logging failed: {type(exc).__name__}: {exc}"
+            log(f"[{n_done + 1}/{n_total}] {task.label}: LOGGING FAILED ({exc})")
+            n_done += 1
+            return
+        outcome.models[task.key] = fm
+        outcome.trained.append(task.key)
+        outcome.nodes.add(result.node_id)
+        n_done += 1
+        extra = f" sparsity={fm.metrics['sparsity']:.3f}" if "sparsity" in fm.metrics else ""
+        log(f"[{n_done}/{n_total}] {task.label}: acc={fm.metrics.get('acc', float('nan')):.4f}{extra} ({result.seconds:.1f}s) -> version {fm.version}")
+        for t2, r2 in deferred.pop(task.key, []):
+            log_result(t2, r2)
+
+    def fail(task: ModelTask, exc: BaseException) -> None:
+        nonlocal n_done
+        n_done += 1
+        msg = f"{type(exc).__name__}: {exc}"
+        outcome.failed[task.key] = msg.splitlines()[0][:500] if msg else type(exc).__name__
+        log(f"[{n_done}/{n_total}] {task.label}: FAILED ({outcome.failed[task.key]})")
+        with watch:
+            try:
+                tracking.log_failed_run(client, exp_id, parent_id, spec, task, exc)
+            except Exception:  # pragma: no cover
+                pass
+        for t2, _ in deferred.pop(task.key, []):
+            fail(t2, RuntimeError(f"its baseline {task.label} could not be logged"))
+
+    while pending:
+        ready, pending = ex.wait(pending)
+        for h in ready:
+            task = task_of[h]
+            try:
+                result = ex.result(h)
+            except Exception as exc:
+                fail(task, exc)
+                continue
+            bk = task.baseline_key
+            if bk is not None and bk not in outcome.models:
+                if bk in outcome.failed:
+                    fail(task, RuntimeError(f"its baseline {bk} failed"))
+                else:
+                    deferred.setdefault(bk, []).append((task, result))
+                continue
+            log_result(task, result)
+    for bk, items in deferred.items():
+        for t2, _ in items:
+            fail(t2, RuntimeError(f"its baseline {bk} never finished"))

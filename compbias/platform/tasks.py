@@ -1,0 +1,209 @@
+"""What one model task does, wherever it runs (a Ray worker or the driver).
+
+A task trains a baseline or compresses one, evaluates it on the test split and
+returns a :class:`TaskResult` made of plain values: tables, numbers and the
+model's files as bytes. It never talks to MLflow; the driver logs results.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from compbias.platform.config import StudySpec, parse_study
+from compbias.platform.plan import ModelTask
+
+__all__ = ["TaskResult", "ModelFiles", "execute_task", "model_files_from_dir", "write_model_files"]
+
+# A model as files: {"weights.safetensors": b"...", "model_spec.json": b"..."}.
+ModelFiles = dict[str, bytes]
+
+_DATASETS: dict[str, Any] = {}
+
+
+@dataclass
+class TaskResult:
+    """Everything a finished task hands back to the driver.
+
+    Attributes
+    ----------
+    task : ModelTask
+    predictions : pandas.DataFrame
+        ``example_id``, ``label``, ``pred``, ``prob`` and the group columns.
+    per_class, per_group : pandas.DataFrame
+        Confusion counts and rates from ``compbias.metrics``.
+    info : dict
+        The job's info (sparsity, size_bytes, losses, ...).
+    model_files : dict of str to bytes
+        The files written by ``compbias.jobs.save_model``.
+    node_id : str
+        The Ray node that ran the task (``local`` outside Ray).
+    seconds : float
+        Wall time of the task body.
+    input_shape : tuple of int
+    n_classes : int
+    """
+
+    task: ModelTask
+    predictions: pd.DataFrame
+    per_class: pd.DataFrame
+    per_group: pd.DataFrame
+    info: dict[str, Any]
+    model_files: ModelFiles
+    node_id: str
+    seconds: float
+    input_shape: tuple[int, ...] = ()
+    n_classes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_files_from_dir(directory: str | Path) -> ModelFiles:
+    """Read the files of a saved model into memory.
+
+    Parameters
+    ----------
+    directory : str or Path
+        A directory written by ``compbias.jobs.save_model``.
+
+    Returns
+    -------
+    dict of str to bytes
+    """
+    d = Path(directory)
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def write_model_files(files: ModelFiles, directory: str | Path) -> Path:
+    """Write model files (as returned by a task) into a directory.
+
+    Parameters
+    ----------
+    files : dict of str to bytes
+    directory : str or Path
+        Created if missing.
+
+    Returns
+    -------
+    Path
+        The directory.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, blob in files.items():
+        (d / name).write_bytes(blob)
+    return d
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # pragma: no cover - ray missing or not in a worker
+        pass
+    return "local"
+
+
+def _dataset(spec: StudySpec):
+    """Load (once per worker process) the study's dataset."""
+    from compbias import jobs
+
+    opts = spec.dataset.loader_options()
+    key = repr((spec.dataset.kind, sorted(opts.items(), key=lambda kv: kv[0])))
+    if key not in _DATASETS:
+        _DATASETS.clear()
+        _DATASETS[key] = jobs.load_dataset(spec.dataset.kind, **opts)
+    return _DATASETS[key]
+
+
+def _load_files(files: ModelFiles):
+    from compbias import jobs
+
+    with tempfile.TemporaryDirectory(prefix="compbias-model-") as tmp:
+        write_model_files(files, tmp)
+        return jobs.load_model(tmp)
+
+
+def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | None = None) -> TaskResult:
+    """Train or compress one model and evaluate it.
+
+    Parameters
+    ----------
+    task : ModelTask
+    spec_data : dict
+        The resolved study config (``StudySpec.resolved()``), plain data so it
+        travels to workers without pickling pydantic objects.
+    baseline : dict of str to bytes, optional
+        The baseline model's files; required for compressed tasks.
+
+    Returns
+    -------
+    TaskResult
+
+    Raises
+    ------
+    ValueError
+        If a compressed task gets no baseline.
+    """
+    from compbias import jobs
+
+    t0 = time.perf_counter()
+    spec = parse_study(spec_data, source="task payload")
+    bundle = _dataset(spec)
+    if task.role == "baseline":
+        model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, width=spec.model.width, seed=task.seed)
+        model, info = jobs.train_model(model, bundle, seed=task.seed, **spec.train.model_dump())
+    else:
+        if baseline is None:
+            raise ValueError(f"task {task.label} compresses a baseline but was given none")
+        entry = spec.compression[task.compression_index]
+        base_model = _load_files(baseline)
+        model, info = jobs.compress_model(
+            base_model,
+            bundle,
+            method=entry.method,
+            level=task.level_value,
+            schedule=entry.schedule,
+            finetune_epochs=entry.finetune_epochs,
+            mitigation=entry.mitigation,
+            seed=task.seed,
+            train=spec.train.model_dump(),
+        )
+    evaluation = jobs.evaluate(model, bundle)
+    with tempfile.TemporaryDirectory(prefix="compbias-save-") as tmp:
+        jobs.save_model(model, _model_spec(spec, bundle, task, info), tmp)
+        files = model_files_from_dir(tmp)
+    return TaskResult(
+        task=task,
+        predictions=evaluation.predictions,
+        per_class=evaluation.per_class,
+        per_group=evaluation.per_group,
+        info=dict(info),
+        model_files=files,
+        node_id=_node_id(),
+        seconds=time.perf_counter() - t0,
+        input_shape=tuple(int(x) for x in bundle.input_shape),
+        n_classes=int(bundle.n_classes),
+        extra={"pid": os.getpid()},
+    )
+
+
+def _model_spec(spec: StudySpec, bundle, task: ModelTask, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "arch": spec.model.arch,
+        "width": spec.model.width,
+        "n_classes": int(bundle.n_classes),
+        "input_shape": [int(x) for x in bundle.input_shape],
+        "class_names": [str(c) for c in getattr(bundle, "class_names", [])],
+        "study": spec.name,
+        "seed": task.seed,
+        "method": task.method,
+        "level": task.level,
+    }

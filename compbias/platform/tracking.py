@@ -1,0 +1,677 @@
+"""MLflow side of a study: experiment, runs, artifacts, registry, resume state.
+
+Only the driver calls these functions (never a Ray worker), so a local SQLite
+store has a single writer. Conventions (``docs/architecture.md``):
+
+- experiment per study, a parent run per execution (``compbias.run_kind=study``),
+  a nested child run per model (``compbias.run_kind=model``);
+- child runs carry params, metrics (``acc``, ``fpr/class/<c>``,
+  ``fnr/class/<c>``, ``fpr/group/<g>``, ``fnr/group/<g>``, ``sparsity``,
+  ``size_bytes``), artifacts (``predictions.parquet``, ``rates/*.parquet``,
+  ``study.yaml``) and the pyfunc model ``model``;
+- every model is registered as a version of the study's registered model,
+  with the run's ``compbias.*`` tags, only after all its artifacts are logged.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, ViewType
+from mlflow.exceptions import MlflowException
+
+from compbias.platform.config import StudySpec
+from compbias.platform.plan import ModelTask
+from compbias.platform.tasks import TaskResult, write_model_files
+
+__all__ = [
+    "TAG",
+    "configure_tracking",
+    "ensure_experiment",
+    "ensure_registered_model",
+    "start_parent_run",
+    "finish_run",
+    "model_tags",
+    "model_metrics",
+    "log_model_run",
+    "log_failed_run",
+    "ResumeState",
+    "FinishedModel",
+    "scan_study",
+    "download_model_files",
+    "metric_key",
+    "Stopwatch",
+]
+
+log = logging.getLogger("compbias.tracking")
+
+TAG = "compbias."
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_MODEL_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "scipy",
+    "numba",
+    "scikit-learn",
+    "safetensors",
+    "pyarrow",
+    "pyyaml",
+    "pydantic",
+    "pillow",
+    "mlflow",
+)
+
+
+class Stopwatch:
+    """Accumulates the wall time spent inside ``with stopwatch:`` blocks.
+
+    Attributes
+    ----------
+    seconds : float
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+
+def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
+    """Point MLflow at a store and return a client; the registry uses the same URI.
+
+    Parameters
+    ----------
+    tracking_uri : str, optional
+        Defaults to ``MLFLOW_TRACKING_URI`` or MLflow's own default.
+
+    Returns
+    -------
+    MlflowClient
+    """
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of the experiment ``name``, created (or restored if deleted) as needed.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    name : str
+
+    Returns
+    -------
+    str
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def ensure_registered_model(client: MlflowClient, spec: StudySpec) -> str:
+    """Create the study's registered model if needed.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    spec : StudySpec
+
+    Returns
+    -------
+    str
+        The registered model's name.
+    """
+    name = spec.registered_model_name
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                name,
+                tags={f"{TAG}study": spec.name},
+                description=f"Models of the compbias study {spec.name!r} (baselines and compressed).",
+            )
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently
+    return name
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = "null" if data is None else str(data)
+    return out
+
+
+def start_parent_run(
+    client: MlflowClient,
+    experiment_id: str,
+    spec: StudySpec,
+    study_text: str,
+    *,
+    step: str = "study",
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Start the parent run of one execution and log the study file and resolved config.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    experiment_id : str
+    spec : StudySpec
+    study_text : str
+        The study file as given (logged as ``study.yaml``).
+    step : str
+        ``study``, ``train`` or ``compress`` (tag ``compbias.step``).
+    extra_tags : dict, optional
+
+    Returns
+    -------
+    str
+        The run id.
+    """
+    tags = {f"{TAG}run_kind": "study", f"{TAG}study": spec.name, f"{TAG}step": step}
+    tags.update(extra_tags or {})
+    run = client.create_run(experiment_id, run_name=f"{spec.name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    rid = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in _flatten(spec.resolved()).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(rid, params=params[i : i + 100])
+    client.log_text(rid, study_text, "study.yaml")
+    client.log_text(rid, spec.to_yaml(), "resolved.yaml")
+    return rid
+
+
+def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:
+    """End a run as FINISHED or FAILED.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    run_id : str
+    ok : bool
+    """
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def metric_key(text: str) -> str:
+    """Make a metric-key component out of a class or group name.
+
+    Keeps letters, digits and ``_ - .``; everything else becomes ``_``.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    str
+    """
+    s = re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_")
+    return s or "_"
+
+
+def model_tags(spec: StudySpec, task: ModelTask, *, node_id: str, baseline: "FinishedModel | None" = None) -> dict[str, str]:
+    """The ``compbias.*`` tags of a model run and of its registered version.
+
+    Parameters
+    ----------
+    spec : StudySpec
+    task : ModelTask
+    node_id : str
+        The Ray node that ran the task.
+    baseline : FinishedModel, optional
+        The baseline a compressed model came from.
+
+    Returns
+    -------
+    dict of str to str
+    """
+    tags = {
+        f"{TAG}run_kind": "model",
+        f"{TAG}study": spec.name,
+        f"{TAG}role": task.role,
+        f"{TAG}method": task.method,
+        f"{TAG}level": task.level,
+        f"{TAG}seed": str(task.seed),
+        f"{TAG}ray_node": node_id,
+        f"{TAG}spec_hash": spec.model_fingerprint(task.compression_index),
+    }
+    if baseline is not None:
+        tags[f"{TAG}baseline_version"] = str(baseline.version)
+        tags[f"{TAG}baseline_run_id"] = baseline.run_id
+    return tags
+
+
+def _class_column(df: pd.DataFrame) -> str:
+    for c in ("class", "class_id", "label", "cls"):
+        if c in df.columns:
+            return c
+    raise KeyError(f"per-class table has no class column (columns: {list(df.columns)})")
+
+
+def _group_column(df: pd.DataFrame) -> str:
+    for c in ("group", "group_name", "name"):
+        if c in df.columns:
+            return c
+    raise KeyError(f"per-group table has no group column (columns: {list(df.columns)})")
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def model_metrics(result: TaskResult) -> dict[str, float]:
+    """The metrics of one model run.
+
+    ``acc`` from the predictions; ``fpr/class/<c>`` and ``fnr/class/<c>`` from
+    the per-class table; ``fpr/group/<g>`` and ``fnr/group/<g>`` from the
+    per-group table; ``sparsity``, ``size_bytes`` and other numeric entries of
+    the job's info. Undefined rates (NaN) are not logged.
+
+    Parameters
+    ----------
+    result : TaskResult
+
+    Returns
+    -------
+    dict of str to float
+    """
+    pred = result.predictions
+    m: dict[str, float] = {"acc": float((pred["pred"].to_numpy() == pred["label"].to_numpy()).mean())}
+    pc = result.per_class
+    if len(pc):
+        cc = _class_column(pc)
+        for _, row in pc.iterrows():
+            for rate in ("fpr", "fnr"):
+                if rate in pc.columns and _finite(row[rate]):
+                    m[f"{rate}/class/{metric_key(row[cc])}"] = float(row[rate])
+    pg = result.per_group
+    if len(pg):
+        gc = _group_column(pg)
+        for _, row in pg.iterrows():
+            for rate in ("fpr", "fnr", "acc"):
+                if rate in pg.columns and _finite(row[rate]):
+                    m[f"{rate}/group/{metric_key(row[gc])}"] = float(row[rate])
+    for k, v in result.info.items():
+        if isinstance(v, (bool, np.bool_)):
+            continue
+        if isinstance(v, (int, float, np.integer, np.floating)) and _finite(v):
+            m[metric_key(k)] = float(v)
+    m["task_seconds"] = float(result.seconds)
+    return m
+
+
+def _series(info: dict[str, Any]) -> dict[str, list[float]]:
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and _finite(x) for x in v):
+            out[metric_key(k)] = [float(x) for x in v]
+    return out
+
+
+def _model_params(spec: StudySpec, task: ModelTask) -> dict[str, str]:
+    p = {
+        "seed": str(task.seed),
+        "method": task.method,
+        "level": task.level,
+        "role": task.role,
+        "dataset.kind": spec.dataset.kind,
+        "model.arch": spec.model.arch,
+        "model.width": str(spec.model.width),
+    }
+    p.update({f"train.{k}": str(v) for k, v in spec.train.model_dump().items()})
+    if task.compression_index is not None:
+        entry = spec.compression[task.compression_index]
+        p.update(
+            {
+                "compression.method": entry.method,
+                "compression.schedule": str(entry.schedule),
+                "compression.finetune_epochs": str(entry.finetune_epochs),
+                "compression.mitigation": str(entry.mitigation),
+            }
+        )
+    return p
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for name in _MODEL_REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+_CODE_COPY: dict[str, Path] = {}
+
+
+def _package_copy() -> Path:
+    """A copy of the compbias sources (no caches) shipped with each model."""
+    if "dir" not in _CODE_COPY or not _CODE_COPY["dir"].exists():
+        root = Path(tempfile.mkdtemp(prefix="compbias-code-"))
+        shutil.copytree(PACKAGE_DIR, root / "compbias", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
+        _CODE_COPY["dir"] = root / "compbias"
+    return _CODE_COPY["dir"]
+
+
+def _signature(input_shape: tuple[int, ...]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([ColSpec("long", "pred"), ColSpec("double", "prob")]),
+    )
+
+
+@dataclass
+class FinishedModel:
+    """A model that is logged, finished and registered.
+
+    Attributes
+    ----------
+    key : tuple
+        ``(seed, method, level)``.
+    run_id : str
+    version : str
+    metrics : dict
+    spec_hash : str
+    resumed : bool
+        True when found from an earlier execution.
+    """
+
+    key: tuple[int, str, str]
+    run_id: str
+    version: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    spec_hash: str = ""
+    resumed: bool = False
+
+
+def log_model_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    spec: StudySpec,
+    study_text: str,
+    result: TaskResult,
+    *,
+    baseline: FinishedModel | None = None,
+) -> FinishedModel:
+    """Log one finished task as a nested run and register its model version.
+
+    The version is created only after every artifact is logged; if anything
+    fails the run is marked FAILED and any version created is deleted.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    experiment_id : str
+    parent_run_id : str
+    spec : StudySpec
+    study_text : str
+        The study file, logged as ``study.yaml``.
+    result : TaskResult
+    baseline : FinishedModel, optional
+        Required for compressed models: gives the lineage tags.
+
+    Returns
+    -------
+    FinishedModel
+    """
+    task = result.task
+    if task.role == "compressed" and baseline is None:
+        raise ValueError(f"{task.label}: a compressed model needs its baseline's run and version")
+    tags = model_tags(spec, task, node_id=result.node_id, baseline=baseline)
+    run = client.create_run(
+        experiment_id,
+        run_name=task.label,
+        tags={**tags, "mlflow.parentRunId": parent_run_id},
+    )
+    run_id = run.info.run_id
+    version = None
+    reg_name = spec.registered_model_name
+    try:
+        metrics = model_metrics(result)
+        now = int(time.time() * 1000)
+        mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
+        for k, series in _series(result.info).items():
+            mlist += [Metric(k, v, now, i) for i, v in enumerate(series)]
+        params = [Param(k, v) for k, v in _model_params(spec, task).items()]
+        for i in range(0, max(len(mlist), len(params)), 100):
+            client.log_batch(run_id, metrics=mlist[i : i + 100], params=params[i : i + 100])
+        with tempfile.TemporaryDirectory(prefix="compbias-log-") as tmp:
+            out = Path(tmp) / "run"
+            (out / "rates").mkdir(parents=True)
+            result.predictions.to_parquet(out / "predictions.parquet", index=False)
+            result.per_class.to_parquet(out / "rates" / "per_class.parquet", index=False)
+            result.per_group.to_parquet(out / "rates" / "per_group.parquet", index=False)
+            (out / "study.yaml").write_text(study_text)
+            client.log_artifacts(run_id, str(out))
+            weights = write_model_files(result.model_files, Path(tmp) / "weights")
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"weights": str(weights)},
+                    code_paths=[str(_package_copy())],
+                    signature=_signature(result.input_shape),
+                    pip_requirements=_requirements(),
+                    tags=tags,
+                )
+                mv = mlflow.register_model(info.model_uri, reg_name, tags=tags, await_registration_for=60)
+                version = mv.version
+        finish_run(client, run_id, True)
+    except BaseException as exc:
+        if version is not None:
+            try:
+                client.delete_model_version(reg_name, version)
+            except MlflowException:  # pragma: no cover
+                log.exception("could not delete version %s of %s", version, reg_name)
+        try:
+            client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+            finish_run(client, run_id, False)
+        except MlflowException:  # pragma: no cover
+            log.exception("could not mark run %s as failed", run_id)
+        raise
+    return FinishedModel(key=task.key, run_id=run_id, version=str(version), metrics=metrics, spec_hash=tags[f"{TAG}spec_hash"])
+
+
+def log_failed_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    spec: StudySpec,
+    task: ModelTask,
+    error: BaseException,
+) -> str:
+    """Record a task that raised as a FAILED child run carrying the error.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    experiment_id, parent_run_id : str
+    spec : StudySpec
+    task : ModelTask
+    error : BaseException
+
+    Returns
+    -------
+    str
+        The run id.
+    """
+    tags = model_tags(spec, task, node_id="unknown")
+    tags[f"{TAG}error"] = f"{type(error).__name__}: {error}"[:5000]
+    run = client.create_run(experiment_id, run_name=task.label, tags={**tags, "mlflow.parentRunId": parent_run_id})
+    client.log_text(run.info.run_id, f"{type(error).__name__}: {error}\n", "error.txt")
+    finish_run(client, run.info.run_id, False)
+    return run.info.run_id
+
+
+@dataclass
+class ResumeState:
+    """What an earlier execution of the study left behind.
+
+    Attributes
+    ----------
+    done : dict
+        ``(seed, method, level) -> FinishedModel`` for finished, registered models.
+    interrupted : list of str
+        Runs found RUNNING and now marked FAILED.
+    incomplete : list of str
+        Runs found FINISHED without a registered version, marked FAILED.
+    deleted_versions : list of str
+        Registered versions without a finished run, deleted.
+    """
+
+    done: dict[tuple[int, str, str], FinishedModel] = field(default_factory=dict)
+    interrupted: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    deleted_versions: list[str] = field(default_factory=list)
+
+
+def _search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, current_run_ids: Iterable[str] = ()) -> ResumeState:
+    """Find finished models of an earlier execution and clean up what it left half-done.
+
+    Runs still RUNNING (an interrupted execution: one execution per study at a
+    time) are marked FAILED; FINISHED model runs without a registered version
+    are marked FAILED; registered versions whose run is not FINISHED are deleted.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    experiment_id : str
+    spec : StudySpec
+    current_run_ids : iterable of str
+        Runs of this very execution (e.g. the one ``mlflow run`` created), left alone.
+
+    Returns
+    -------
+    ResumeState
+    """
+    state = ResumeState()
+    current = set(current_run_ids)
+    name = spec.name.replace("'", "\\'")
+    runs = _search_all_runs(client, experiment_id, f"tags.`{TAG}study` = '{name}'")
+    reg = spec.registered_model_name
+    try:
+        versions = list(client.search_model_versions(f"name = '{reg}'"))
+    except MlflowException:
+        versions = []
+    version_by_run: dict[str, list] = {}
+    for v in versions:
+        version_by_run.setdefault(v.run_id, []).append(v)
+    finished_ids = set()
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        rid = run.info.run_id
+        if rid in current:
+            continue
+        kind = run.data.tags.get(f"{TAG}run_kind")
+        status = run.info.status
+        if status in (RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.SCHEDULED)):
+            client.set_tag(rid, f"{TAG}interrupted", "true")
+            finish_run(client, rid, False)
+            state.interrupted.append(rid)
+            continue
+        if kind != "model" or status != "FINISHED":
+            continue
+        vs = version_by_run.get(rid)
+        if not vs:
+            client.set_tag(rid, f"{TAG}incomplete", "no registered version")
+            finish_run(client, rid, False)
+            state.incomplete.append(rid)
+            continue
+        t = run.data.tags
+        try:
+            key = (int(t[f"{TAG}seed"]), t[f"{TAG}method"], t[f"{TAG}level"])
+        except (KeyError, ValueError):
+            continue
+        v = max(vs, key=lambda mv: int(mv.version))
+        finished_ids.add(rid)
+        state.done[key] = FinishedModel(
+            key=key,
+            run_id=rid,
+            version=str(v.version),
+            metrics=dict(run.data.metrics),
+            spec_hash=t.get(f"{TAG}spec_hash", ""),
+            resumed=True,
+        )
+    for v in versions:
+        if v.run_id not in finished_ids:
+            client.delete_model_version(reg, v.version)
+            state.deleted_versions.append(str(v.version))
+    return state
+
+
+def download_model_files(client: MlflowClient, spec: StudySpec, model: FinishedModel) -> dict[str, bytes]:
+    """The saved-model files (weights and spec) of a registered version.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    spec : StudySpec
+    model : FinishedModel
+
+    Returns
+    -------
+    dict of str to bytes
+    """
+    from compbias.platform.tasks import model_files_from_dir
+
+    uri = f"models:/{spec.registered_model_name}/{model.version}"
+    with tempfile.TemporaryDirectory(prefix="compbias-dl-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
+        if not hits:
+            raise FileNotFoundError(f"version {model.version} of {spec.registered_model_name} has no saved weights (model_spec.json)")
+        return model_files_from_dir(hits[0])
