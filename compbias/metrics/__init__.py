@@ -1,0 +1,74 @@
+"""compbias.metrics: the numerical core of the bias audit.
+
+Pure functions, numpy arrays in and out (pandas only for tables); numba
+kernels for the counting. Imports no torch, mlflow or ray.
+
+Definitions follow ``DESIGN.md`` ("Metric definitions"); each function's
+docstring gives the formula, the convention chosen where the papers are
+ambiguous, and the reference.
+"""
+
+# METRICS_VERSION tags every audited model version (compbias.audit.metrics_version).
+# Bump it (as an integer string, "1" -> "2") whenever any function here can
+# return a different number for the same input: a changed definition,
+# convention (ties, dropped classes, smoothing, ddof), default, or a numerical
+# change beyond 1e-9 relative. Pure speed-ups, new functions and new options
+# whose defaults keep old results do not bump it.
+METRICS_VERSION = "1"
+
+from compbias.metrics.bias import (  # noqa: E402
+    BiasResult,
+    PopulationBias,
+    cev,
+    normalized_change,
+    population_bias,
+    sde,
+)
+from compbias.metrics.confusion import (  # noqa: E402
+    ClassRates,
+    GroupRates,
+    class_rates,
+    confusion_counts,
+    group_rates,
+    population_rates,
+)
+from compbias.metrics.exemplars import cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
+from compbias.metrics.similarity import SVCCAResult, cca_correlations, linear_cka, svcca  # noqa: E402
+from compbias.metrics.stats import (  # noqa: E402
+    BootstrapResult,
+    WelchResult,
+    bootstrap_ci,
+    bootstrap_indices,
+    mean_rate_change,
+    welch_ttest,
+)
+
+__all__ = [
+    "METRICS_VERSION",
+    "BiasResult",
+    "BootstrapResult",
+    "ClassRates",
+    "GroupRates",
+    "PopulationBias",
+    "SVCCAResult",
+    "WelchResult",
+    "bootstrap_ci",
+    "bootstrap_indices",
+    "cca_correlations",
+    "cev",
+    "cie_mask",
+    "cie_scores",
+    "class_rates",
+    "confusion_counts",
+    "group_rates",
+    "linear_cka",
+    "mean_rate_change",
+    "modal_labels",
+    "normalized_change",
+    "pie_mask",
+    "population_bias",
+    "population_rates",
+    "sde",
+    "svcca",
+    "welch_ttest",
+]

@@ -1,0 +1,276 @@
+"""Modal labels, Pruning/Compression Identified Exemplars (Hooker et al.)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from compbias.metrics import _validation as v
+from compbias.metrics._numba import kernel
+
+__all__ = ["cie_mask", "cie_scores", "modal_labels", "pie_mask"]
+
+ERR_POPULATION = (
+    "{name} must have shape (n_models, n_examples) with at least one model; "
+    "got shape {shape}."
+)
+ERR_EXAMPLES_MISMATCH = (
+    "base_preds has {n1} examples but comp_preds has {n2}; both populations "
+    "must be evaluated on the same test examples in the same order."
+)
+
+_BLOCK = 1024  # examples per parallel block
+
+
+@kernel(parallel=True)
+def _modal_kernel(preds, n_classes):  # pragma: no cover - numba
+    n_models, n = preds.shape
+    out = np.empty(n, np.int64)
+    n_blocks = (n + _BLOCK - 1) // _BLOCK
+    for b in numba.prange(n_blocks):
+        counts = np.zeros(n_classes, np.int64)
+        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            for m in range(n_models):
+                counts[preds[m, i]] += 1
+            best = -1
+            best_count = 0
+            for m in range(n_models):
+                c = preds[m, i]
+                k = counts[c]
+                if k > best_count or (k == best_count and c > best):
+                    best = c
+                    best_count = k
+            for m in range(n_models):
+                counts[preds[m, i]] = 0
+            out[i] = best
+    return out
+
+
+@kernel(parallel=True)
+def _cie_kernel(base, comp, n_classes):  # pragma: no cover - numba
+    """Integer numerators sum_c |n_c * M' - n'_c * M| of the CIE score."""
+    m1, n = base.shape
+    m2 = comp.shape[0]
+    out = np.empty(n, np.int64)
+    n_blocks = (n + _BLOCK - 1) // _BLOCK
+    for b in numba.prange(n_blocks):
+        cb = np.zeros(n_classes, np.int64)
+        cc = np.zeros(n_classes, np.int64)
+        seen = np.zeros(n_classes, np.bool_)
+        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            for m in range(m1):
+                cb[base[m, i]] += 1
+            for m in range(m2):
+                cc[comp[m, i]] += 1
+            total = 0
+            for m in range(m1):
+                c = base[m, i]
+                if not seen[c]:
+                    seen[c] = True
+                    total += abs(cb[c] * m2 - cc[c] * m1)
+            for m in range(m2):
+                c = comp[m, i]
+                if not seen[c]:
+                    seen[c] = True
+                    total += abs(cb[c] * m2 - cc[c] * m1)
+            for m in range(m1):
+                c = base[m, i]
+                cb[c] = 0
+                cc[c] = 0
+                seen[c] = False
+            for m in range(m2):
+                c = comp[m, i]
+                cb[c] = 0
+                cc[c] = 0
+                seen[c] = False
+            out[i] = total
+    return out
+
+
+def _check_population(preds, n_classes, name):
+    arr = v.check_int_ids(preds, name, ndims=(2,))
+    if arr.shape[0] < 1:
+        raise ValueError(ERR_POPULATION.format(name=name, shape=arr.shape))
+    v.check_range(arr, n_classes, name, "n_classes")
+    return arr
+
+
+def _check_two_populations(base_preds, comp_preds, n_classes):
+    n_classes = v.check_positive_int(n_classes, "n_classes")
+    base = _check_population(base_preds, n_classes, "base_preds")
+    comp = _check_population(comp_preds, n_classes, "comp_preds")
+    if base.shape[1] != comp.shape[1]:
+        raise ValueError(ERR_EXAMPLES_MISMATCH.format(n1=base.shape[1], n2=comp.shape[1]))
+    return base, comp, n_classes
+
+
+def modal_labels(preds, n_classes):
+    r"""The most frequent prediction of each example over a population.
+
+    Parameters
+    ----------
+    preds : array-like of int, shape (n_models, n_examples)
+        Predicted class ids, one row per model.
+    n_classes : int
+        Number of classes.
+
+    Returns
+    -------
+    labels : ndarray of int64, shape (n_examples,)
+
+    Notes
+    -----
+    .. math::
+
+        \hat y^{M}_i = \max\,\operatorname*{arg\,max}_c
+            \sum_{m=1}^{M} [\hat y_{m,i} = c]
+
+    Ties go to the **largest** class id, as in the released code of Hooker
+    et al. (``pandas.Series.mode().max()``).
+
+    References
+    ----------
+    Hooker, Courville, Clark, Dauphin, Frome (2019), "What Do Compressed
+    Deep Neural Networks Forget?" (modal label of a population).
+
+    Examples
+    --------
+    >>> modal_labels([[0, 1, 2], [1, 1, 0], [1, 0, 0]], 3)
+    array([1, 1, 0])
+    >>> modal_labels([[0], [2]], 3)  # a tie: the largest class wins
+    array([2])
+    """
+    n_classes = v.check_positive_int(n_classes, "n_classes")
+    arr = _check_population(preds, n_classes, "preds")
+    return _modal_kernel(arr, n_classes)
+
+
+def pie_mask(base_preds, comp_preds, n_classes):
+    r"""Pruning (compression) identified exemplars: modal labels that differ.
+
+    Parameters
+    ----------
+    base_preds : array-like of int, shape (M, n_examples)
+        Predictions of the baseline population.
+    comp_preds : array-like of int, shape (M', n_examples)
+        Predictions of the compressed population on the same examples.
+    n_classes : int
+        Number of classes.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (n_examples,)
+        True where the example is a PIE (the "modal CIE").
+
+    Notes
+    -----
+    .. math::
+
+        \mathrm{PIE}_i = [\hat y^{M}_{i,\mathrm{base}} \neq
+                          \hat y^{M'}_{i,\mathrm{comp}}]
+
+    with the modal labels of :func:`modal_labels` (ties to the largest
+    class id). The true label plays no part.
+
+    References
+    ----------
+    Hooker et al. (2019), "What Do Compressed Deep Neural Networks Forget?".
+
+    Examples
+    --------
+    >>> pie_mask([[0, 1], [0, 1]], [[0, 2], [1, 2]], 3)
+    array([ True,  True])
+    """
+    base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
+    return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
+
+
+def cie_scores(base_preds, comp_preds, n_classes):
+    r"""Per-example CIE score: taxicab distance of the two populations' votes.
+
+    Parameters
+    ----------
+    base_preds : array-like of int, shape (M, n_examples)
+        Predictions of the baseline population.
+    comp_preds : array-like of int, shape (M', n_examples)
+        Predictions of the compressed population on the same examples.
+    n_classes : int
+        Number of classes.
+
+    Returns
+    -------
+    scores : ndarray of float64, shape (n_examples,)
+        In ``[0, 2]``; 0 when both populations vote identically.
+
+    Notes
+    -----
+    With :math:`n_{c,i}` (:math:`n'_{c,i}`) the number of baseline
+    (compressed) models predicting class :math:`c` for example :math:`i`,
+
+    .. math::
+
+        s_i = \sum_{c} \left\lvert \frac{n_{c,i}}{M} - \frac{n'_{c,i}}{M'}
+              \right\rvert
+            = \frac{\sum_c \lvert n_{c,i} M' - n'_{c,i} M \rvert}{M M'}
+
+    The integer numerator is computed exactly and divided once, so equal
+    scores are exactly equal and ties in :func:`cie_mask` are reliable.
+
+    References
+    ----------
+    Hooker, Moorosi, Clark, Bengio, Denton (2020), "Characterising Bias in
+    Compressed Models", section 3 (CIE).
+
+    Examples
+    --------
+    >>> cie_scores([[0, 1], [0, 1]], [[0, 2], [1, 2]], 3)
+    array([1., 2.])
+    """
+    base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
+    num = _cie_kernel(base, comp, n_classes)
+    return num / float(base.shape[0] * comp.shape[0])
+
+
+def cie_mask(scores, top_fraction=0.01):
+    r"""The CIE set: the ``ceil(q * N)`` examples with the highest scores.
+
+    Parameters
+    ----------
+    scores : array-like of float, shape (n_examples,)
+        Scores from :func:`cie_scores` (any finite values work).
+    top_fraction : float, default=0.01
+        The fraction ``q`` in ``(0, 1]`` of examples to select.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (n_examples,)
+        Exactly ``ceil(q * N)`` entries are True.
+
+    Notes
+    -----
+    Examples are ranked by decreasing score; equal scores are ranked by
+    example order (the earlier example first), so the set always has
+    exactly :math:`\lceil qN \rceil` members even with ties at the cut.
+    ``q * N`` is rounded to 9 decimals before the ceiling so that floating
+    point noise (``0.07 * 100 = 7.000000000000001``) does not add an
+    example.
+
+    References
+    ----------
+    Hooker et al. (2020), "Characterising Bias in Compressed Models".
+
+    Examples
+    --------
+    >>> cie_mask([0.5, 1.0, 1.0, 0.0], top_fraction=0.25)
+    array([False,  True, False, False])
+    """
+    s = v.check_float(scores, "scores", allow_nan=False, ndims=(1,))
+    q = v.check_fraction(top_fraction, "top_fraction")
+    n = s.shape[0]
+    k = min(n, math.ceil(round(q * n, 9)))
+    order = np.argsort(-s, kind="stable")
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:k]] = True
+    return mask

@@ -1,0 +1,354 @@
+"""Representation similarity: CCA, SVCCA (Raghu et al.) and linear CKA (Kornblith et al.)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compbias.metrics import _validation as v
+
+__all__ = ["SVCCAResult", "cca_correlations", "linear_cka", "svcca"]
+
+ERR_DATAPOINTS = (
+    "acts1 has {n1} datapoints but acts2 has {n2}; both must be activations "
+    "on the same inputs (shape (neurons, datapoints))."
+)
+ERR_TOO_FEW_DATAPOINTS = (
+    "{name} has {neurons} neurons but only {points} datapoints; CCA needs "
+    "more datapoints than neurons. Pass activations as (neurons, datapoints) "
+    "(transpose if needed) or use more inputs."
+)
+ERR_ALL_CONSTANT = (
+    "every neuron of {name} has variance below epsilon={epsilon} (relative "
+    "to the largest); no canonical correlation exists."
+)
+ERR_ACTS_NDIM = (
+    "{name} must be (neurons, datapoints) or a conv map (N, C, H, W); got "
+    "shape {shape}."
+)
+ERR_POOL = "pool must be a positive integer or None, got {value!r}."
+ERR_KEEP = "give keep_variance or keep_dims, not both (keep_dims={keep_dims!r})."
+ERR_KEEP_DIMS = "keep_dims must be a positive integer, got {value!r}."
+ERR_CKA_SAMPLES = "x has {n1} datapoints (rows) but y has {n2}; rows must be the same inputs."
+ERR_CKA_CONSTANT = "{name} is constant over the datapoints (zero after centring); CKA is undefined."
+
+# numpy.linalg.pinv's default relative cutoff, which the reference relies on
+_PINV_RCOND = 1e-15
+
+
+def _check_acts(x, name: str, ndims=(2,)) -> np.ndarray:
+    arr = v.check_float(x, name, allow_nan=False)
+    if arr.ndim not in ndims:
+        raise ValueError(ERR_ACTS_NDIM.format(name=name, shape=arr.shape))
+    return arr
+
+
+def _inv_sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """Inverse square root of a symmetric PSD matrix, pseudo-inverse style.
+
+    Eigenvalues at most ``1e-15`` times the largest (in magnitude) are
+    treated as 0 - the cutoff ``numpy.linalg.pinv`` applies to the singular
+    values, so this equals ``sqrtm(pinv(sigma))``.
+    """
+    w, vecs = np.linalg.eigh(sigma)
+    cutoff = _PINV_RCOND * np.max(np.abs(w)) if w.size else 0.0
+    inv = np.zeros_like(w)
+    keep = w > cutoff
+    inv[keep] = 1.0 / np.sqrt(w[keep])
+    return (vecs * inv) @ vecs.T
+
+
+def cca_correlations(acts1, acts2, epsilon=0.0):
+    r"""Canonical correlations of two sets of neuron activations.
+
+    Parameters
+    ----------
+    acts1 : array-like of shape (neurons1, datapoints)
+        Activations of the first layer, one row per neuron.
+    acts2 : array-like of shape (neurons2, datapoints)
+        Activations of the second layer on the same datapoints.
+    epsilon : float, default=0.0
+        Neurons whose variance, relative to the largest covariance entry
+        of their layer, is below ``epsilon`` are removed, and ``epsilon``
+        is added to the diagonal of the remaining covariances.
+
+    Returns
+    -------
+    rho : ndarray of shape (min(kept1, kept2),)
+        Canonical correlations in decreasing order.
+
+    Raises
+    ------
+    ValueError
+        On NaN/inf, mismatched datapoints, fewer datapoints than neurons, or
+        when every neuron of a layer is removed.
+
+    Notes
+    -----
+    The steps of google/svcca's ``cca_core.get_cca_similarity``, whose
+    ``cca_coef1`` this equals to 1e-6:
+
+    1. Sample covariances (``ddof=1``) :math:`\Sigma_{XX}, \Sigma_{XY},
+       \Sigma_{YY}` of the centred activations.
+    2. Rescale: :math:`\Sigma_{XX} / x_{max}`, :math:`\Sigma_{YY} / y_{max}`,
+       :math:`\Sigma_{XY} / \sqrt{x_{max} y_{max}}` with :math:`x_{max} =
+       \max\lvert\Sigma_{XX}\rvert`.
+    3. Remove neuron :math:`i` of a layer when :math:`\lvert\Sigma_{ii}
+       \rvert < \epsilon` (near-constant neurons), then add
+       :math:`\epsilon I` to :math:`\Sigma_{XX}` and :math:`\Sigma_{YY}`.
+    4. :math:`\rho = \mathrm{svd}\big(\Sigma_{XX}^{-1/2}\, \Sigma_{XY}\,
+       \Sigma_{YY}^{-1/2}\big)`, the inverse square roots taken as
+       pseudo-inverses (eigenvalues below ``1e-15`` times the largest count
+       as 0).
+
+    Differences from the reference: it returns a scalar 0 when every neuron
+    is removed, here a ``ValueError`` says so; where rounding makes the
+    reference's pseudo-inverse slightly indefinite it returns NaN, here the
+    negative eigenvalue is treated as 0. The two covariance blocks are
+    computed with symmetric rank-k products, about half the work of the
+    reference's ``numpy.cov`` of the stacked activations.
+
+    References
+    ----------
+    Raghu, Gilmer, Yosinski, Sohl-Dickstein (2017), "SVCCA: Singular Vector
+    Canonical Correlation Analysis for Deep Learning Dynamics and
+    Interpretability"; google/svcca ``cca_core.py``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.normal(size=(3, 100))
+    >>> np.allclose(cca_correlations(a, 2 * a[::-1] + 1), 1.0)
+    True
+    """
+    x = _check_acts(acts1, "acts1")
+    y = _check_acts(acts2, "acts2")
+    epsilon = v.check_nonnegative(epsilon, "epsilon")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(ERR_DATAPOINTS.format(n1=x.shape[1], n2=y.shape[1]))
+    for name, a in (("acts1", x), ("acts2", y)):
+        if a.shape[0] >= a.shape[1]:
+            raise ValueError(ERR_TOO_FEW_DATAPOINTS.format(name=name, neurons=a.shape[0], points=a.shape[1]))
+    n = x.shape[1]
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    # step 1: covariances; X @ X.T runs as a symmetric rank-k update (syrk)
+    sxx = (xc @ xc.T) / (n - 1)
+    syy = (yc @ yc.T) / (n - 1)
+    sxy = (xc @ yc.T) / (n - 1)
+    del xc, yc
+    # step 2: rescale for stability
+    xmax = np.max(np.abs(sxx))
+    ymax = np.max(np.abs(syy))
+    for name, m in (("acts1", xmax), ("acts2", ymax)):
+        if not m > 0:
+            raise ValueError(ERR_ALL_CONSTANT.format(name=name, epsilon=epsilon))
+    sxx /= xmax
+    syy /= ymax
+    sxy /= np.sqrt(xmax * ymax)
+    # step 3: drop near-constant neurons, regularise
+    kx = np.abs(np.diagonal(sxx)) >= epsilon
+    ky = np.abs(np.diagonal(syy)) >= epsilon
+    for name, k in (("acts1", kx), ("acts2", ky)):
+        if not k.any():
+            raise ValueError(ERR_ALL_CONSTANT.format(name=name, epsilon=epsilon))
+    sxx = sxx[np.ix_(kx, kx)] + epsilon * np.eye(int(kx.sum()))
+    syy = syy[np.ix_(ky, ky)] + epsilon * np.eye(int(ky.sum()))
+    sxy = sxy[np.ix_(kx, ky)]
+    # step 4: whiten and take singular values
+    arr = _inv_sqrt_psd(sxx) @ sxy @ _inv_sqrt_psd(syy)
+    return np.abs(np.linalg.svd(arr, compute_uv=False))
+
+
+@dataclass(frozen=True)
+class SVCCAResult:
+    """SVCCA similarity of two layers.
+
+    Attributes
+    ----------
+    similarity : float
+        Mean canonical correlation of the SVD-reduced activations.
+    distance : float
+        ``1 - similarity``.
+    correlations : ndarray
+        The canonical correlations, decreasing.
+    dims : tuple of int
+        Singular directions kept for each layer.
+    """
+
+    similarity: float
+    distance: float
+    correlations: np.ndarray
+    dims: tuple[int, int]
+
+
+def _as_neurons_by_points(a: np.ndarray, pool: int | None) -> np.ndarray:
+    if a.ndim == 2:
+        return a
+    n, c, h, w = a.shape
+    if pool is not None and pool > 1:
+        h2, w2 = h // pool, w // pool
+        a = a[:, :, : h2 * pool, : w2 * pool].reshape(n, c, h2, pool, w2, pool).mean(axis=(3, 5))
+    return np.ascontiguousarray(np.moveaxis(a, 1, 0).reshape(c, -1))
+
+
+def _svd_reduce(a: np.ndarray, keep_variance: float | None, keep_dims: int | None) -> np.ndarray:
+    ac = a - a.mean(axis=1, keepdims=True)
+    lam, u = np.linalg.eigh(ac @ ac.T)  # squared singular values, ascending
+    lam, u = np.clip(lam[::-1], 0.0, None), u[:, ::-1]
+    if keep_dims is not None:
+        k = min(keep_dims, a.shape[0])
+    else:
+        total = lam.sum()
+        ratio = np.cumsum(lam) / total if total > 0 else np.ones_like(lam)
+        k = min(int(np.searchsorted(ratio, keep_variance, side="left")) + 1, a.shape[0])
+    return u[:, :k].T @ ac
+
+
+def svcca(acts1, acts2, *, keep_variance=0.99, keep_dims=None, pool=None, epsilon=0.0):
+    r"""SVCCA similarity of two layers' activations.
+
+    Parameters
+    ----------
+    acts1, acts2 : array-like
+        Activations as (neurons, datapoints), or convolutional maps
+        (N, C, H, W), which become (C, N*H*W) - each channel a neuron, each
+        position of each input a datapoint. Both must end up with the same
+        number of datapoints.
+    keep_variance : float, default=0.99
+        Keep the fewest top singular directions of each centred activation
+        matrix whose squared singular values reach this fraction of the
+        total. Ignored when ``keep_dims`` is given.
+    keep_dims : int, default=None
+        Keep exactly this many top singular directions instead.
+    pool : int, default=None
+        For conv maps: average-pool H and W over non-overlapping
+        ``pool x pool`` windows first (trailing rows/columns that do not fill
+        a window are dropped), e.g. to compare layers of different
+        resolution or to save memory.
+    epsilon : float, default=0.0
+        Passed to :func:`cca_correlations`.
+
+    Returns
+    -------
+    result : SVCCAResult
+        ``.similarity`` (mean canonical correlation), ``.distance``,
+        ``.correlations``, ``.dims``.
+
+    Notes
+    -----
+    With :math:`X = U S V^T` the SVD of the centred activations, SVCCA keeps
+    :math:`X' = U_k^T X = S_k V_k^T` for the smallest :math:`k` with
+    :math:`\sum_{i\le k} s_i^2 \ge \tau \sum_i s_i^2`, does the same for
+    :math:`Y`, and returns
+
+    .. math::
+
+        \bar\rho = \frac{1}{\min(k_X, k_Y)} \sum_i \rho_i(X', Y'),
+        \qquad d = 1 - \bar\rho
+
+    The top directions are taken from the eigen-decomposition of the
+    (neurons x neurons) Gram matrix :math:`X X^T = U S^2 U^T`, which gives
+    the same subspace as the SVD at a fraction of the cost for many
+    datapoints. The CCA step is invariant to invertible linear maps of the
+    kept directions; the SVD step is only invariant to orthogonal maps and
+    scaling, so SVCCA as a whole is invariant to invertible maps only when
+    every direction is kept (``keep_variance=1.0``).
+
+    References
+    ----------
+    Raghu et al. (2017), "SVCCA"; Blakeney et al., "Simon Says", section 4
+    (SVCCA distance between pruned and original layers).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.normal(size=(8, 500))
+    >>> round(svcca(a, a).similarity, 6)
+    1.0
+    """
+    x = _check_acts(acts1, "acts1", ndims=(2, 4))
+    y = _check_acts(acts2, "acts2", ndims=(2, 4))
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1):
+        raise ValueError(ERR_POOL.format(value=pool))
+    if keep_dims is not None:
+        if isinstance(keep_dims, bool) or not isinstance(keep_dims, (int, np.integer)) or keep_dims < 1:
+            raise ValueError(ERR_KEEP_DIMS.format(value=keep_dims))
+        keep_variance = None
+    else:
+        keep_variance = v.check_fraction(keep_variance, "keep_variance")
+    x = _as_neurons_by_points(x, pool)
+    y = _as_neurons_by_points(y, pool)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(ERR_DATAPOINTS.format(n1=x.shape[1], n2=y.shape[1]))
+    rx = _svd_reduce(x, keep_variance, keep_dims)
+    ry = _svd_reduce(y, keep_variance, keep_dims)
+    rho = cca_correlations(rx, ry, epsilon=epsilon)
+    sim = float(np.mean(rho))
+    return SVCCAResult(similarity=sim, distance=1.0 - sim, correlations=rho,
+                       dims=(int(rx.shape[0]), int(ry.shape[0])))
+
+
+def linear_cka(x, y):
+    r"""Linear centred kernel alignment of two representations.
+
+    Parameters
+    ----------
+    x : array-like of shape (datapoints, features1)
+    y : array-like of shape (datapoints, features2)
+
+    Returns
+    -------
+    cka : float
+        In ``[0, 1]``; 1 for representations equal up to an orthogonal map
+        and isotropic scaling.
+
+    Notes
+    -----
+    With :math:`X, Y` centred over the datapoints (columns have zero mean),
+
+    .. math::
+
+        \mathrm{CKA}(X, Y) = \frac{\lVert Y^T X \rVert_F^2}
+            {\lVert X^T X \rVert_F \, \lVert Y^T Y \rVert_F}
+
+    computed in feature space, or through the equal Gram-matrix form
+    :math:`\langle XX^T, YY^T\rangle_F / (\lVert XX^T\rVert_F
+    \lVert YY^T\rVert_F)` when there are more features than datapoints.
+
+    Raises
+    ------
+    ValueError
+        If either representation is constant over the datapoints.
+
+    References
+    ----------
+    Kornblith, Norouzi, Lee, Hinton (2019), "Similarity of Neural Network
+    Representations Revisited", eq. (5).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.normal(size=(100, 5))
+    >>> round(linear_cka(a, 3 * a), 6)
+    1.0
+    """
+    a = _check_acts(x, "x")
+    b = _check_acts(y, "y")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(ERR_CKA_SAMPLES.format(n1=a.shape[0], n2=b.shape[0]))
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    if a.shape[1] + b.shape[1] <= 2 * a.shape[0]:
+        num = np.sum((b.T @ a) ** 2)
+        nx = np.linalg.norm(a.T @ a)
+        ny = np.linalg.norm(b.T @ b)
+    else:
+        ka, kb = a @ a.T, b @ b.T
+        num = np.sum(ka * kb)
+        nx, ny = np.linalg.norm(ka), np.linalg.norm(kb)
+    for name, nrm in (("x", nx), ("y", ny)):
+        if not nrm > 0:
+            raise ValueError(ERR_CKA_CONSTANT.format(name=name))
+    return float(num / (nx * ny))
