@@ -37,6 +37,7 @@ ERR_GROUP_MISSING = (
     "index {index}); fill them with an explicit level such as 'unknown'."
 )
 ERR_GROUPS_EMPTY = "groups must name at least one attribute column."
+ERR_RESERVED = "attribute names {names} clash with the table's own columns {reserved}; rename them."
 ERR_POSITIVE_CLASS = "positive_class must be a class id in [0, {n}), got {value!r}."
 ERR_METRIC = "metric must be one of {allowed}, got {value!r}."
 ERR_METHOD = "method must be 'between_groups' or 'to_overall', got {value!r}."
@@ -407,25 +408,30 @@ def population_rates(y_true, preds, n_classes, *, groups=None, n_groups=None, sm
 # group rates
 # --------------------------------------------------------------------------
 _GROUP_METRICS = ("fpr", "fnr", "recall", "accuracy")
+_RESERVED = ("model", "grouping", "group", "class", "size", "tp", "fp", "fn", "tn", "fpr", "fnr",
+             "recall", "accuracy")
 
 
 def _attribute_columns(groups, n: int) -> dict[str, np.ndarray]:
     if isinstance(groups, pd.DataFrame):
         cols = {str(c): groups[c].to_numpy() for c in groups.columns}
     elif isinstance(groups, pd.Series):
-        cols = {str(groups.name) if groups.name is not None else "group": groups.to_numpy()}
+        cols = {str(groups.name) if groups.name is not None else "attr0": groups.to_numpy()}
     elif isinstance(groups, Mapping):
         cols = {str(k): np.asarray(val) for k, val in groups.items()}
     else:
         arr = v.as_array(groups, "groups")
         if arr.ndim == 1:
-            cols = {"group": arr}
+            cols = {"attr0": arr}
         elif arr.ndim == 2:
             cols = {f"attr{j}": arr[:, j] for j in range(arr.shape[1])}
         else:
             raise ValueError(v.ERR_NDIM.format(name="groups", expected="1 or 2 dimensions", shape=arr.shape))
     if not cols:
         raise ValueError(ERR_GROUPS_EMPTY)
+    clash = sorted(set(cols) & set(_RESERVED))
+    if clash:
+        raise ValueError(ERR_RESERVED.format(names=clash, reserved=list(_RESERVED)))
     for name, col in cols.items():
         if col.ndim != 1:
             raise ValueError(v.ERR_NDIM.format(name=f"groups[{name!r}]", expected="1 dimension", shape=col.shape))
@@ -607,7 +613,7 @@ def group_rates(y_true, y_pred, groups, n_classes, *, positive_class=None,
     groups : DataFrame, mapping of name to array, or array-like
         Attribute values of each example: a DataFrame with one column per
         attribute, a dict ``{name: values}``, a 1-D array (one attribute
-        named ``group``) or a 2-D array of shape (n_examples, n_attributes)
+        named ``attr0``) or a 2-D array of shape (n_examples, n_attributes)
         (attributes ``attr0``, ``attr1``, ...). Values may be of any type
         (ints, strings, booleans); missing values raise.
     n_classes : int
