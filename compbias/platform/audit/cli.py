@@ -1,0 +1,211 @@
+"""``compbias audit``: command-line options and entry point.
+
+The study helper's ``compbias/platform/cli.py`` wires the subcommand to
+:func:`add_arguments` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from compbias.platform.audit.claims import DEFAULT_TTL_SECONDS
+from compbias.platform.audit.fetch import default_cache_dir
+from compbias.platform.audit.selection import Selection, parse_version_spec
+from compbias.platform.audit.service import AuditOptions, AuditResult, parse_interval, run_audit, watch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the audit's options to an argument parser.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    sel = parser.add_argument_group("selection (none: every registered version not yet audited by this metrics version)")
+    sel.add_argument("--model", dest="registered_model", help="audit the versions of this registered model")
+    sel.add_argument("--study", help="audit the versions tagged with this study (compbias.study)")
+    sel.add_argument("--version", dest="versions", action="append", default=[], metavar="NAME/VERSION",
+                     help="audit this model version (repeatable), e.g. compbias-digits/3")
+    sel.add_argument("--force", action="store_true", help="with --model/--study: audit again versions already audited")
+    thr = parser.add_argument_group("thresholds (override the study file's audit.thresholds)")
+    thr.add_argument("--max-cev", type=float, help="fail versions whose CEV exceeds this")
+    thr.add_argument("--max-sde", type=float, help="fail versions whose SDE exceeds this")
+    thr.add_argument("--max-worst-group-fpr-change", type=float, help="fail versions whose worst group FPR change (%%) exceeds this")
+    thr.add_argument("--max-acc-drop", type=float, help="fail versions losing more accuracy than this (percentage points)")
+    opt = parser.add_argument_group("computation")
+    opt.add_argument("--alias", help="alias given to the newest passing version (study file default: audited)")
+    opt.add_argument("--cie-fraction", type=float, action="append", dest="cie_fractions", metavar="Q",
+                     help="CIE set size as a fraction, e.g. 0.01 (repeatable; default: the study file's)")
+    opt.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (0: none)")
+    opt.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    opt.add_argument("--probe-size", type=int, help="probe examples for SVCCA/CKA (default: the study file's)")
+    opt.add_argument("--no-similarity", action="store_true", help="skip SVCCA/CKA (no model weights are loaded)")
+    opt.add_argument("--no-figures", action="store_true", help="skip figures (tables and report only)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the probe set")
+    out = parser.add_argument_group("output and service")
+    out.add_argument("--experiment", help="experiment of the audit run (default: the study's experiment)")
+    out.add_argument("--output-dir", type=Path, help="also copy the report, tables and figures here")
+    out.add_argument("--cache-dir", type=Path, default=None, help=f"artifact cache (default {default_cache_dir()})")
+    out.add_argument("--no-cache", action="store_true", help="do not cache downloaded artifacts")
+    out.add_argument("--workers", type=int, default=4, help="parallel artifact downloads (default 4)")
+    out.add_argument("--claim-ttl", default=f"{int(DEFAULT_TTL_SECONDS)}s",
+                     help="after this long without a heartbeat a claim is taken over (default 15m)")
+    out.add_argument("--watch", action="store_true", help="audit new versions on a schedule until stopped")
+    out.add_argument("--interval", default="10m", help="time between passes with --watch, e.g. 30s, 10m, 1h (default 10m)")
+    out.add_argument("--max-passes", type=int, help=argparse.SUPPRESS)
+    out.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def options_from_args(args: argparse.Namespace) -> AuditOptions:
+    """Build :class:`AuditOptions` from parsed arguments.
+
+    Raises
+    ------
+    ValueError
+        On an invalid value (named in the message).
+    """
+    thresholds = {
+        "cev": args.max_cev,
+        "sde": args.max_sde,
+        "worst_group_fpr_change": args.max_worst_group_fpr_change,
+        "acc_drop": args.max_acc_drop,
+    }
+    if args.cie_fractions and any(not (0 < q <= 1) for q in args.cie_fractions):
+        raise ValueError(f"--cie-fraction must be in (0, 1], got {args.cie_fractions}")
+    if args.bootstrap is not None and args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not (0 < args.confidence < 1):
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.probe_size is not None and args.probe_size < 1:
+        raise ValueError(f"--probe-size must be >= 1, got {args.probe_size}")
+    for spec in args.versions:
+        parse_version_spec(spec)
+    return AuditOptions(
+        thresholds={k: v for k, v in thresholds.items() if v is not None},
+        alias=args.alias,
+        cie_fractions=tuple(args.cie_fractions) if args.cie_fractions else None,
+        bootstrap=args.bootstrap,
+        probe_size=args.probe_size,
+        similarity=not args.no_similarity,
+        confidence=args.confidence,
+        seed=args.seed,
+        experiment=args.experiment,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        output_dir=args.output_dir,
+        claim_ttl=parse_interval(args.claim_ttl),
+        workers=args.workers,
+        figures=not args.no_figures,
+    )
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    return str(v)
+
+
+def print_summary(result: AuditResult, stream=None) -> None:
+    """Print an audit's headline numbers and where its report is.
+
+    Parameters
+    ----------
+    result : AuditResult
+    stream : file, optional
+        Default stdout.
+    """
+    out = stream or sys.stdout
+    s = result.summary
+    counts = {k: list(result.statuses.values()).count(k) for k in ("pass", "fail", "error")}
+    print(f"audit of study {result.study} ({result.registered_model}): run {result.run_id}", file=out)
+    print(f"  versions: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error", file=out)
+    if "baseline_acc" in s:
+        print(f"  baseline accuracy: {_fmt(s['baseline_acc'])}", file=out)
+    for p in s.get("populations", []):
+        print(f"  {p['method']:>22s} @ {str(p['level']):<12s} acc {_fmt(p['acc'])}  CEV {_fmt(p['cev'])}  SDE {_fmt(p['sde'])}  "
+              f"PIE {p.get('pie')}  worst group {p.get('worst_group')} ({_fmt(p.get('worst_group_fpr_change'))}% FPR)", file=out)
+    if s.get("cie"):
+        c = s["cie"]
+        print(f"  CIE top-1% accuracy ({c['population']}): compressed {_fmt(c['comp_acc'])} vs baseline {_fmt(c['base_acc'])}", file=out)
+    if s.get("worst_group"):
+        w = s["worst_group"]
+        print(f"  worst group: {w['group']} (FPR change {_fmt(w['fpr_change'])}% under {w['population']})", file=out)
+    for key, reason in sorted(result.reasons.items()):
+        status = result.statuses.get(key)
+        if status in ("fail", "error"):
+            print(f"  {status:5s} {key}: {reason}", file=out)
+    if result.alias_version:
+        print(f"  alias -> version {result.alias_version}", file=out)
+    if result.report_path:
+        print(f"  report: {result.report_path}", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``compbias audit`` with parsed arguments.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From a parser prepared by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        0 on success (including "nothing to audit"), 2 on invalid input, 1
+        when an audit failed to run.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        options = options_from_args(args)
+        interval = parse_interval(args.interval)
+    except ValueError as exc:
+        print(f"compbias audit: {exc}", file=sys.stderr)
+        return 2
+    selection = Selection(registered_model=args.registered_model, study=args.study,
+                          versions=tuple(args.versions), force=args.force)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+
+    def show(results):
+        for r in results:
+            if args.json:
+                print(json.dumps({"run_id": r.run_id, "study": r.study, "registered_model": r.registered_model,
+                                  "statuses": r.statuses, "reasons": r.reasons, "report": r.report_path,
+                                  "alias_version": r.alias_version, "timings": r.timings}, default=str))
+            else:
+                print_summary(r)
+
+    if args.watch:
+        if not selection.empty:
+            print("compbias audit: --watch audits every new version; drop --model/--study/--version", file=sys.stderr)
+            return 2
+        try:
+            watch(client, options, interval=interval, max_passes=args.max_passes, on_pass=show, progress=say)
+        except KeyboardInterrupt:
+            say("stopped")
+        return 0
+    try:
+        results = run_audit(client, selection, options, progress=say)
+    except ValueError as exc:
+        print(f"compbias audit: {exc}", file=sys.stderr)
+        return 2
+    show(results)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m compbias.platform.audit.cli``."""
+    parser = argparse.ArgumentParser(prog="compbias audit", description="Audit registered model versions for compression-induced bias.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Fetch each version's predictions table (and its study file) from MLflow.
+
+Run artifacts are immutable once a model run has finished, so downloaded
+files are kept in a local cache keyed by tracking store and run id; an
+incremental audit then reads the baseline population from disk instead of
+downloading it again.  A version whose artifacts are missing or unreadable
+does not stop the audit: its :class:`Fetched` carries the reason instead of a
+table, and the version is tagged ``error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.tracking import MlflowClient
+
+from compbias.platform.audit.selection import VersionRecord
+
+PREDICTIONS = "predictions.parquet"
+STUDY_FILE = "study.yaml"
+REQUIRED_COLUMNS = ("example_id", "label", "pred")
+NON_GROUP_COLUMNS = {"example_id", "label", "pred", "prob", "path"}
+
+
+class ArtifactError(Exception):
+    """A version's artifact is missing or unusable; the message says which and why."""
+
+
+@dataclass
+class Fetched:
+    """The predictions of one version, or why they could not be read.
+
+    Attributes
+    ----------
+    record : VersionRecord
+    predictions : pandas.DataFrame or None
+        Sorted by ``example_id``; None when ``error`` is set.
+    error : str or None
+    """
+
+    record: VersionRecord
+    predictions: pd.DataFrame | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the predictions were read and validated."""
+        return self.error is None
+
+
+def default_cache_dir() -> Path:
+    """Return the artifact cache directory.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$COMPBIAS_CACHE_DIR/audit`` when set, else ``~/.cache/compbias/audit``.
+    """
+    root = os.environ.get("COMPBIAS_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "compbias") / "audit"
+
+
+class ArtifactFetcher:
+    """Download run artifacts through MLflow, with an on-disk cache.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    cache_dir : path-like or None
+        Where to keep downloaded files; None disables the cache.
+    workers : int
+        Parallel downloads.
+    """
+
+    def __init__(self, client: MlflowClient, cache_dir: str | os.PathLike | None = None, workers: int = 4):
+        self.client = client
+        self.workers = max(1, int(workers))
+        self.cache_dir = None
+        if cache_dir is not None:
+            uri = str(client.tracking_uri)
+            self.cache_dir = Path(cache_dir) / hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+    def path(self, run_id: str, artifact: str) -> Path:
+        """Return a local path to one artifact of a run, downloading it when needed.
+
+        Parameters
+        ----------
+        run_id : str
+        artifact : str
+            Path inside the run's artifact root.
+
+        Returns
+        -------
+        pathlib.Path
+
+        Raises
+        ------
+        ArtifactError
+            When the run or the artifact does not exist or cannot be downloaded.
+        """
+        if self.cache_dir is not None:
+            cached = self.cache_dir / run_id / artifact
+            if cached.is_file():
+                return cached
+        tmp = Path(tempfile.mkdtemp(prefix="compbias-fetch-", dir=self._tmp_root()))
+        try:
+            local = Path(self.client.download_artifacts(run_id, artifact, str(tmp)))
+        except Exception as exc:  # MlflowException, OSError, botocore errors...
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"{artifact} of run {run_id} could not be downloaded: {_short(exc)}") from exc
+        if not local.is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"{artifact} of run {run_id} is missing (no such file in the run's artifacts)")
+        if self.cache_dir is None:
+            return local
+        cached = self.cache_dir / run_id / artifact
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, cached)  # atomic: readers see the whole file or none
+        shutil.rmtree(tmp, ignore_errors=True)
+        return cached
+
+    def _tmp_root(self) -> str | None:
+        if self.cache_dir is None:
+            return None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return str(self.cache_dir)
+
+    def predictions(self, record: VersionRecord) -> Fetched:
+        """Fetch and validate one version's ``predictions.parquet``.
+
+        Parameters
+        ----------
+        record : VersionRecord
+
+        Returns
+        -------
+        Fetched
+            With the table, or with the reason it is unusable.
+        """
+        if not record.run_id:
+            return Fetched(record, error="the model version has no run id, so it has no predictions artifact")
+        try:
+            path = self.path(record.run_id, PREDICTIONS)
+            try:
+                frame = pd.read_parquet(path)
+            except Exception as exc:
+                raise ArtifactError(f"{PREDICTIONS} of run {record.run_id} is not a readable parquet file: {_short(exc)}") from exc
+            return Fetched(record, predictions=validate_predictions(frame, where=f"{PREDICTIONS} of run {record.run_id}"))
+        except ArtifactError as exc:
+            return Fetched(record, error=str(exc))
+
+    def fetch_all(self, records: Sequence[VersionRecord]) -> dict[str, Fetched]:
+        """Fetch the predictions of many versions in parallel.
+
+        Parameters
+        ----------
+        records : sequence of VersionRecord
+
+        Returns
+        -------
+        dict of str to Fetched
+            Keyed by ``NAME/VERSION``.
+        """
+        if self.workers == 1 or len(records) <= 1:
+            return {r.key: self.predictions(r) for r in records}
+        with ThreadPoolExecutor(self.workers) as pool:
+            return {f.record.key: f for f in pool.map(self.predictions, records)}
+
+    def study_config(self, records: Sequence[VersionRecord]) -> dict:
+        """Read the study file logged with the first run that has one.
+
+        Parameters
+        ----------
+        records : sequence of VersionRecord
+            Versions of one study, baselines first preferably.
+
+        Returns
+        -------
+        dict
+            The parsed ``study.yaml``; empty when no run has a readable one.
+        """
+        for r in records:
+            if not r.run_id:
+                continue
+            try:
+                with open(self.path(r.run_id, STUDY_FILE)) as fh:
+                    data = yaml.safe_load(fh)
+            except (ArtifactError, OSError, yaml.YAMLError):
+                continue
+            if isinstance(data, dict):
+                return data
+        return {}
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def validate_predictions(frame: pd.DataFrame, *, where: str = "predictions") -> pd.DataFrame:
+    """Check a predictions table against the contract and sort it by example.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Columns ``example_id``, ``label``, ``pred`` (integers), optionally
+        ``prob`` and group columns.
+    where : str
+        Named in error messages.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Sorted by ``example_id`` with a fresh index.
+
+    Raises
+    ------
+    ArtifactError
+        Missing columns, non-integer or negative labels, NaN, duplicate ids,
+        or an empty table.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ArtifactError(f"{where} lacks the column(s) {missing}; the contract requires {list(REQUIRED_COLUMNS)}")
+    if len(frame) == 0:
+        raise ArtifactError(f"{where} has no rows")
+    for col in REQUIRED_COLUMNS:
+        s = frame[col]
+        if s.isna().any():
+            raise ArtifactError(f"{where}: column {col!r} has missing values")
+        if not pd.api.types.is_integer_dtype(s):
+            raise ArtifactError(f"{where}: column {col!r} must hold integers, found dtype {s.dtype}")
+        if (s.to_numpy() < 0).any():
+            raise ArtifactError(f"{where}: column {col!r} has negative values")
+    if frame["example_id"].duplicated().any():
+        raise ArtifactError(f"{where}: example_id values are not unique")
+    return frame.sort_values("example_id", kind="stable").reset_index(drop=True)
+
+
+def group_columns(frame: pd.DataFrame, declared: Sequence[str] | None = None) -> list[str]:
+    """Name the group columns of a predictions table.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+    declared : sequence of str, optional
+        The study file's ``dataset.groups``; used when given and present.
+
+    Returns
+    -------
+    list of str
+        ``declared`` columns found in the table, else every other integer or
+        boolean column besides ``example_id``, ``label``, ``pred``, ``prob``.
+    """
+    if declared:
+        found = [c for c in declared if c in frame.columns]
+        if found:
+            return found
+    return [
+        c
+        for c in frame.columns
+        if c not in NON_GROUP_COLUMNS
+        and (pd.api.types.is_integer_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
+    ]
+
+
+def as_codes(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """Turn a group column into integer codes 0..G-1.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+
+    Returns
+    -------
+    codes : numpy.ndarray of int64
+    levels : list
+        The original value of each code.
+    """
+    levels, codes = np.unique(np.asarray(values), return_inverse=True)
+    return codes.astype(np.int64), levels.tolist()

@@ -1,0 +1,158 @@
+"""Bootstrap confidence intervals of the audit's numbers.
+
+All intervals resample the *test examples* (the populations are held fixed)
+through :func:`compbias.metrics.bootstrap_ci`: CEV and SDE of population means
+use its numba kernel; the other numbers (mean rates and their changes per
+class and per group, each compressed model's CEV and SDE) are evaluated in
+one pass per population with a callable statistic, so the examples are
+recounted once per resample for all of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import compbias.metrics as M
+from compbias.platform.audit.population import Population, StudyData
+
+
+def _nanmean(x, axis):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def _cells(data: StudyData) -> tuple[np.ndarray, np.ndarray, int]:
+    """Finest group cell of each example and the map from cells to reported groups."""
+    sizes = [len(lv) for lv in data.group_levels]
+    n_cells = int(np.prod(sizes))
+    code = np.zeros(data.n_examples, np.int64)
+    for j, s in enumerate(sizes):
+        code = code * s + data.group_codes[:, j]
+    frame = pd.DataFrame({n: data.group_codes[:, j] for j, n in enumerate(data.group_names)})
+    table = M.group_rates(data.labels, data.labels, frame, data.n_classes).groups
+    cell_codes = np.array(np.unravel_index(np.arange(n_cells), sizes)).T  # (cells, K)
+    agg = np.ones((len(table), n_cells))
+    for g, row in enumerate(table.itertuples(index=False)):
+        for j, name in enumerate(data.group_names):
+            val = getattr(row, name) if name.isidentifier() else table.iloc[g][name]
+            if val is not None and not (isinstance(val, float) and np.isnan(val)):
+                agg[g] *= cell_codes[:, j] == int(val)
+    return code, agg, n_cells
+
+
+def _group_view(rates, agg: np.ndarray, positive_class):
+    """Aggregate per-cell counts (M, cells, C) into reported groups: fpr, fnr, acc of shape (M, G)."""
+    counts = {f: np.einsum("gk,mkc->mgc", agg, getattr(rates, f).astype(np.float64)) for f in ("tp", "fp", "fn", "tn")}
+    r = M.ClassRates.from_counts(**counts)
+    acc = np.asarray(r.accuracy, float)
+    fpr, fnr = np.asarray(r.fpr, float), np.asarray(r.fnr, float)
+    if positive_class is None:
+        fpr, fnr = _nanmean(fpr, -1), _nanmean(fnr, -1)
+    else:
+        fpr, fnr = fpr[..., positive_class], fnr[..., positive_class]
+    return fpr, fnr, acc
+
+
+def _model_bias(dfpr: np.ndarray, dfnr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = dfpr.shape[0]
+    out_c, out_s = np.full(m, np.nan), np.full(m, np.nan)
+    for i in range(m):
+        try:
+            out_c[i] = M.cev(dfpr[i], dfnr[i]).value
+            out_s[i] = M.sde(dfpr[i], dfnr[i]).value
+        except ValueError:  # no class with a defined change on this resample
+            pass
+    return out_c, out_s
+
+
+def population_intervals(data: StudyData, base: Population, pop: Population | None, settings) -> dict:
+    """Confidence intervals of one population's numbers.
+
+    Parameters
+    ----------
+    data : StudyData
+    base : Population
+        The baseline population.
+    pop : Population or None
+        A compressed population; None for the baseline's own numbers.
+    settings : AuditSettings
+        ``bootstrap`` resamples, ``confidence``, ``seed``, ``positive_class``.
+
+    Returns
+    -------
+    dict
+        ``name -> (low, high)`` with scalar or per-class / per-group arrays:
+        ``acc``, ``class_fpr``, ``class_fnr``, ``group_fpr``, ``group_fnr``,
+        ``group_acc`` and, for compressed populations, ``cev``, ``sde``,
+        ``class_fpr_change``, ``class_fnr_change``, ``group_fpr_change``,
+        ``group_fnr_change`` and each model's ``model_cev``, ``model_sde``
+        (arrays of shape (M',)).
+    """
+    y, C = data.labels, data.n_classes
+    opts = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
+    comp = pop.preds if pop is not None else base.preds[:1]
+    own = pop is None
+    m = comp.shape[0]
+    out: dict = {}
+    if not own:
+        for name in ("cev", "sde"):
+            try:
+                r = M.bootstrap_ci(y, base.preds, comp, C, statistic=name, **opts)
+                out[name] = (float(r.low), float(r.high))
+            except ValueError:
+                pass
+    grouped = bool(data.group_names)
+    if grouped:
+        code, agg, n_cells = _cells(data)
+        G = agg.shape[0]
+        extra = dict(groups=code, n_groups=n_cells)
+    else:
+        G, extra = 0, {}
+
+    def class_view(r):
+        if not grouped:
+            return r
+        return M.ClassRates.from_counts(*(getattr(r, f).sum(axis=1) for f in ("tp", "fp", "fn", "tn")))
+
+    def stat(b, c):
+        # one recount per resample serves the class-level and the group-level numbers
+        bc, cc = class_view(b), class_view(c)
+        r = bc if own else cc
+        parts = [np.atleast_1d(_nanmean(np.asarray(r.accuracy, float), 0)), _nanmean(r.fpr, 0), _nanmean(r.fnr, 0)]
+        if not own:
+            bf, bn = _nanmean(bc.fpr, 0), _nanmean(bc.fnr, 0)
+            parts += [M.normalized_change(_nanmean(cc.fpr, 0), bf), M.normalized_change(_nanmean(cc.fnr, 0), bn)]
+            parts += list(_model_bias(M.normalized_change(cc.fpr, bf), M.normalized_change(cc.fnr, bn)))
+        if grouped:
+            gbf, gbn, gba = _group_view(b, agg, settings.positive_class)
+            if own:
+                parts += [_nanmean(gbf, 0), _nanmean(gbn, 0), _nanmean(gba, 0)]
+            else:
+                gcf, gcn, gca = _group_view(c, agg, settings.positive_class)
+                parts += [_nanmean(gcf, 0), _nanmean(gcn, 0), _nanmean(gca, 0),
+                          M.normalized_change(_nanmean(gcf, 0), _nanmean(gbf, 0)),
+                          M.normalized_change(_nanmean(gcn, 0), _nanmean(gbn, 0))]
+        return np.concatenate(parts)
+
+    try:
+        res = M.bootstrap_ci(y, base.preds, comp, C, statistic=stat, **opts, **extra)
+    except ValueError:
+        return out
+    lo, hi = np.asarray(res.low), np.asarray(res.high)
+    names = [("acc", 1), ("class_fpr", C), ("class_fnr", C)]
+    if not own:
+        names += [("class_fpr_change", C), ("class_fnr_change", C), ("model_cev", m), ("model_sde", m)]
+    if grouped:
+        names += [("group_fpr", G), ("group_fnr", G), ("group_acc", G)]
+        if not own:
+            names += [("group_fpr_change", G), ("group_fnr_change", G)]
+    at = 0
+    for name, width in names:
+        out[name] = (lo[at:at + width], hi[at:at + width])
+        at += width
+    out["acc"] = (float(out["acc"][0][0]), float(out["acc"][1][0]))
+    return out

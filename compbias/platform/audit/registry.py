@@ -1,0 +1,171 @@
+"""Write the audit's outcome onto registered model versions, and the alias.
+
+Tags are written in one fixed order so that a killed auditor leaves no version
+that looks audited but is not:
+
+1. delete ``compbias.audit.status`` (from this moment the version reads as
+   "not audited" by everyone);
+2. delete the ``compbias.audit.*`` tags the new outcome does not set (left by
+   an older audit);
+3. set every new tag except the status (key figures, run id, reason, metrics
+   version);
+4. set ``compbias.audit.status`` last.
+
+Readers (:func:`compbias.platform.audit.tags.is_audited`) require the status
+and the current metrics version, so a version stopped anywhere before step 4
+is audited again, from scratch, by the next auditor.
+
+The alias (``audited`` by default) is a pointer to *one* version of a
+registered model (MLflow aliases are unique per model).  It is kept on the
+newest compressed version whose status is ``pass`` under the current metrics
+version, and removed when there is none, so it never points at a version that
+failed or errored.  :func:`reconcile_alias` recomputes it from the tags, so an
+auditor stopped between the tags and the alias is corrected by the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from compbias.platform.audit import tags as T
+from compbias.platform.audit.selection import VersionRecord, list_versions
+
+MAX_TAG_VALUE = 5000
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 3] + "..."
+
+
+def write_version_tags(
+    client: MlflowClient,
+    record: VersionRecord,
+    status: str,
+    values: Mapping[str, object],
+    *,
+    run_id: str | None,
+    metrics_version: str,
+) -> dict[str, str]:
+    """Record one version's audit outcome, status last.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    record : VersionRecord
+    status : {'pass', 'fail', 'error'}
+    values : mapping
+        Short names (``cev``, ``reason``...) to values; each becomes the tag
+        ``compbias.audit.<name>``.  None values are left out.
+    run_id : str or None
+        The audit run.
+    metrics_version : str
+
+    Returns
+    -------
+    dict of str to str
+        The tags written.
+    """
+    if status not in T.STATUSES:
+        raise ValueError(f"audit status must be one of {T.STATUSES}, got {status!r}")
+    new = {f"{T.AUDIT_PREFIX}{k}": _text(v) for k, v in values.items() if v is not None}
+    if run_id:
+        new[T.RUN_ID] = run_id
+    new[T.AUDITED_AT] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new[T.METRICS_VERSION] = metrics_version
+    new.pop(T.STATUS, None)
+    current = dict(client.get_model_version(record.name, record.version).tags or {})
+    if T.STATUS in current:
+        client.delete_model_version_tag(record.name, record.version, T.STATUS)
+    for key in current:
+        if key.startswith(T.AUDIT_PREFIX) and key != T.STATUS and key not in new:
+            client.delete_model_version_tag(record.name, record.version, key)
+    # metrics_version just before the status; everything else first
+    for key in sorted(new, key=lambda k: k == T.METRICS_VERSION):
+        if current.get(key) != new[key]:
+            client.set_model_version_tag(record.name, record.version, key, new[key])
+    client.set_model_version_tag(record.name, record.version, T.STATUS, status)
+    new[T.STATUS] = status
+    return new
+
+
+def clear_partial(client: MlflowClient, record: VersionRecord) -> None:
+    """Remove the ``compbias.audit.*`` tags of a version whose audit never completed.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    record : VersionRecord
+    """
+    current = dict(client.get_model_version(record.name, record.version).tags or {})
+    if T.STATUS in current:
+        return
+    for key in current:
+        if key.startswith(T.AUDIT_PREFIX):
+            client.delete_model_version_tag(record.name, record.version, key)
+
+
+def alias_holder(records: list[VersionRecord], metrics_version: str) -> VersionRecord | None:
+    """Pick the version that should carry the alias.
+
+    Parameters
+    ----------
+    records : list of VersionRecord
+        Versions of one registered model.
+    metrics_version : str
+
+    Returns
+    -------
+    VersionRecord or None
+        The newest compressed version whose audit by ``metrics_version``
+        passed; None when no version passed.
+    """
+    passing = [
+        r
+        for r in records
+        if not r.is_baseline and r.audited(metrics_version) and r.tags.get(T.STATUS) == T.STATUS_PASS
+    ]
+    return max(passing, key=lambda r: int(r.version)) if passing else None
+
+
+def reconcile_alias(client: MlflowClient, name: str, alias: str, metrics_version: str, records: list[VersionRecord] | None = None) -> str | None:
+    """Point ``alias`` at the registered model's newest passing compressed version.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    name : str
+        Registered model.
+    alias : str
+    metrics_version : str
+    records : list of VersionRecord, optional
+        Its versions with current tags (listed again when not given).
+
+    Returns
+    -------
+    str or None
+        The version now holding the alias, or None when it was removed.
+    """
+    if records is None:
+        records = list_versions(client, registered_model=name)
+    holder = alias_holder([r for r in records if r.name == name], metrics_version)
+    try:
+        current = client.get_model_version_by_alias(name, alias).version
+    except MlflowException as exc:
+        if exc.error_code not in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "INVALID_PARAMETER_VALUE"):
+            raise
+        current = None
+    if holder is None:
+        if current is not None:
+            client.delete_registered_model_alias(name, alias)
+        return None
+    if str(current) != holder.version:
+        client.set_registered_model_alias(name, alias, holder.version)
+    return holder.version

@@ -1,0 +1,388 @@
+"""The audit service: select, claim, fetch, compute, log, tag.
+
+:func:`run_audit` is one audit pass.  With an empty selection it audits every
+registered compbias version not yet audited by the current metrics version,
+one MLflow run per study; with nothing new it logs nothing.  :func:`watch`
+repeats it on a schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from compbias.platform.audit import tags as T
+from compbias.platform.audit.claims import DEFAULT_TTL_SECONDS, ClaimManager, backend_for
+from compbias.platform.audit.fetch import ArtifactFetcher, default_cache_dir
+from compbias.platform.audit.population import PopulationError, build_study_data
+from compbias.platform.audit.registry import reconcile_alias, write_version_tags
+from compbias.platform.audit.selection import Selection, VersionRecord, list_versions, select_targets, study_groups
+
+log = logging.getLogger("compbias.audit")
+
+AUDIT_EXPERIMENT = "compbias/audits"
+
+
+@dataclass
+class AuditOptions:
+    """How to audit; None means "take it from the study file".
+
+    Attributes
+    ----------
+    thresholds : dict
+        ``cev``, ``sde``, ``worst_group_fpr_change``, ``acc_drop``; a value
+        given here overrides the study file's.
+    alias : str, optional
+        Alias for passing versions (study file default ``audited``).
+    cie_fractions : tuple of float, optional
+    bootstrap : int, optional
+        Bootstrap resamples for confidence intervals (0 disables them).
+    probe_size : int, optional
+        Probe examples for SVCCA/CKA.
+    similarity : bool
+        Compute SVCCA/CKA (needs the models' weights and ``compbias.jobs``).
+    confidence : float
+        Level of the confidence intervals.
+    seed : int
+        Seed of the bootstrap and of the probe choice.
+    experiment : str, optional
+        Experiment of the audit run; default: the study's own experiment.
+    cache_dir : path, optional
+        Artifact cache (None disables it).
+    output_dir : path, optional
+        Also copy the report, tables and figures there.
+    claim_ttl : float
+        Seconds after which a silent auditor's claims expire.
+    workers : int
+        Parallel artifact downloads.
+    figures : bool
+        Draw figures and the HTML report.
+    """
+
+    thresholds: dict = field(default_factory=dict)
+    alias: str | None = None
+    cie_fractions: tuple[float, ...] | None = None
+    bootstrap: int | None = None
+    probe_size: int | None = None
+    similarity: bool = True
+    confidence: float = 0.95
+    seed: int = 0
+    experiment: str | None = None
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
+    output_dir: Path | None = None
+    claim_ttl: float = DEFAULT_TTL_SECONDS
+    workers: int = 4
+    figures: bool = True
+
+
+@dataclass
+class AuditResult:
+    """What one audit run did.
+
+    Attributes
+    ----------
+    run_id : str or None
+        The audit run (None when nothing was audited).
+    registered_model, study : str
+    statuses : dict of str to str
+        ``NAME/VERSION -> pass | fail | error``.
+    reasons : dict of str to str
+        Why a version failed or errored.
+    summary : dict
+        Headline numbers (worst CEV and SDE, CIE accuracy, worst group).
+    report_path : str or None
+        Local path of the HTML report when the artifact store is local or an
+        output directory was given.
+    timings : dict of str to float
+        Seconds spent fetching, computing and logging.
+    alias_version : str or None
+        The version holding the alias after this audit.
+    """
+
+    run_id: str | None
+    registered_model: str
+    study: str
+    statuses: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    report_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    alias_version: str | None = None
+
+
+def _resolve_settings(study_file: dict, options: AuditOptions):
+    from compbias.platform.audit.compute import AuditSettings
+    from compbias.platform.config import AuditSpec
+
+    raw = study_file.get("audit") if isinstance(study_file, dict) else None
+    try:
+        spec = AuditSpec.model_validate(raw or {})
+    except Exception as exc:
+        log.warning("the study file's audit section is invalid (%s); using the defaults", exc)
+        spec = AuditSpec()
+    thresholds = spec.thresholds.model_dump()
+    thresholds.update({k: v for k, v in (options.thresholds or {}).items() if v is not None})
+    dataset = study_file.get("dataset") or {}
+    return AuditSettings(
+        thresholds=thresholds,
+        cie_fractions=tuple(options.cie_fractions or spec.cie_fractions),
+        bootstrap=spec.bootstrap if options.bootstrap is None else int(options.bootstrap),
+        probe_size=spec.probe_size if options.probe_size is None else int(options.probe_size),
+        confidence=options.confidence,
+        seed=options.seed,
+        positive_class=dataset.get("positive_class"),
+        alias=options.alias or spec.alias,
+    )
+
+
+def _experiment_for(client: MlflowClient, records: list[VersionRecord], options: AuditOptions) -> str:
+    name = options.experiment
+    if name is None:
+        for r in records:
+            if r.run_id:
+                try:
+                    return client.get_run(r.run_id).info.experiment_id
+                except Exception:
+                    continue
+        name = AUDIT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def run_audit(
+    client: MlflowClient | None = None,
+    selection: Selection | None = None,
+    options: AuditOptions | None = None,
+    *,
+    claims: ClaimManager | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[AuditResult]:
+    """Run one audit pass.
+
+    Parameters
+    ----------
+    client : MlflowClient, optional
+        Default: the store ``MLFLOW_TRACKING_URI`` names.
+    selection : Selection, optional
+        Empty (default): every compbias version not yet audited by the
+        current metrics version.
+    options : AuditOptions, optional
+    claims : ClaimManager, optional
+        Claim store (default: the atomic backend for the client's store).
+    progress : callable, optional
+        Called with one-line progress messages.
+
+    Returns
+    -------
+    list of AuditResult
+        One per audited study; empty when there was nothing to audit (no run
+        is logged then).
+
+    Raises
+    ------
+    ValueError
+        When an explicit selection names versions, models or studies that do
+        not exist.
+    """
+    client = client or MlflowClient()
+    selection = selection or Selection()
+    options = options or AuditOptions()
+    say = progress or (lambda msg: log.info(msg))
+    mv = T.current_metrics_version()
+    records = list_versions(client, registered_model=selection.registered_model)
+    targets = select_targets(records, selection, mv)
+    if not targets:
+        _reconcile_all(client, records, mv)
+        say("nothing to audit: every registered version is audited by metrics version " + mv)
+        return []
+    claims = claims or ClaimManager(backend_for(client), mv, ttl=options.claim_ttl)
+    results = []
+    for (name, study), group in study_groups(targets).items():
+        with claims:
+            held = claims.acquire([r.key for r in group])
+            skipped = len(group) - len(held)
+            if skipped:
+                say(f"{skipped} version(s) of {name} are being audited by another auditor; skipping them")
+            fresh = {}
+            for key in held:
+                rec = next(r for r in group if r.key == key)
+                cur = client.get_model_version(rec.name, rec.version)
+                rec = VersionRecord(rec.name, rec.version, cur.run_id, dict(cur.tags or {}))
+                if selection.empty and rec.audited(mv):
+                    continue  # audited by someone else since we listed
+                fresh[key] = rec
+            claims.release([k for k in held if k not in fresh])
+            if not fresh:
+                continue
+            context = [r for r in records if r.name == name and r.study == study]
+            result = _audit_study(client, name, study, list(fresh.values()), context, options, claims, mv, say)
+            claims.release()
+        results.append(result)
+    return results
+
+
+def _reconcile_all(client: MlflowClient, records: list[VersionRecord], mv: str) -> None:
+    by_model: dict[str, list[VersionRecord]] = {}
+    for r in records:
+        by_model.setdefault(r.name, []).append(r)
+    for name, recs in by_model.items():
+        aliases = {r.tags.get(f"{T.AUDIT_PREFIX}alias") for r in recs if r.audited(mv)} - {None}
+        for alias in aliases:
+            reconcile_alias(client, name, alias, mv, recs)
+
+
+def _audit_study(client, name, study, targets, context, options, claims, mv, say) -> AuditResult:
+    from compbias.platform.audit import compute
+    from compbias.platform.audit.writer import write_audit_run
+
+    timings = {"fetch": 0.0, "compute": 0.0, "log": 0.0}
+    t0 = time.perf_counter()
+    target_keys = {r.key for r in targets}
+    target_pops = {r.population for r in targets if not r.is_baseline}
+    baseline_keys = {r.key for r in context if r.is_baseline}
+    needed = [r for r in context if r.is_baseline or r.population in target_pops or r.key in target_keys]
+    needed = sorted({r.key: r for r in [*needed, *targets]}.values(), key=VersionRecord.sort_key)
+    say(f"auditing {len(targets)} version(s) of {name} (study {study}) against {len(baseline_keys)} baseline(s)")
+    fetcher = ArtifactFetcher(client, options.cache_dir, workers=options.workers)
+    fetched = fetcher.fetch_all(needed)
+    study_file = fetcher.study_config([r for r in needed if r.is_baseline] + [r for r in needed if not r.is_baseline])
+    settings = _resolve_settings(study_file, options)
+    errors = {k: f.error for k, f in fetched.items() if not f.ok}
+    timings["fetch"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    data = None
+    try:
+        data = build_study_data(list(fetched.values()), declared_groups=(study_file.get("dataset") or {}).get("groups"))
+        errors.update(data.errors)
+    except PopulationError as exc:
+        for r in targets:
+            errors.setdefault(r.key, str(exc))
+    outcome = compute.audit_study(data, targets, settings, errors=errors)
+    if data is not None and options.similarity and settings.probe_size > 0:
+        from compbias.platform.audit import similarity
+
+        outcome.add_similarity(
+            similarity.study_similarity(client, data, targets, settings, study_file, fetcher, outcome.tables.get("models"))
+        )
+    timings["compute"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    exp_id = _experiment_for(client, targets, options)
+    run_id, report_path = write_audit_run(
+        client, exp_id, name, study, outcome, settings, mv, figures=options.figures, output_dir=options.output_dir,
+        timings=timings, study_file=study_file,
+    )
+    statuses, reasons = {}, {}
+    still = set(claims.still_held([r.key for r in targets]))
+    for r in targets:
+        if r.key not in still:
+            say(f"{r.key}: another auditor took over its claim; leaving its tags to that auditor")
+            continue
+        o = outcome.versions[r.key]
+        values = dict(o.values)
+        values["reason"] = o.reason
+        values["alias"] = settings.alias
+        write_version_tags(client, r, o.status, values, run_id=run_id, metrics_version=mv)
+        statuses[r.key], reasons[r.key] = o.status, o.reason
+    alias_version = reconcile_alias(client, name, settings.alias, mv)
+    timings["log"] = time.perf_counter() - t2
+    client.log_batch(run_id, metrics=[Metric("audit/seconds_log", timings["log"], int(time.time() * 1000), 0)])
+    return AuditResult(
+        run_id=run_id,
+        registered_model=name,
+        study=study,
+        statuses=statuses,
+        reasons={k: v for k, v in reasons.items() if v},
+        summary=outcome.summary,
+        report_path=report_path,
+        timings=timings,
+        alias_version=alias_version,
+    )
+
+
+def parse_interval(text: str) -> float:
+    """Parse an interval such as ``90``, ``90s``, ``10m``, ``2h`` or ``1d`` into seconds.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        When the text is not a positive number with an optional s/m/h/d unit.
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = str(text).strip().lower()
+    scale = units.get(t[-1:], None)
+    num = t[:-1] if scale else t
+    try:
+        value = float(num) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"cannot read interval {text!r}: write a number with an optional unit s, m, h or d (e.g. 10m)") from None
+    if value <= 0:
+        raise ValueError(f"interval must be positive, got {text!r}")
+    return value
+
+
+def watch(
+    client: MlflowClient | None = None,
+    options: AuditOptions | None = None,
+    *,
+    interval: float = 600.0,
+    max_passes: int | None = None,
+    on_pass: Callable[[list[AuditResult]], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Audit new versions every ``interval`` seconds until stopped.
+
+    Parameters
+    ----------
+    client : MlflowClient, optional
+    options : AuditOptions, optional
+    interval : float
+        Seconds between the starts of two passes.
+    max_passes : int, optional
+        Stop after this many passes (default: run until interrupted).
+    on_pass : callable, optional
+        Called with each pass's results.
+    sleep : callable
+        Waits (tests pass a fake one).
+    progress : callable, optional
+
+    Returns
+    -------
+    int
+        Number of audit runs logged.
+    """
+    client = client or MlflowClient()
+    say = progress or (lambda msg: log.info(msg))
+    n_runs = passes = 0
+    while max_passes is None or passes < max_passes:
+        start = time.monotonic()
+        try:
+            results = run_audit(client, Selection(), options, progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a failing pass must not end the watch
+            log.exception("audit pass failed")
+            say(f"audit pass failed: {type(exc).__name__}: {exc}; retrying in {interval:.0f}s")
+            results = []
+        n_runs += len(results)
+        passes += 1
+        if on_pass is not None:
+            on_pass(results)
+        if max_passes is not None and passes >= max_passes:
+            break
+        sleep(max(0.0, interval - (time.monotonic() - start)))
+    return n_runs
