@@ -17,8 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The default study (configs/digits.yaml) as an MLflow project run, tracked in
+# $MLFLOW_TRACKING_URI when set, else in ./mlflow.db with artifacts in ./mlartifacts.
 demo: install
-	$(BIN)/python -c "import compbias; print('compbias', compbias.__version__)"
+	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	if [ -z "$$MLFLOW_TRACKING_URI" ]; then \
+	  export MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlflow.db"; \
+	  export COMPBIAS_ARTIFACT_ROOT="$(CURDIR)/mlartifacts"; \
+	fi; \
+	echo "compbias demo: study configs/digits.yaml, tracking at $$MLFLOW_TRACKING_URI"; \
+	start=$$(date +%s); \
+	$(BIN)/mlflow run mlproject -e study --env-manager local -P config=configs/digits.yaml; \
+	echo "compbias demo: finished in $$(( $$(date +%s) - start ))s"; \
+	case "$$MLFLOW_TRACKING_URI" in \
+	  sqlite:*) echo "Open the MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)";; \
+	  *) echo "Results are in the tracking server at $$MLFLOW_TRACKING_URI";; \
+	esac
 
 test: install
 	$(BIN)/python -m pytest

@@ -63,7 +63,7 @@ class CompbiasModel(PythonModel):
             )
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):
         """Classify a batch of images.
 
         Parameters
@@ -78,6 +78,11 @@ class CompbiasModel(PythonModel):
         -------
         pandas.DataFrame
             ``pred`` (int64) and ``prob`` (float64) per row.
+
+        Notes
+        -----
+        The ``np.ndarray`` annotation tells MLflow not to infer a schema from
+        type hints: the signature (a float32 tensor) is given when logging.
         """
         import torch
 

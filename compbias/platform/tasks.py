@@ -116,6 +116,9 @@ def _dataset(spec: StudySpec):
     from compbias import jobs
 
     opts = spec.dataset.loader_options()
+    if spec.dataset.kind != "digits":
+        cache = os.environ.get("COMPBIAS_CACHE_DIR") or str(Path(__file__).resolve().parents[2] / ".cache" / "datasets")
+        opts["cache_dir"] = cache
     key = repr((spec.dataset.kind, sorted(opts.items(), key=lambda kv: kv[0])))
     if key not in _DATASETS:
         _DATASETS.clear()
@@ -157,9 +160,22 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
     t0 = time.perf_counter()
     spec = parse_study(spec_data, source="task payload")
     bundle = _dataset(spec)
+    train = spec.train
     if task.role == "baseline":
-        model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, width=spec.model.width, seed=task.seed)
-        model, info = jobs.train_model(model, bundle, seed=task.seed, **spec.train.model_dump())
+        model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, spec.model.width, seed=task.seed)
+        model, history = jobs.train_model(
+            model,
+            bundle,
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+            seed=task.seed,
+            log=_progress(task),
+        )
+        sparsity, _ = jobs.measure_sparsity(model, "magnitude")
+        info = {"sparsity": sparsity, **jobs.model_size_bytes(model), "history": history}
     else:
         if baseline is None:
             raise ValueError(f"task {task.label} compresses a baseline but was given none")
@@ -168,24 +184,28 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         model, info = jobs.compress_model(
             base_model,
             bundle,
-            method=entry.method,
-            level=task.level_value,
-            schedule=entry.schedule,
-            finetune_epochs=entry.finetune_epochs,
+            entry.method,
+            task.level_value,
+            schedule=entry.schedule or "gradual",
             mitigation=entry.mitigation,
+            finetune_epochs=entry.finetune_epochs or 0,
+            epochs=train.epochs if entry.schedule == "scratch" else None,
             seed=task.seed,
-            train=spec.train.model_dump(),
+            batch_size=train.batch_size,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+            log=_progress(task),
         )
     evaluation = jobs.evaluate(model, bundle)
     with tempfile.TemporaryDirectory(prefix="compbias-save-") as tmp:
-        jobs.save_model(model, _model_spec(spec, bundle, task, info), tmp)
+        jobs.save_model(model, _model_spec(spec, bundle, task), tmp)
         files = model_files_from_dir(tmp)
     return TaskResult(
         task=task,
         predictions=evaluation.predictions,
         per_class=evaluation.per_class,
         per_group=evaluation.per_group,
-        info=dict(info),
+        info=_plain_info(info),
         model_files=files,
         node_id=_node_id(),
         seconds=time.perf_counter() - t0,
@@ -195,12 +215,33 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
     )
 
 
-def _model_spec(spec: StudySpec, bundle, task: ModelTask, info: dict[str, Any]) -> dict[str, Any]:
+def _progress(task: ModelTask):
+    """A progress printer that prefixes each line with the task (shown on the driver's console)."""
+
+    def log(msg: str) -> None:
+        print(f"[{task.label}] {msg}", flush=True)
+
+    return log
+
+
+def _plain_info(info: dict[str, Any]) -> dict[str, Any]:
+    """Numbers stay numbers; per-epoch history records become series ``<key>`` (one value per epoch)."""
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if k == "history" and isinstance(v, list):
+            series: dict[str, list[float]] = {}
+            for rec in v:
+                for hk, hv in (rec or {}).items():
+                    if isinstance(hv, (int, float)) and not isinstance(hv, bool):
+                        series.setdefault(f"history/{hk}", []).append(float(hv))
+            out.update({hk: vals for hk, vals in series.items() if len(vals) == len(v)})
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+def _model_spec(spec: StudySpec, bundle, task: ModelTask) -> dict[str, Any]:
     return {
-        "arch": spec.model.arch,
-        "width": spec.model.width,
-        "n_classes": int(bundle.n_classes),
-        "input_shape": [int(x) for x in bundle.input_shape],
         "class_names": [str(c) for c in getattr(bundle, "class_names", [])],
         "study": spec.name,
         "seed": task.seed,

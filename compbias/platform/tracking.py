@@ -18,10 +18,12 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,6 +61,7 @@ __all__ = [
 log = logging.getLogger("compbias.tracking")
 
 TAG = "compbias."
+ARTIFACT_ROOT_ENV = "COMPBIAS_ARTIFACT_ROOT"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _MODEL_REQUIREMENTS = (
@@ -120,6 +123,11 @@ def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of the experiment ``name``, created (or restored if deleted) as needed.
 
+    A new experiment stores its artifacts under ``$COMPBIAS_ARTIFACT_ROOT/<name>``
+    when that variable is set (a directory or a URI), else where the tracking
+    store puts them by default (``./mlruns`` of the current directory for a
+    local SQLite store; the server's root for a tracking server).
+
     Parameters
     ----------
     client : MlflowClient
@@ -131,7 +139,17 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     """
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name)
+        root = os.environ.get(ARTIFACT_ROOT_ENV)
+        location = None
+        if root:
+            base = root if "://" in root else Path(root).expanduser().resolve().as_uri()
+            location = f"{base.rstrip('/')}/{metric_key(name)}"
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id
@@ -299,6 +317,15 @@ def _finite(x: Any) -> bool:
         return False
 
 
+_NOT_METRICS = {"level", "seconds"}
+
+
+def _int_or_text(x: Any) -> str:
+    if isinstance(x, (float, np.floating)) and float(x).is_integer():
+        return str(int(x))
+    return str(x)
+
+
 def model_metrics(result: TaskResult) -> dict[str, float]:
     """The metrics of one model run.
 
@@ -319,20 +346,29 @@ def model_metrics(result: TaskResult) -> dict[str, float]:
     m: dict[str, float] = {"acc": float((pred["pred"].to_numpy() == pred["label"].to_numpy()).mean())}
     pc = result.per_class
     if len(pc):
-        cc = _class_column(pc)
-        for _, row in pc.iterrows():
-            for rate in ("fpr", "fnr"):
-                if rate in pc.columns and _finite(row[rate]):
-                    m[f"{rate}/class/{metric_key(row[cc])}"] = float(row[rate])
+        names = pc[_class_column(pc)].tolist()
+        for rate in ("fpr", "fnr"):
+            if rate in pc.columns:
+                for name, value in zip(names, pc[rate].tolist()):
+                    if _finite(value):
+                        m[f"{rate}/class/{metric_key(_int_or_text(name))}"] = float(value)
     pg = result.per_group
     if len(pg):
-        gc = _group_column(pg)
-        for _, row in pg.iterrows():
-            for rate in ("fpr", "fnr", "acc"):
-                if rate in pg.columns and _finite(row[rate]):
-                    m[f"{rate}/group/{metric_key(row[gc])}"] = float(row[rate])
+        names = [metric_key(g) for g in pg[_group_column(pg)].tolist()]
+        if "class" in pg.columns:  # multi-class: one row per (group, class)
+            names = [f"{g}/class/{metric_key(_int_or_text(c))}" for g, c in zip(names, pg["class"].tolist())]
+        for rate in ("fpr", "fnr"):
+            if rate in pg.columns:
+                for name, value in zip(names, pg[rate].tolist()):
+                    if _finite(value):
+                        m[f"{rate}/group/{name}"] = float(value)
+        acc_col = "accuracy" if "accuracy" in pg.columns else ("acc" if "acc" in pg.columns else None)
+        if acc_col:
+            for g, value in zip(pg[_group_column(pg)].tolist(), pg[acc_col].tolist()):
+                if _finite(value):
+                    m[f"acc/group/{metric_key(g)}"] = float(value)
     for k, v in result.info.items():
-        if isinstance(v, (bool, np.bool_)):
+        if k in _NOT_METRICS or isinstance(v, (bool, np.bool_)):
             continue
         if isinstance(v, (int, float, np.integer, np.floating)) and _finite(v):
             m[metric_key(k)] = float(v)
@@ -489,7 +525,11 @@ def log_model_run(
             (out / "study.yaml").write_text(study_text)
             client.log_artifacts(run_id, str(out))
             weights = write_model_files(result.model_files, Path(tmp) / "weights")
-            with mlflow.start_run(run_id=run_id, nested=True):
+            with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+                # the signature is given explicitly; an input example would make
+                # MLflow load the model here just to validate it
+                warnings.filterwarnings("ignore", message=".*input[ _]example.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(PYFUNC_CODE),
@@ -499,7 +539,9 @@ def log_model_run(
                     pip_requirements=_requirements(),
                     tags=tags,
                 )
-                mv = mlflow.register_model(info.model_uri, reg_name, tags=tags, await_registration_for=60)
+                mv = client.create_model_version(
+                    reg_name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id, await_creation_for=60
+                )
                 version = mv.version
         finish_run(client, run_id, True)
     except BaseException as exc:
