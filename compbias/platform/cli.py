@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "resolve_config_path"]
+__all__ = ["main", "build_parser", "resolve_config_path", "drop_empty_options"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -182,7 +182,37 @@ def _run_audit(args) -> int:
         return 2
     parser = argparse.ArgumentParser(prog="compbias audit", description="Audit registered model versions of a study.")
     audit_cli.add_arguments(parser)
-    return int(audit_cli.run(parser.parse_args(args.audit_args)) or 0)
+    return int(audit_cli.run(parser.parse_args(drop_empty_options(args.audit_args))) or 0)
+
+
+def drop_empty_options(argv: Sequence[str]) -> list[str]:
+    """Remove ``--option ''`` pairs and ``--option=`` items: an empty value means "not given".
+
+    This is how the MLproject entry points pass optional parameters (their
+    default is the empty string).
+
+    Parameters
+    ----------
+    argv : sequence of str
+
+    Returns
+    -------
+    list of str
+    """
+    out: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and a.endswith("=") and "=" not in a[:-1]:
+            i += 1
+            continue
+        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and argv[i + 1] == "":
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,84 @@
+"""The `compbias` command line: config lookup, bad input, step preconditions, audit delegation."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compbias.platform import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_names_resolve_to_the_shipped_files():
+    assert cli.resolve_config_path("digits") == REPO / "configs" / "digits.yaml"
+    assert cli.resolve_config_path(str(REPO / "configs" / "celeba.yaml")).name == "celeba.yaml"
+    with pytest.raises(FileNotFoundError, match="digits"):
+        cli.resolve_config_path("no-such-study")
+
+
+def test_bad_study_file_exits_2_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "compression": [{"method": "magnitude", "levels": [1.5]}]}))
+    assert cli.main(["study", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "compression[0].levels[0]" in err
+
+
+def test_bad_seeds_option_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["study", "digits", "--seeds", "a,b"])
+    assert info.value.code == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_dataset_root_is_required_for_real_datasets(capsys):
+    assert cli.main(["study", "celeba"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert cli.main(["study", "celeba", "--data-root", "/no/such/dir"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_compress_without_trained_baselines_says_to_train_first(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "nobase", "population": {"seeds": 1}, "compression": [{"method": "quantize", "levels": ["fp16"]}]}))
+    assert cli.main(["compress", str(study), "--tracking-uri", uri, "--executor", "local"]) == 2
+    assert "compbias train" in capsys.readouterr().err
+
+
+def test_compress_refuses_methods_the_study_lacks(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "m", "compression": [{"method": "quantize", "levels": ["fp16"]}]}))
+    assert cli.main(["compress", str(study), "--method", "structured", "--tracking-uri", f"sqlite:///{tmp_path}/db"]) == 2
+    assert "no method" in capsys.readouterr().err
+
+
+def test_empty_mlproject_values_mean_not_given():
+    assert cli.drop_empty_options(["--study", "digits", "--max-cev", "", "--alias=", "--force"]) == ["--study", "digits", "--force"]
+
+
+def test_audit_is_delegated_to_the_audit_cli(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("compbias.platform.audit.cli")
+
+    def add_arguments(parser):
+        parser.add_argument("--study")
+        parser.add_argument("--max-cev", type=float)
+
+    def run(args):
+        seen["args"] = args
+        return 3
+
+    fake.add_arguments, fake.run = add_arguments, run
+    monkeypatch.setitem(sys.modules, "compbias.platform.audit.cli", fake)
+    assert cli.main(["audit", "--study", "digits", "--max-cev", ""]) == 3
+    assert seen["args"].study == "digits" and seen["args"].max_cev is None
+
+
+def test_audit_without_the_audit_service_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "compbias.platform.audit.cli", None)  # import raises ModuleNotFoundError
+    assert cli.main(["audit", "--study", "x"]) == 2
+    assert "not installed" in capsys.readouterr().err
