@@ -12,11 +12,12 @@ again in every process).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numba
 
-__all__ = ["kernel"]
+__all__ = ["PARALLEL_MIN_WORK", "kernel", "threads_for"]
 
 
 def kernel(*, parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
@@ -42,3 +43,29 @@ def kernel(*, parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
             return numba.njit(cache=False, nogil=True, parallel=parallel)(func)
 
     return decorate
+
+
+# Below this many element updates a kernel runs on one thread: starting and
+# joining a parallel region costs more than it saves, and on a loaded machine
+# a parallel region waits for its slowest (descheduled) thread.
+PARALLEL_MIN_WORK = 4_000_000
+
+
+@contextmanager
+def threads_for(work: int) -> Iterator[None]:
+    """Run the enclosed numba kernels on one thread when ``work`` is small.
+
+    Parameters
+    ----------
+    work : int
+        Number of element updates the kernel will do (e.g. models x examples).
+    """
+    if work >= PARALLEL_MIN_WORK:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)

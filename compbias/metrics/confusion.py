@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel
+from compbias.metrics._numba import PARALLEL_MIN_WORK, kernel, threads_for
 
 __all__ = [
     "ClassRates",
@@ -97,7 +97,7 @@ def _ovr_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, weights
 
 def _n_chunks(n_models: int, n: int, block_bytes: int) -> int:
     threads = numba.get_num_threads()
-    if n_models >= threads or n < 2 * _MIN_CHUNK:
+    if n_models >= threads or n < 2 * _MIN_CHUNK or n_models * n < PARALLEL_MIN_WORK:
         return 1
     want = -(-threads // n_models)
     by_size = n // _MIN_CHUNK
@@ -200,7 +200,8 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
     preds = y_pred.reshape(1, -1) if single else y_pred
     block_bytes = n_groups_ * n_classes * n_classes * 8
     n_chunks = _n_chunks(preds.shape[0], preds.shape[1], block_bytes)
-    out = _confusion_kernel(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks)
+    with threads_for(preds.size):
+        out = _confusion_kernel(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks)
     if n_chunks > 1:
         out = out.reshape(preds.shape[0], n_chunks, n_groups_, n_classes, n_classes).sum(axis=1)
     if not has_groups:
@@ -347,7 +348,8 @@ def _ovr_rates(y_true, preds, groups, has_groups, n_groups, n_classes, weights=N
     """
     has_w = weights is not None
     w = weights if has_w else np.empty(0, np.int64)
-    tp, pc = _ovr_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, w, has_w)
+    with threads_for(preds.size):
+        tp, pc = _ovr_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, w, has_w)
     key = y_true + n_classes * groups if has_groups else y_true
     tc = np.bincount(key, weights=w if has_w else None, minlength=n_groups * n_classes)
     tc = np.rint(tc).astype(np.int64).reshape(n_groups, n_classes)

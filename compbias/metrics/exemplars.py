@@ -8,7 +8,7 @@ import numba
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel
+from compbias.metrics._numba import kernel, threads_for
 
 __all__ = ["cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
@@ -144,7 +144,8 @@ def modal_labels(preds, n_classes):
     """
     n_classes = v.check_positive_int(n_classes, "n_classes")
     arr = _check_population(preds, n_classes, "preds")
-    return _modal_kernel(arr, n_classes)
+    with threads_for(arr.size):
+        return _modal_kernel(arr, n_classes)
 
 
 def pie_mask(base_preds, comp_preds, n_classes):
@@ -184,7 +185,8 @@ def pie_mask(base_preds, comp_preds, n_classes):
     array([ True,  True])
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
-    return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
+    with threads_for(base.size + comp.size):
+        return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
 
 
 def cie_scores(base_preds, comp_preds, n_classes):
@@ -229,7 +231,8 @@ def cie_scores(base_preds, comp_preds, n_classes):
     array([1., 2.])
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
-    num = _cie_kernel(base, comp, n_classes)
+    with threads_for(base.size + comp.size):
+        num = _cie_kernel(base, comp, n_classes)
     return num / float(base.shape[0] * comp.shape[0])
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.stats
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel
+from compbias.metrics._numba import kernel, threads_for
 from compbias.metrics.bias import ERR_NO_DEFINED_CLASS, _cev_sde_rows, _validate_populations
 from compbias.metrics.confusion import ClassRates, _ovr_rates, _validate_groups
 from compbias.metrics.bias import normalized_change
@@ -98,9 +98,35 @@ def _indices_kernel(seed, n_resamples, n):  # pragma: no cover - numba
 
 
 @kernel()
-def _mean_rates(y_true, preds, w, n_classes, tc, n_total, smoothing):  # pragma: no cover - numba
-    """Mean over models of per-class FPR and FNR (NaN where undefined)."""
-    n_models, n = preds.shape
+def _resample_compact(seed, b, y_true):  # pragma: no cover - numba
+    """Resample ``b`` as (distinct example, multiplicity, true label) triples."""
+    n = y_true.shape[0]
+    w = _resample_weights(seed, b, n)
+    k = 0
+    for i in range(n):
+        if w[i] > 0:
+            k += 1
+    idx = np.empty(k, np.int64)
+    wts = np.empty(k, np.int64)
+    ys = np.empty(k, np.int64)
+    k = 0
+    for i in range(n):
+        if w[i] > 0:
+            idx[k] = i
+            wts[k] = w[i]
+            ys[k] = y_true[i]
+            k += 1
+    return idx, wts, ys
+
+
+@kernel()
+def _mean_rates(preds, idx, wts, ys, n_classes, tc, n_total, smoothing):  # pragma: no cover - numba
+    """Mean over models of per-class FPR and FNR (NaN where undefined).
+
+    ``idx``/``wts``/``ys``: the distinct resampled examples, how often each
+    was drawn, and their true labels; ``tc``: weighted true-class counts.
+    """
+    n_models = preds.shape[0]
     tp = np.zeros(n_classes, np.int64)
     pc = np.zeros(n_classes, np.int64)
     sum_fpr = np.zeros(n_classes)
@@ -108,14 +134,12 @@ def _mean_rates(y_true, preds, w, n_classes, tc, n_total, smoothing):  # pragma:
     for m in range(n_models):
         tp[:] = 0
         pc[:] = 0
-        for i in range(n):
-            wi = w[i]
-            if wi == 0:
-                continue
-            p = preds[m, i]
-            pc[p] += wi
-            if p == y_true[i]:
-                tp[p] += wi
+        row = preds[m]
+        for k in range(idx.shape[0]):
+            p = np.int64(row[idx[k]])
+            wk = wts[k]
+            pc[p] += wk
+            tp[p] += wk * (p == ys[k])
         for c in range(n_classes):
             fp = pc[c] - tp[c]
             fn = tc[c] - tp[c]
@@ -128,15 +152,14 @@ def _mean_rates(y_true, preds, w, n_classes, tc, n_total, smoothing):  # pragma:
 
 
 @kernel()
-def _bias_stat(y_true, base, comp, n_classes, w, smoothing, which):  # pragma: no cover - numba
-    n = y_true.shape[0]
+def _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which):  # pragma: no cover - numba
     tc = np.zeros(n_classes, np.int64)
     n_total = 0
-    for i in range(n):
-        tc[y_true[i]] += w[i]
-        n_total += w[i]
-    bf, bn = _mean_rates(y_true, base, w, n_classes, tc, n_total, smoothing)
-    cf, cn = _mean_rates(y_true, comp, w, n_classes, tc, n_total, smoothing)
+    for k in range(idx.shape[0]):
+        tc[ys[k]] += wts[k]
+        n_total += wts[k]
+    bf, bn = _mean_rates(base, idx, wts, ys, n_classes, tc, n_total, smoothing)
+    cf, cn = _mean_rates(comp, idx, wts, ys, n_classes, tc, n_total, smoothing)
     dfpr = np.empty((1, n_classes))
     dfnr = np.empty((1, n_classes))
     for c in range(n_classes):
@@ -149,11 +172,15 @@ def _bias_stat(y_true, base, comp, n_classes, w, smoothing, which):  # pragma: n
 @kernel(parallel=True)
 def _bootstrap_bias_kernel(y_true, base, comp, n_classes, n_resamples, seed, smoothing, which):  # pragma: no cover - numba
     out = np.empty(n_resamples)
-    n = y_true.shape[0]
     for b in numba.prange(n_resamples):
-        w = _resample_weights(seed, b, n)
-        out[b] = _bias_stat(y_true, base, comp, n_classes, w, smoothing, which)
+        idx, wts, ys = _resample_compact(seed, b, y_true)
+        out[b] = _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which)
     return out
+
+
+def _compact_labels(preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """Predictions as int16 (int32 beyond 32,767 classes): less memory traffic per resample."""
+    return np.ascontiguousarray(preds, dtype=np.int16 if n_classes <= np.iinfo(np.int16).max else np.int32)
 
 
 def _check_seed(seed) -> int:
@@ -349,11 +376,15 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
         if groups is not None:
             raise ValueError(ERR_STAT_GROUPS.format(value=statistic))
         which = 0 if statistic == "cev" else 1
-        estimate = _bias_stat(y_true, base, comp, n_classes, np.ones(n, np.int64), smoothing, which)
+        base16, comp16 = _compact_labels(base, n_classes), _compact_labels(comp, n_classes)
+        everything = np.arange(n, dtype=np.int64)
+        estimate = _bias_stat(base16, comp16, everything, np.ones(n, np.int64), y_true, n_classes,
+                              smoothing, which)
         if np.isnan(estimate):
             raise ValueError(ERR_NO_DEFINED_CLASS.format(metric=statistic.upper(), n=n_classes))
-        samples = _bootstrap_bias_kernel(y_true, base, comp, n_classes, n_resamples, seed,
-                                         smoothing, which)
+        with threads_for(n_resamples * (base.size + comp.size)):
+            samples = _bootstrap_bias_kernel(y_true, base16, comp16, n_classes, n_resamples, seed,
+                                             smoothing, which)
     elif callable(statistic):
         g, has_g, n_g = _validate_groups(groups, n_groups, n)
 

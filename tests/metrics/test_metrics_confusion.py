@@ -64,13 +64,18 @@ def test_matches_sklearn_per_model_and_group():
 def test_chunked_kernel_equals_single_block(monkeypatch):
     rng = np.random.default_rng(5)
     y = rng.integers(0, 5, 3000)
-    pred = rng.integers(0, 5, 3000)
+    pred = rng.integers(0, 5, (1, 3000))
     groups = rng.integers(0, 3, 3000)
-    whole = confusion_counts(y, pred, 5, groups=groups)
-    monkeypatch.setattr(confusion_mod, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(confusion_mod.numba, "get_num_threads", lambda: 7)
-    assert confusion_mod._n_chunks(1, 3000, 8) == 7
-    np.testing.assert_array_equal(confusion_counts(y, pred, 5, groups=groups), whole)
+    whole = confusion_counts(y, pred[0], 5, groups=groups)
+    # one model split over 7 blocks of examples, each with private counts
+    blocks = confusion_mod._confusion_kernel(y, pred, groups, True, 3, 5, 7)
+    assert blocks.shape == (7, 3, 5, 5) and (blocks.sum(axis=(1, 2, 3)) > 0).all()
+    np.testing.assert_array_equal(blocks.sum(axis=0), whole)
+    # a single big model is split over the threads, many models are not
+    monkeypatch.setattr(confusion_mod.numba, "get_num_threads", lambda: 4)
+    assert confusion_mod._n_chunks(1, 10**7, 8) == 4
+    assert confusion_mod._n_chunks(8, 10**7, 8) == 1
+    assert confusion_mod._n_chunks(1, 1000, 8) == 1
 
 
 def test_accepts_lists_other_int_dtypes_and_integral_floats():
