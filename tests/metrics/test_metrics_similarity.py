@@ -144,3 +144,19 @@ def test_linear_cka_invariant_to_orthogonal_maps_and_isotropic_scaling(seed, sca
     assert 0 <= base <= 1 + 1e-12
     assert linear_cka(scale * x @ q, y) == pytest.approx(base, rel=1e-9)
     assert linear_cka(x, x @ q) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_cca_covariance_and_whitening_paths_agree():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(4, 300))
+    b = rng.normal(size=(3, 4)) @ a + rng.normal(size=(3, 300))
+    base = cca_correlations(a, b)
+    # shifted activations: a moderate offset uses the uncentred-product path,
+    # a huge one (mean^2 / var = 1e12) the explicitly centred one; same result
+    np.testing.assert_allclose(cca_correlations(a + 300.0, b - 50.0), base, atol=1e-9)
+    np.testing.assert_allclose(cca_correlations(a + 1e6, b), base, atol=1e-6)
+    # a duplicated neuron makes Sxx singular: the pseudo-inverse (eigen) path
+    # gives the same correlations plus a zero, as the reference's pinv does
+    dup = cca_correlations(np.vstack([a[:2], a[:1]]), b)
+    np.testing.assert_allclose(dup[:2], cca_correlations(a[:2], b), atol=1e-8)
+    assert dup.shape == (3,) and abs(dup[2]) < 1e-6
