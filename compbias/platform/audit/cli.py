@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--probe-size", type=int, help="probe examples for SVCCA/CKA (default: the study file's)")
     opt.add_argument("--no-similarity", action="store_true", help="skip SVCCA/CKA (no model weights are loaded)")
     opt.add_argument("--no-figures", action="store_true", help="skip figures (tables and report only)")
+    opt.add_argument("--no-gallery", action="store_true", help="skip the CIE image gallery (it loads the study's dataset)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the probe set")
     out = parser.add_argument_group("output and service")
     out.add_argument("--experiment", help="experiment of the audit run (default: the study's experiment)")
@@ -101,6 +102,7 @@ def options_from_args(args: argparse.Namespace) -> AuditOptions:
         claim_ttl=parse_interval(args.claim_ttl),
         workers=args.workers,
         figures=not args.no_figures,
+        gallery=not args.no_gallery,
     )
 
 

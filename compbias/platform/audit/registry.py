@@ -38,6 +38,17 @@ from compbias.platform.audit.selection import VersionRecord, list_versions
 MAX_TAG_VALUE = 5000
 
 
+def _registry(client: MlflowClient):
+    """The client's registry client: its tag calls skip ``MlflowClient``'s extra
+    per-call lookup of the registered model (a prompt check that costs one
+    query per tag); compbias versions are never prompts."""
+    get = getattr(client, "_get_registry_client", None)
+    try:
+        return get() if get is not None else client
+    except Exception:  # pragma: no cover - private API changed
+        return client
+
+
 def _text(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -81,17 +92,18 @@ def write_version_tags(
     new[T.AUDITED_AT] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new[T.METRICS_VERSION] = metrics_version
     new.pop(T.STATUS, None)
-    current = dict(client.get_model_version(record.name, record.version).tags or {})
+    reg = _registry(client)
+    current = dict(reg.get_model_version(record.name, record.version).tags or {})
     if T.STATUS in current:
-        client.delete_model_version_tag(record.name, record.version, T.STATUS)
+        reg.delete_model_version_tag(record.name, record.version, T.STATUS)
     for key in current:
         if key.startswith(T.AUDIT_PREFIX) and key != T.STATUS and key not in new:
-            client.delete_model_version_tag(record.name, record.version, key)
+            reg.delete_model_version_tag(record.name, record.version, key)
     # metrics_version just before the status; everything else first
     for key in sorted(new, key=lambda k: k == T.METRICS_VERSION):
         if current.get(key) != new[key]:
-            client.set_model_version_tag(record.name, record.version, key, new[key])
-    client.set_model_version_tag(record.name, record.version, T.STATUS, status)
+            reg.set_model_version_tag(record.name, record.version, key, new[key])
+    reg.set_model_version_tag(record.name, record.version, T.STATUS, status)
     new[T.STATUS] = status
     return new
 
@@ -104,12 +116,13 @@ def clear_partial(client: MlflowClient, record: VersionRecord) -> None:
     client : MlflowClient
     record : VersionRecord
     """
-    current = dict(client.get_model_version(record.name, record.version).tags or {})
+    reg = _registry(client)
+    current = dict(reg.get_model_version(record.name, record.version).tags or {})
     if T.STATUS in current:
         return
     for key in current:
         if key.startswith(T.AUDIT_PREFIX):
-            client.delete_model_version_tag(record.name, record.version, key)
+            reg.delete_model_version_tag(record.name, record.version, key)
 
 
 def alias_holder(records: list[VersionRecord], metrics_version: str) -> VersionRecord | None:

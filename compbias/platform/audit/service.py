@@ -62,7 +62,9 @@ class AuditOptions:
     workers : int
         Parallel artifact downloads.
     figures : bool
-        Draw figures and the HTML report.
+        Draw figures into the HTML report.
+    gallery : bool
+        Draw the CIE image gallery (loads the study's dataset).
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -79,6 +81,7 @@ class AuditOptions:
     claim_ttl: float = DEFAULT_TTL_SECONDS
     workers: int = 4
     figures: bool = True
+    gallery: bool = True
 
 
 @dataclass
@@ -275,7 +278,7 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     exp_id = _experiment_for(client, targets, options)
     run_id, report_path = write_audit_run(
         client, exp_id, name, study, outcome, settings, mv, figures=options.figures, output_dir=options.output_dir,
-        timings=timings, study_file=study_file,
+        timings=timings, study_file=study_file if options.gallery else None,
     )
     statuses, reasons = {}, {}
     still = set(claims.still_held([r.key for r in targets]))
