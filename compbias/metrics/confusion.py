@@ -55,20 +55,28 @@ _MAX_BUFFER_BYTES = 256 * 2**20
 # --------------------------------------------------------------------------
 @kernel(parallel=True)
 def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks):  # pragma: no cover - numba
-    """Counts per (model, chunk) block; each block writes only its own slice."""
+    """Counts per (model, chunk) block; each block writes only its own slice.
+
+    The offset of (group, true class) in a block, ``(g * C + t) * C``, is
+    the same for every model and computed once per example.
+    """
     n_models, n = y_pred.shape
+    block = n_groups * n_classes * n_classes
     out = np.zeros((n_models * n_chunks, n_groups, n_classes, n_classes), np.int64)
+    flat = out.reshape(-1)
+    key = np.empty(n, np.int64)
+    for i in range(n):
+        g = groups[i] if has_groups else 0
+        key[i] = (g * n_classes + y_true[i]) * n_classes
     chunk = (n + n_chunks - 1) // n_chunks
     for b in numba.prange(n_models * n_chunks):
         m = b // n_chunks
         start = (b % n_chunks) * chunk
         stop = min(n, start + chunk)
-        if has_groups:
-            for i in range(start, stop):
-                out[b, groups[i], y_true[i], y_pred[m, i]] += 1
-        else:
-            for i in range(start, stop):
-                out[b, 0, y_true[i], y_pred[m, i]] += 1
+        offset = b * block
+        row = y_pred[m]
+        for i in range(start, stop):
+            flat[offset + key[i] + row[i]] += 1
     return out
 
 
