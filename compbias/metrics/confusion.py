@@ -39,6 +39,10 @@ ERR_GROUP_MISSING = (
 ERR_GROUPS_EMPTY = "groups must name at least one attribute column."
 ERR_RESERVED = "attribute names {names} clash with the table's own columns {reserved}; rename them."
 ERR_POSITIVE_CLASS = "positive_class must be a class id in [0, {n}), got {value!r}."
+ERR_NO_CLASS_AXIS = (
+    "these rates hold one class only (a positive class was selected), so "
+    "top-1 accuracy cannot be derived from them; use GroupRates.accuracy."
+)
 ERR_METRIC = "metric must be one of {allowed}, got {value!r}."
 ERR_METHOD = "method must be 'between_groups' or 'to_overall', got {value!r}."
 ERR_GROUPING = "grouping {value!r} is not one of {allowed}."
@@ -242,6 +246,10 @@ class ClassRates:
         the denominator is 0.
     smoothing : float
         The additive smoothing ``a`` used (0 by default).
+    has_class_axis : bool
+        False when one class was selected (``group_rates(...,
+        positive_class=c)``): the last axis is then not the class axis and
+        ``accuracy`` is not available.
     """
 
     tp: np.ndarray
@@ -251,14 +259,15 @@ class ClassRates:
     fpr: np.ndarray = field(repr=False)
     fnr: np.ndarray = field(repr=False)
     smoothing: float = 0.0
+    has_class_axis: bool = True
 
     @classmethod
-    def from_counts(cls, tp, fp, fn, tn, smoothing: float = 0.0) -> "ClassRates":
+    def from_counts(cls, tp, fp, fn, tn, smoothing: float = 0.0, has_class_axis: bool = True) -> "ClassRates":
         """Build rates from one-vs-rest counts (arrays of the same shape)."""
         a = float(smoothing)
         fpr = _safe_ratio(fp + a, fp + tn + 2 * a)
         fnr = _safe_ratio(fn + a, fn + tp + 2 * a)
-        return cls(tp=tp, fp=fp, fn=fn, tn=tn, fpr=fpr, fnr=fnr, smoothing=a)
+        return cls(tp=tp, fp=fp, fn=fn, tn=tn, fpr=fpr, fnr=fnr, smoothing=a, has_class_axis=has_class_axis)
 
     @classmethod
     def _from_ovr(cls, tp, pred_count, true_count, n, smoothing: float = 0.0) -> "ClassRates":
@@ -285,6 +294,8 @@ class ClassRates:
     @property
     def accuracy(self) -> np.ndarray:
         """Top-1 accuracy over the class axis, shape ``(...)``; NaN with no examples."""
+        if not self.has_class_axis:
+            raise ValueError(ERR_NO_CLASS_AXIS)
         n = self.n_examples[..., 0] if self.tp.shape[-1] else np.zeros(self.tp.shape[:-1])
         return _safe_ratio(self.tp.sum(axis=-1), n)
 
@@ -394,6 +405,22 @@ def population_rates(y_true, preds, n_classes, *, groups=None, n_groups=None, sm
     rates : ClassRates
         Shape ``(n_models, n_classes)``, or ``(n_models, n_groups,
         n_classes)`` with groups.
+
+    Notes
+    -----
+    For model :math:`m` (and group :math:`g`), with :math:`N` examples,
+
+    .. math::
+
+        TP_{m,c} = \sum_i [y_i = c][\hat y_{m,i} = c], \qquad
+        P_{m,c} = \sum_i [\hat y_{m,i} = c], \qquad
+        S_c = \sum_i [y_i = c]
+
+    .. math::
+
+        FP = P - TP,\quad FN = S - TP,\quad TN = N - TP - FP - FN
+
+    and the rates of :func:`class_rates`.
 
     Examples
     --------
@@ -727,14 +754,17 @@ def group_rates(y_true, y_pred, groups, n_classes, *, positive_class=None,
     overall = _ovr_rates(y_true, preds, np.empty(0, np.int64), False, 1, n_classes, smoothing=smoothing)
     overall_acc = overall.accuracy[:, 0]
     overall = ClassRates.from_counts(*(getattr(overall, f)[:, 0] for f in fields), smoothing=smoothing)
-    if positive_class is not None:
+    has_axis = positive_class is None
+    if not has_axis:
         rates = ClassRates.from_counts(*(getattr(rates, f)[..., positive_class] for f in fields),
-                                       smoothing=smoothing)
+                                       smoothing=smoothing, has_class_axis=False)
         overall = ClassRates.from_counts(*(getattr(overall, f)[..., positive_class] for f in fields),
-                                         smoothing=smoothing)
+                                         smoothing=smoothing, has_class_axis=False)
     if single:
-        rates = ClassRates.from_counts(*(getattr(rates, f)[0] for f in fields), smoothing=smoothing)
-        overall = ClassRates.from_counts(*(getattr(overall, f)[0] for f in fields), smoothing=smoothing)
+        rates = ClassRates.from_counts(*(getattr(rates, f)[0] for f in fields), smoothing=smoothing,
+                                       has_class_axis=has_axis)
+        overall = ClassRates.from_counts(*(getattr(overall, f)[0] for f in fields), smoothing=smoothing,
+                                         has_class_axis=has_axis)
         accuracy, overall_acc = accuracy[0], overall_acc[0]
     return GroupRates(attributes=names, groups=table, rates=rates, overall=overall,
                       accuracy=accuracy, overall_accuracy=overall_acc,

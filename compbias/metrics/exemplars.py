@@ -253,6 +253,13 @@ def cie_mask(scores, top_fraction=0.01):
 
     Notes
     -----
+    With examples sorted by decreasing score, :math:`s_{(1)} \ge s_{(2)}
+    \ge \dots`,
+
+    .. math::
+
+        \mathrm{CIE} = \{(1), \dots, (k)\}, \qquad k = \lceil qN \rceil
+
     Examples are ranked by decreasing score; equal scores are ranked by
     example order (the earlier example first), so the set always has
     exactly :math:`\lceil qN \rceil` members even with ties at the cut.

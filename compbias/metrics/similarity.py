@@ -153,6 +153,11 @@ def cca_correlations(acts1, acts2, epsilon=0.0):
        pseudo-inverses (eigenvalues below ``1e-15`` times the largest count
        as 0).
 
+    .. math::
+
+        \rho_1 \ge \rho_2 \ge \dots = \text{singular values of }
+        \Sigma_{XX}^{-1/2}\, \Sigma_{XY}\, \Sigma_{YY}^{-1/2}
+
     Differences from the reference: it returns a scalar 0 when every neuron
     is removed, here a ``ValueError`` says so; where rounding makes the
     reference's pseudo-inverse slightly indefinite it returns NaN, here the

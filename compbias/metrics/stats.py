@@ -208,6 +208,19 @@ def bootstrap_indices(n_examples, n_resamples, *, seed=0):
         replacement, of resample ``b``. Resample ``b`` depends only on
         ``(seed, b)``, not on the number of threads or resamples.
 
+    Notes
+    -----
+    Index :math:`j` of resample :math:`b` is
+    :math:`\lfloor u_{b,j} N / 2^{32} \rfloor` with :math:`u_{b,j}` the top
+    32 bits of the splitmix64 stream started at
+    :math:`\mathrm{mix}(\mathrm{mix}(s + \gamma) + b\gamma)`, draws whose
+    low product bits fall below :math:`2^{32} \bmod N` rejected (Lemire's
+    unbiased bounded integers):
+
+    .. math::
+
+        P(\text{index} = i) = 1/N \quad \text{for every } i
+
     Examples
     --------
     >>> idx = bootstrap_indices(5, 2, seed=0)
@@ -263,9 +276,20 @@ def mean_rate_change(rate="fpr", *, positive_class=None):
         mean over the model axis (axis 0), of shape ``([G,] C)`` or
         ``([G])`` with ``positive_class``.
 
+    Notes
+    -----
+    .. math::
+
+        \delta X_{g,c} = 100\,\frac{\frac{1}{M'}\sum_{m'} X^{comp}_{m',g,c}
+            - \frac{1}{M}\sum_m X^{base}_{m,g,c}}{\frac{1}{M}\sum_m X^{base}_{m,g,c}}
+
+    NaN where the baseline mean is 0 (see :func:`normalized_change`).
+
     Examples
     --------
     >>> stat = mean_rate_change("fpr", positive_class=1)
+    >>> stat.__name__
+    'mean_fpr_change'
     """
     if rate not in ("fpr", "fnr", "recall"):
         raise ValueError(ERR_RATE.format(value=rate))

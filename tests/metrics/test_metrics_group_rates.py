@@ -37,6 +37,8 @@ def test_hand_computed_groups_and_intersections(celeba_like):
     assert t.loc["sex=f&young=1", "accuracy"] == 0.5
     assert r.overall.fpr == pytest.approx(2 / 5) and r.overall.fnr == pytest.approx(1 / 3)
     assert r.overall_accuracy == pytest.approx(5 / 8)
+    with pytest.raises(ValueError, match=re.escape(confusion_mod.ERR_NO_CLASS_AXIS)):
+        r.rates.accuracy  # one class selected: accuracy lives on GroupRates
 
 
 def test_difference_and_ratio(celeba_like):
