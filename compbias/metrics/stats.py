@@ -190,7 +190,7 @@ def _check_seed(seed) -> int:
 
 
 def bootstrap_indices(n_examples, n_resamples, *, seed=0):
-    """The example indices that :func:`bootstrap_ci` draws, for inspection.
+    r"""The example indices that :func:`bootstrap_ci` draws, for inspection.
 
     Parameters
     ----------
