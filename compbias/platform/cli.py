@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code.
     """
     os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".cache" / "numba"))
+    # torch and numba's OpenMP layer slow each other down in one process
+    # (see compbias.platform.orchestration.WORKER_ENV); the local executor runs here
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "audit":

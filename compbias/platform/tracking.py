@@ -15,6 +15,7 @@ store has a single writer. Conventions (``docs/architecture.md``):
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import math
@@ -408,6 +409,7 @@ def _model_params(spec: StudySpec, task: ModelTask) -> dict[str, str]:
     return p
 
 
+@functools.lru_cache(maxsize=1)
 def _requirements() -> list[str]:
     reqs = []
     for name in _MODEL_REQUIREMENTS:
@@ -415,18 +417,25 @@ def _requirements() -> list[str]:
             reqs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             reqs.append(name)
-    return reqs
+    return reqs  # cached: reading package metadata costs ~0.1 s per call
 
 
 _CODE_COPY: dict[str, Path] = {}
 
 
 def _package_copy() -> Path:
-    """A copy of the compbias sources (no caches) shipped with each model."""
+    """A copy of the compbias sources a served model needs (the package root, jobs, metrics).
+
+    Shipped with each model (``code_paths``) so that ``mlflow models serve``
+    works where compbias is not installed; made once per process.
+    """
     if "dir" not in _CODE_COPY or not _CODE_COPY["dir"].exists():
-        root = Path(tempfile.mkdtemp(prefix="compbias-code-"))
-        shutil.copytree(PACKAGE_DIR, root / "compbias", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
-        _CODE_COPY["dir"] = root / "compbias"
+        root = Path(tempfile.mkdtemp(prefix="compbias-code-")) / "compbias"
+        root.mkdir()
+        shutil.copy2(PACKAGE_DIR / "__init__.py", root / "__init__.py")
+        for sub in ("jobs", "metrics"):
+            shutil.copytree(PACKAGE_DIR / sub, root / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _CODE_COPY["dir"] = root
     return _CODE_COPY["dir"]
 
 
@@ -509,13 +518,8 @@ def log_model_run(
     reg_name = spec.registered_model_name
     try:
         metrics = model_metrics(result)
-        now = int(time.time() * 1000)
-        mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
-        for k, series in _series(result.info).items():
-            mlist += [Metric(k, v, now, i) for i, v in enumerate(series)]
         params = [Param(k, v) for k, v in _model_params(spec, task).items()]
-        for i in range(0, max(len(mlist), len(params)), 100):
-            client.log_batch(run_id, metrics=mlist[i : i + 100], params=params[i : i + 100])
+        client.log_batch(run_id, params=params)
         with tempfile.TemporaryDirectory(prefix="compbias-log-") as tmp:
             out = Path(tmp) / "run"
             (out / "rates").mkdir(parents=True)
@@ -525,24 +529,35 @@ def log_model_run(
             (out / "study.yaml").write_text(study_text)
             client.log_artifacts(run_id, str(out))
             weights = write_model_files(result.model_files, Path(tmp) / "weights")
-            with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+            # The pyfunc model is saved locally and logged as the run's `model/`
+            # directory (no LoggedModel entity: fewer store writes per model);
+            # the registered version points at that directory.
+            model_dir = Path(tmp) / "model"
+            with warnings.catch_warnings():
                 # the signature is given explicitly; an input example would make
                 # MLflow load the model here just to validate it
                 warnings.filterwarnings("ignore", message=".*input[ _]example.*", category=UserWarning)
-                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-                info = mlflow.pyfunc.log_model(
-                    name="model",
+                mlflow.pyfunc.save_model(
+                    str(model_dir),
                     python_model=str(PYFUNC_CODE),
                     artifacts={"weights": str(weights)},
                     code_paths=[str(_package_copy())],
                     signature=_signature(result.input_shape),
                     pip_requirements=_requirements(),
-                    tags=tags,
+                    metadata={"compbias": {k[len(TAG):]: v for k, v in tags.items()}},
                 )
-                mv = client.create_model_version(
-                    reg_name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id, await_creation_for=60
-                )
-                version = mv.version
+            client.log_artifacts(run_id, str(model_dir), "model")
+            now = int(time.time() * 1000)
+            mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
+            for k, series in _series(result.info).items():
+                mlist += [Metric(k, v, now, i) for i, v in enumerate(series)]
+            for i in range(0, len(mlist), 1000):
+                client.log_batch(run_id, metrics=mlist[i : i + 1000])
+            # registered last: a version exists only once every artifact is logged
+            mv = client.create_model_version(
+                reg_name, source=f"{run.info.artifact_uri.rstrip('/')}/model", run_id=run_id, tags=tags, await_creation_for=60
+            )
+            version = mv.version
         finish_run(client, run_id, True)
     except BaseException as exc:
         if version is not None:
