@@ -579,7 +579,7 @@ def _stratified_choice(strata: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _apply_imbalance(pool: _Pool, spec: Mapping[str, Any], class_names: Sequence[str], seed: int) -> _Pool:
-    spec = dict(spec)
+    spec = {k: v for k, v in dict(spec).items() if v is not None}  # unused keys may be given as null
     keep = spec.pop("keep", None)
     if keep is None or not 0.0 < float(keep) <= 1.0:
         raise ValueError(f"imbalance.keep must be in (0, 1], got {keep!r}")

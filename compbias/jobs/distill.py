@@ -16,6 +16,13 @@ pkt_kd      0.1    0.9    30000    PKT
 ==========  =====  =====  =======  ==========================================
 
 and the performance-weighted loss of Meyer (2023), ``pw``.
+
+The attention-transfer loss is a mean over the ``H*W`` positions of each
+block's map, so its size shrinks with the map; CRD's beta = 1000 was set
+for 32x32 CIFAR inputs. The default AT weight is therefore
+``1000 * (H * W) / (32 * 32)`` for inputs of ``H x W`` pixels: exactly
+CRD's on CIFAR, and the same effective weight on other sizes (on 8x8
+digits, beta = 1000 makes fine-tuning diverge at lr 0.01).
 """
 
 from __future__ import annotations
@@ -103,7 +110,8 @@ class Distillation:
     temperature : float
         KD temperature ``T`` (default 4).
     gamma, alpha, beta : float, optional
-        Override the weights of CE, KD and the feature loss (see module doc).
+        Override the weights of CE, KD and the feature loss (see module doc;
+        the default AT weight scales with the input size).
     """
 
     def __init__(self, teacher: nn.Module, mitigation: str, *, temperature: float = 4.0,
@@ -117,7 +125,8 @@ class Distillation:
         g, a, b = _WEIGHTS[mitigation]
         self.gamma = g if gamma is None else gamma
         self.alpha = a if alpha is None else alpha
-        self.beta = b if beta is None else beta
+        self.beta = beta
+        self._default_beta = b
         self.temperature = float(temperature)
         self.feature = "at" if mitigation.startswith("at") else "pkt" if mitigation.startswith("pkt") else None
 
@@ -134,6 +143,9 @@ class Distillation:
             parts["kd"] = kd.detach()
             loss = loss + self.alpha * kd
         names = list(model.block_names)
+        if self.beta is None:  # scale CRD's AT weight from 32x32 inputs to these (see module doc)
+            scale = x.shape[-2] * x.shape[-1] / 1024.0 if self.feature == "at" else 1.0
+            self.beta = self._default_beta * scale
         if self.feature == "at":
             at = at_loss([s_blocks[n] for n in names], [t_blocks[n] for n in names])
             parts["at"] = at.detach()

@@ -56,7 +56,7 @@ def test_max_train_and_max_test_are_exact_and_stratified():
 
 
 def test_imbalance_keeps_a_fraction_of_chosen_classes(digits):
-    b = load_dataset("digits", imbalance={"classes": [3, 5], "keep": 0.1})
+    b = load_dataset("digits", imbalance={"classes": [3, 5], "group": None, "keep": 0.1})
     full = digits.train_frame["label"].value_counts()
     kept = b.train_frame["label"].value_counts()
     for c in (3, 5):
