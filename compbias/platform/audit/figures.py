@@ -89,7 +89,7 @@ def class_change_scatter(class_changes: dict) -> Figure:
     n = max(1, len(levels))
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(5 * cols, 4.5 * rows), layout="constrained")
+    fig = Figure(figsize=(5 * cols, 4.5 * rows))
     for i, level in enumerate(levels or ["none"]):
         ax = fig.add_subplot(rows, cols, i + 1)
         lim = [np.inf, -np.inf]
@@ -115,6 +115,7 @@ def class_change_scatter(class_changes: dict) -> Figure:
         ax.set_ylabel("normalised FNR change (%)")
         ax.legend(fontsize=7)
     fig.suptitle("Per-class change of FPR and FNR (ellipses hold 95% of classes; stars: method centroid)")
+    _adjust(fig)
     return fig
 
 
@@ -139,7 +140,7 @@ def level_curves(bias: pd.DataFrame) -> Figure:
     matplotlib.figure.Figure
         Four panels; each has one line per method with one point per level.
     """
-    fig = Figure(figsize=(14, 3.8), layout="constrained")
+    fig = Figure(figsize=(14, 3.8))
     panels = [("acc", "accuracy"), ("pie", "PIE count"), ("cev", "CEV"), ("sde", "SDE")]
     colors = _method_colors(bias["method"]) if len(bias) else {}
     for i, (col, title) in enumerate(panels):
@@ -155,6 +156,7 @@ def level_curves(bias: pd.DataFrame) -> Figure:
         ax.set_xlabel("level")
         if i == 0:
             ax.legend(fontsize=7)
+    _adjust(fig, wspace=0.35)
     return fig
 
 
@@ -177,7 +179,7 @@ def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
     n = max(1, len(layers))
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4 * cols, 3.6 * rows), layout="constrained")
+    fig = Figure(figsize=(4 * cols, 3.6 * rows))
     for i, layer in enumerate(layers or ["(none)"]):
         ax = fig.add_subplot(rows, cols, i + 1)
         part = similarity[similarity["layer"] == layer] if layers else similarity
@@ -198,6 +200,7 @@ def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
         ax.set_title(str(layer))
         ax.set_xlabel("SVCCA distance")
         ax.set_ylabel("CEV")
+    _adjust(fig, wspace=0.5)
     return fig
 
 
@@ -216,7 +219,7 @@ def group_changes(groups: dict) -> Figure:
         Two panels (FPR, FNR); each has one bar container per population with
         one bar per group.
     """
-    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    fig = Figure(figsize=(13, 4.2))
     keys = sorted(groups, key=lambda k: (k[0], level_sort_key(k[1])))
     for p, rate in enumerate(("fpr", "fnr")):
         ax = fig.add_subplot(1, 2, p + 1)
@@ -241,6 +244,7 @@ def group_changes(groups: dict) -> Figure:
         ax.set_ylabel("normalised change (%)")
         ax.set_title(f"group {rate.upper()} change vs baseline (95% CI)")
         ax.legend(fontsize=7)
+    _adjust(fig, bottom=0.22)
     return fig
 
 
@@ -264,7 +268,7 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
     n = len(images)
     cols = max(1, min(columns, n))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(1.8 * cols, 2.1 * rows), layout="constrained")
+    fig = Figure(figsize=(1.8 * cols, 2.1 * rows))
     for i, (img, cap) in enumerate(zip(images, captions)):
         ax = fig.add_subplot(rows, cols, i + 1)
         arr = np.asarray(img, float)
@@ -275,7 +279,16 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
         ax.axis("off")
     if title:
         fig.suptitle(title)
+    _adjust(fig, left=0.02, right=0.98, bottom=0.02, wspace=0.1, hspace=0.5)
     return fig
+
+
+def _adjust(fig: Figure, **kw) -> None:
+    """Fixed margins: much cheaper to render than a layout engine."""
+    n_rows = max(1, len({round(ax.get_position().y0, 3) for ax in fig.axes}))
+    opts = dict(left=0.08, right=0.97, bottom=0.12 if n_rows == 1 else 0.07, top=0.86 if n_rows == 1 else 0.92, wspace=0.3, hspace=0.45)
+    opts.update(kw)
+    fig.subplots_adjust(**opts)
 
 
 def to_png(fig: Figure, *, dpi: int = 90) -> bytes:

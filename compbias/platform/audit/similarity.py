@@ -203,12 +203,18 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
             return out
         from compbias.jobs import layer_activations
 
-        acts_cache: dict[str, dict] = {}
+        acts_cache: dict[str, dict | Exception] = {}
 
         def acts(rec: VersionRecord):
-            if rec.key not in acts_cache:
-                acts_cache[rec.key] = layer_activations(loader.load(rec), probe)
-            return acts_cache[rec.key]
+            if rec.key not in acts_cache:  # a failure is remembered too: a baseline is loaded once
+                try:
+                    acts_cache[rec.key] = layer_activations(loader.load(rec), probe)
+                except Exception as exc:
+                    acts_cache[rec.key] = exc
+            got = acts_cache[rec.key]
+            if isinstance(got, Exception):
+                raise got
+            return got
 
         rows, skipped = [], []
         for r in comp:
