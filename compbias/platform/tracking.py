@@ -519,7 +519,6 @@ def log_model_run(
     try:
         metrics = model_metrics(result)
         params = [Param(k, v) for k, v in _model_params(spec, task).items()]
-        client.log_batch(run_id, params=params)
         with tempfile.TemporaryDirectory(prefix="compbias-log-") as tmp:
             out = Path(tmp) / "run"
             (out / "rates").mkdir(parents=True)
@@ -551,8 +550,8 @@ def log_model_run(
             mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
             for k, series in _series(result.info).items():
                 mlist += [Metric(k, v, now, i) for i, v in enumerate(series)]
-            for i in range(0, len(mlist), 1000):
-                client.log_batch(run_id, metrics=mlist[i : i + 1000])
+            for i in range(0, max(len(mlist), 1), 1000):
+                client.log_batch(run_id, metrics=mlist[i : i + 1000], params=params if i == 0 else [])
             # registered last: a version exists only once every artifact is logged
             mv = client.create_model_version(
                 reg_name, source=f"{run.info.artifact_uri.rstrip('/')}/model", run_id=run_id, tags=tags, await_creation_for=60
