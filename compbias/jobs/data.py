@@ -348,7 +348,7 @@ def _digits_pools(test_fraction: float, seed: int):
     # `ink` = 1 when an image holds more ink than the median training image.
     threshold = float(np.median(ink[train_idx]))
     ink_group = (ink > threshold).astype(np.int64)
-    pool = _Pool(keys=keys, labels=labels, attrs={"ink": ink_group, "source_index": np.arange(len(labels))}, images=images)
+    pool = _Pool(keys=keys, labels=labels, attrs={"ink": ink_group}, images=images)
     names = [str(c) for c in range(10)]
     return _take(pool, train_idx), _take(pool, test_idx), names, 1.0 / 16.0
 
@@ -662,9 +662,9 @@ _MEMORY_CACHE_ENTRIES = 4
 def _pool_images(pool: _Pool, root: Path | None, image_size: int | None, cache_dir) -> np.ndarray:
     if pool.images is not None:
         images = pool.images
-        if image_size is not None and images.shape[-1] != image_size and images.dtype == np.uint8:
+        if image_size is not None and images.shape[-2:] != (image_size, image_size):
             t = torch.nn.functional.interpolate(torch.from_numpy(images).float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-            images = t.round().clamp(0, 255).to(torch.uint8).numpy()
+            images = t.round().clamp(0, 255).to(torch.uint8).numpy() if images.dtype == np.uint8 else t.numpy()
         return np.ascontiguousarray(images)
     assert root is not None and pool.paths is not None
     files = [root / p for p in pool.paths]

@@ -48,6 +48,13 @@ def test_digits_split_is_deterministic_and_seeded(digits):
     assert not torch.equal(digits.test.images, other.test.images)
 
 
+def test_digits_can_be_resized():
+    b = load_dataset("digits", image_size=16, max_train=100, max_test=50)
+    assert b.input_shape == (1, 16, 16) and b.test.images.dtype == torch.float32
+    x, _ = b.test[0]
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
 def test_max_train_and_max_test_are_exact_and_stratified():
     b = load_dataset("digits", max_train=200, max_test=100, split_seed=3)
     assert len(b.train) == 200 and len(b.test) == 100

@@ -110,3 +110,23 @@ def test_a_loaded_baseline_can_be_compressed(baseline, small_digits, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="already compressed"):
         compress_model(a, small_digits, "quantize", "int8_weight", log=None)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
+def test_resnets_quantize_prune_and_round_trip(imagefolder_split_root, tmp_path, arch):
+    """Residual blocks, projection shortcuts and torchvision's layout survive every method and a round-trip."""
+    b = load_dataset("imagefolder", root=imagefolder_split_root, image_size=8)
+    base = build_model(arch, 3, b.input_shape, seed=0)
+    base, _ = train_model(base, b, epochs=1, batch_size=12, log=None)
+    float_logits = evaluate(base, b, keep_logits=True).logits
+    for method, level, kw in [("quantize", "int8_static", {}), ("quantize", "fp16", {}),
+                              ("structured", 0.5, {"schedule": "oneshot", "finetune_epochs": 0})]:
+        model, info = compress_model(base, b, method, level, log=None, **kw)
+        directory = tmp_path / f"{arch}-{level}"
+        save_model(model, None, directory)
+        a, c = evaluate(model, b, keep_logits=True), evaluate(load_model(directory), b, keep_logits=True)
+        assert np.array_equal(a.logits, c.logits), (method, level)
+        if level == "int8_static":
+            assert info["quantization"]["batchnorm_folded"] >= 19
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+            assert np.abs(a.logits - float_logits).max() < 0.5 * np.abs(float_logits).max()
