@@ -276,6 +276,7 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     timings["compute"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     exp_id = _experiment_for(client, targets, options)
+    close_abandoned_runs(client, exp_id, options.claim_ttl)
     run_id, report_path = write_audit_run(
         client, exp_id, name, study, outcome, settings, mv, figures=options.figures, output_dir=options.output_dir,
         timings=timings, study_file=study_file if options.gallery else None,
@@ -306,6 +307,43 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
         timings=timings,
         alias_version=alias_version,
     )
+
+
+def close_abandoned_runs(client: MlflowClient, experiment_id: str, ttl: float) -> list[str]:
+    """Mark audit runs left RUNNING by killed auditors as KILLED.
+
+    An audit run is created only after the computation, and its logging takes
+    seconds; one still RUNNING after ``ttl`` seconds belongs to an auditor
+    that died.  No version's status tag points at it (the status is written
+    after the run is finished), so closing it loses nothing.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    experiment_id : str
+    ttl : float
+        Seconds.
+
+    Returns
+    -------
+    list of str
+        The run ids closed.
+    """
+    now_ms = time.time() * 1000
+    closed = []
+    try:
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{T.RUN_KIND}` = '{T.RUN_KIND_AUDIT}' and attributes.status = 'RUNNING'",
+            max_results=200,
+        )
+    except Exception:  # pragma: no cover - a search failure must not stop the audit
+        return closed
+    for run in runs:
+        if now_ms - run.info.start_time > ttl * 1000:
+            client.set_tag(run.info.run_id, "compbias.audit.abandoned", "its auditor stopped before finishing; a later audit redid the work")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def parse_interval(text: str) -> float:

@@ -59,6 +59,17 @@ def test_killed_auditor_is_completed_by_the_next(client, registered, spec, optio
     assert dead.still_held() == []
 
 
+def test_audit_run_abandoned_by_a_killed_auditor_is_closed(client, registered, spec, options):
+    from compbias.platform.audit.service import close_abandoned_runs
+
+    exp = client.get_experiment_by_name(f"compbias/{spec.name}").experiment_id
+    stale = client.create_run(exp, tags={T.RUN_KIND: "audit"}, start_time=1000)
+    fresh = client.create_run(exp, tags={T.RUN_KIND: "audit"})
+    assert close_abandoned_runs(client, exp, options.claim_ttl) == [stale.info.run_id]
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert client.get_run(fresh.info.run_id).info.status == "RUNNING"
+
+
 def test_a_live_claim_makes_the_auditor_skip_that_version(client, registered, spec, options):
     mv = current_metrics_version()
     held = next(r for r in list_versions(client) if r.version == registered[(2, "magnitude", "0.9")])
