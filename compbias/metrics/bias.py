@@ -72,7 +72,7 @@ def _cev_sde_rows(dfpr, dfnr):  # pragma: no cover - numba
                 vx += (x - mx) * (x - mx)
                 vy += (y - my) * (y - my)
         cev[r] = (vx / k + vy / k) / 2.0
-        sde[r] = sd / k / 1.4142135623730951
+        sde[r] = sd / k / _SQRT2
     return cev, sde, n_used
 
 

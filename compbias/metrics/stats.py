@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import numba
 import numpy as np
@@ -434,8 +435,6 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
         raise ValueError(ERR_ALL_UNDEFINED.format(n=n_resamples))
     alpha = 1.0 - confidence
     with np.errstate(invalid="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN bounds
             low = np.nanquantile(samples, alpha / 2, axis=0)
@@ -535,8 +534,6 @@ def welch_ttest(base_values, comp_values):
     ok = (n_a >= 2) & (n_b >= 2)
     complete = ok & (n_a == a.shape[0]) & (n_b == b.shape[0])
     with np.errstate(divide="ignore", invalid="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if complete.any():
