@@ -300,12 +300,18 @@ def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, 
         task_of[h] = t
 
     pending = list(task_of)
+
+    def _baseline_of(task: ModelTask):
+        # logged in this execution, or finished in an earlier one (compbias compress)
+        if task.baseline_key is None:
+            return None
+        return outcome.models.get(task.baseline_key) or state.done.get(task.baseline_key)
     deferred: dict = {}  # baseline key -> [(task, result)] waiting for the baseline to be logged
     n_total, n_done = len(pending), 0
 
     def log_result(task: ModelTask, result) -> None:
         nonlocal n_done
-        baseline = outcome.models.get(task.baseline_key) if task.baseline_key else None
+        baseline = _baseline_of(task)
         try:
             with watch:
                 fm = tracking.log_model_run(client, exp_id, parent_id, spec, study_text, result, baseline=baseline)
@@ -347,7 +353,7 @@ def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, 
                 fail(task, exc)
                 continue
             bk = task.baseline_key
-            if bk is not None and bk not in outcome.models:
+            if bk is not None and _baseline_of(task) is None:
                 if bk in outcome.failed:
                     fail(task, RuntimeError(f"its baseline {bk} failed"))
                 else:

@@ -187,3 +187,24 @@ def test_interrupted_run_is_failed_and_replaced(study):
     base_v = next(v for v in versions if v.tags["compbias.role"] == "baseline" and v.tags["compbias.seed"] == "1")
     assert new_v.tags["compbias.baseline_version"] == str(base_v.version)
     assert replacement[0].data.metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_train_then_compress_as_separate_steps(tmp_path, ray_cluster):
+    """`compbias train` makes baselines only; `compbias compress` compresses them (weights from MLflow)."""
+    study = dict(STUDY, name="e2e-steps", population={"seeds": 1})
+    path = tmp_path / "steps.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert cli.main(["train", str(path), "--tracking-uri", uri]) == 0
+    versions = list(client.search_model_versions("name = 'compbias-e2e-steps'"))
+    assert [v.tags["compbias.role"] for v in versions] == ["baseline"]
+    assert cli.main(["compress", str(path), "--tracking-uri", uri, "--method", "quantize"]) == 0
+    versions = list(client.search_model_versions("name = 'compbias-e2e-steps'"))
+    comp = [v for v in versions if v.tags["compbias.role"] == "compressed"]
+    assert [(v.tags["compbias.method"], v.tags["compbias.level"]) for v in comp] == [("quantize", "int8_weight")]
+    base = next(v for v in versions if v.tags["compbias.role"] == "baseline")
+    assert comp[0].tags["compbias.baseline_version"] == str(base.version)
+    exp = client.get_experiment_by_name("compbias/e2e-steps")
+    steps = sorted(r.data.tags["compbias.step"] for r in client.search_runs([exp.experiment_id], "tags.`compbias.run_kind` = 'study'"))
+    assert steps == ["compress", "train"]
