@@ -179,6 +179,42 @@ def _bootstrap_bias_kernel(y_true, base, comp, n_classes, n_resamples, seed, smo
     return out
 
 
+@kernel(parallel=True)
+def _ovr_resampled_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, seed, first, count):  # pragma: no cover - numba
+    """One-vs-rest counts of every model on resamples ``first .. first+count-1``.
+
+    Returns true positives and predicted counts (count, M, G, C) and the
+    true-class counts (count, G, C); resamples run in parallel.
+    """
+    n_models = preds.shape[0]
+    tp = np.zeros((count, n_models, n_groups, n_classes), np.int64)
+    pc = np.zeros((count, n_models, n_groups, n_classes), np.int64)
+    tc = np.zeros((count, n_groups, n_classes), np.int64)
+    for j in numba.prange(count):
+        idx, wts, ys = _resample_compact(seed, first + j, y_true)
+        # offset of each resampled example's group in a (G * C) block
+        off = np.zeros(idx.shape[0], np.int64)
+        if has_groups:
+            for k in range(idx.shape[0]):
+                off[k] = groups[idx[k]] * n_classes
+        tcj = tc[j].reshape(-1)
+        for k in range(idx.shape[0]):
+            tcj[off[k] + ys[k]] += wts[k]
+        for m in range(n_models):
+            row = preds[m]
+            pcm = pc[j, m].reshape(-1)
+            tpm = tp[j, m].reshape(-1)
+            for k in range(idx.shape[0]):
+                p = np.int64(row[idx[k]])
+                wk = wts[k]
+                pcm[off[k] + p] += wk
+                tpm[off[k] + p] += wk * (p == ys[k])
+    return tp, pc, tc
+
+
+_BATCH = 64  # resamples per parallel batch of the callable path
+
+
 def _compact_labels(preds: np.ndarray, n_classes: int) -> np.ndarray:
     """Predictions as int16 (int32 beyond 32,767 classes): less memory traffic per resample."""
     return np.ascontiguousarray(preds, dtype=np.int16 if n_classes <= np.iinfo(np.int16).max else np.int32)
@@ -412,21 +448,29 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
                                              smoothing, which)
     elif callable(statistic):
         g, has_g, n_g = _validate_groups(groups, n_groups, n)
+        base16, comp16 = _compact_labels(base, n_classes), _compact_labels(comp, n_classes)
 
-        def evaluate(w):
-            rates = []
-            for preds in (base, comp):
-                r = _ovr_rates(y_true, preds, g, has_g, n_g, n_classes, weights=w, smoothing=smoothing)
-                if not has_g:
-                    r = ClassRates(tp=r.tp[:, 0], fp=r.fp[:, 0], fn=r.fn[:, 0], tn=r.tn[:, 0],
-                                   fpr=r.fpr[:, 0], fnr=r.fnr[:, 0], smoothing=r.smoothing)
-                rates.append(r)
-            return np.asarray(statistic(*rates), dtype=np.float64)
+        def rates_of(tp, pc, tc):
+            size = tc.sum(axis=-1, keepdims=True)
+            r = ClassRates._from_ovr(tp, pc, tc[None], size[None], smoothing)
+            if has_g:
+                return r
+            return ClassRates(tp=r.tp[:, 0], fp=r.fp[:, 0], fn=r.fn[:, 0], tn=r.tn[:, 0],
+                              fpr=r.fpr[:, 0], fnr=r.fnr[:, 0], smoothing=r.smoothing)
 
-        estimate = evaluate(None)
+        full = [_ovr_rates(y_true, p, g, has_g, n_g, n_classes, smoothing=smoothing) for p in (base, comp)]
+        if not has_g:
+            full = [ClassRates(tp=r.tp[:, 0], fp=r.fp[:, 0], fn=r.fn[:, 0], tn=r.tn[:, 0],
+                               fpr=r.fpr[:, 0], fnr=r.fnr[:, 0], smoothing=r.smoothing) for r in full]
+        estimate = np.asarray(statistic(*full), dtype=np.float64)
         samples = np.empty((n_resamples, *estimate.shape))
-        for b in range(n_resamples):
-            samples[b] = evaluate(_resample_weights(seed, b, n))
+        for first in range(0, n_resamples, _BATCH):
+            count = min(_BATCH, n_resamples - first)
+            with threads_for(count * (base.size + comp.size)):
+                btp, bpc, btc = _ovr_resampled_kernel(y_true, base16, g, has_g, n_g, n_classes, seed, first, count)
+                ctp, cpc, _ = _ovr_resampled_kernel(y_true, comp16, g, has_g, n_g, n_classes, seed, first, count)
+            for j in range(count):
+                samples[first + j] = statistic(rates_of(btp[j], bpc[j], btc[j]), rates_of(ctp[j], cpc[j], btc[j]))
     else:
         raise ValueError(ERR_STATISTIC.format(value=statistic))
 

@@ -89,6 +89,16 @@ def test_per_group_rate_change_interval(populations):
         fb = class_rates(confusion_counts(y[sel], base[:, sel], c)).fpr[:, 1].mean()
         fc = class_rates(confusion_counts(y[sel], comp[:, sel], c)).fpr[:, 1].mean()
         assert r.estimate[g] == pytest.approx((fc - fb) / fb * 100)
+    # each sample: the same statistic recounted on the drawn examples (with repeats)
+    indices = bootstrap_indices(len(y), 50, seed=0)
+    for b in (0, 17, 49):
+        idx = indices[b]
+        yb, gb = y[idx], groups[idx]
+        for g in (0, 1):
+            sel = gb == g
+            fb = class_rates(confusion_counts(yb[sel], base[:, idx][:, sel], c)).fpr[:, 1].mean()
+            fc = class_rates(confusion_counts(yb[sel], comp[:, idx][:, sel], c)).fpr[:, 1].mean()
+            assert r.samples[b, g] == pytest.approx((fc - fb) / fb * 100, rel=1e-12)
 
 
 def test_bootstrap_errors(populations):
