@@ -7,10 +7,9 @@ The study (``compbias.platform.study.run_study``, in-process executor) trains
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -40,9 +39,14 @@ def _art(client, run_id) -> Path:
 def study(tmp_path_factory):
     d = tmp_path_factory.mktemp("audit-digits")
     uri = f"sqlite:///{d}/mlflow.db"
-    outcome = run_study(parse_study(STUDY), executor="local", tracking_uri=uri, log=lambda m: None)
-    assert outcome.ok, outcome.failed
-    return {"uri": uri, "dir": d, "client": MlflowClient(uri), "outcome": outcome}
+    cwd = os.getcwd()
+    os.chdir(d)  # MLflow's default artifact root (./mlruns) must land in the temporary directory
+    try:
+        outcome = run_study(parse_study(STUDY), executor="local", tracking_uri=uri, log=lambda m: None)
+        assert outcome.ok, outcome.failed
+        yield {"uri": uri, "dir": d, "client": MlflowClient(uri), "outcome": outcome}
+    finally:
+        os.chdir(cwd)
 
 
 def test_digits_audit_end_to_end(study, monkeypatch):
@@ -66,6 +70,7 @@ def test_digits_audit_end_to_end(study, monkeypatch):
     blocks = set(sim["layer"])
     assert "logits" in blocks and len(blocks) >= 2  # each block's output and the logits
     assert ((sim["cka"] > 0) & (sim["cka"] <= 1 + 1e-9)).all()
+    assert -1 <= m["svcca/cev_corr/logits"] <= 1  # CEV against SVCCA distance over the 4 compressed versions
     figures = {p.stem for p in (art / "figures").glob("*.png")}
     assert {"class_changes", "level_curves", "group_changes", "cev_vs_svcca"} <= figures
     assert any(f.startswith("gallery_magnitude") for f in figures)

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--no-figures", action="store_true", help="skip figures (tables and report only)")
     opt.add_argument("--no-gallery", action="store_true", help="skip the CIE image gallery (it loads the study's dataset)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the probe set")
+    opt.add_argument("--smoothing", type=float, default=0.0,
+                     help="additive smoothing of the rates, so a zero baseline rate still gives a defined change (default 0: such classes are dropped from CEV/SDE)")
     out = parser.add_argument_group("output and service")
     out.add_argument("--experiment", help="experiment of the audit run (default: the study's experiment)")
     out.add_argument("--output-dir", type=Path, help="also copy the report, tables and figures here")
@@ -83,6 +85,8 @@ def options_from_args(args: argparse.Namespace) -> AuditOptions:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if not (0 < args.confidence < 1):
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.smoothing < 0:
+        raise ValueError(f"--smoothing must be >= 0, got {args.smoothing}")
     if args.probe_size is not None and args.probe_size < 1:
         raise ValueError(f"--probe-size must be >= 1, got {args.probe_size}")
     for spec in args.versions:
@@ -96,6 +100,7 @@ def options_from_args(args: argparse.Namespace) -> AuditOptions:
         similarity=not args.no_similarity,
         confidence=args.confidence,
         seed=args.seed,
+        smoothing=args.smoothing,
         experiment=args.experiment,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         output_dir=args.output_dir,

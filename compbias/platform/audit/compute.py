@@ -56,6 +56,9 @@ class AuditSettings:
     seed : int
     positive_class : int or None
     alias : str
+    smoothing : float
+        Additive smoothing of every rate (``compbias.metrics.class_rates``);
+        0 drops classes whose baseline rate is 0 from CEV/SDE instead.
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -66,6 +69,7 @@ class AuditSettings:
     seed: int = 0
     positive_class: int | None = None
     alias: str = "audited"
+    smoothing: float = 0.0
 
     def fractions(self) -> list[float]:
         """CIE fractions, sorted, always including 1%."""
@@ -183,9 +187,9 @@ def _group_labels(data: StudyData, table: pd.DataFrame) -> list[str]:
 class _Rates:
     """Per-model rates of one population: class and group level."""
 
-    def __init__(self, data: StudyData, pop: Population, positive_class: int | None):
+    def __init__(self, data: StudyData, pop: Population, positive_class: int | None, smoothing: float = 0.0):
         y, C = data.labels, data.n_classes
-        self.cls = M.population_rates(y, pop.preds, C)  # (M, C)
+        self.cls = M.population_rates(y, pop.preds, C, smoothing=smoothing)  # (M, C)
         self.acc = np.asarray(self.cls.accuracy, float)  # (M,)
         gf = _group_frame(data)
         self.group_names: list[str] = []
@@ -194,7 +198,7 @@ class _Rates:
         self.group_fnr = np.zeros((pop.size, 0))
         self.group_acc = np.zeros((pop.size, 0))
         if gf is not None:
-            gr = M.group_rates(y, pop.preds, gf, C, positive_class=positive_class)
+            gr = M.group_rates(y, pop.preds, gf, C, positive_class=positive_class, smoothing=smoothing)
             self.group_names = _group_labels(data, gr.groups)
             self.group_size = gr.groups["size"].to_numpy()
             fpr, fnr = np.asarray(gr.rates.fpr, float), np.asarray(gr.rates.fnr, float)
@@ -273,6 +277,7 @@ def audit_study(
     StudyAudit
     """
     errors = dict(errors or {})
+    notes: list[str] = []
     versions: dict[str, VersionOutcome] = {}
     metrics: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {}
@@ -287,7 +292,7 @@ def audit_study(
 
     y, C = data.labels, data.n_classes
     base = data.baseline
-    brates = _Rates(data, base, settings.positive_class)
+    brates = _Rates(data, base, settings.positive_class, settings.smoothing)
     base_acc = float(np.mean(brates.acc))
     b_fpr, b_fnr = _mean(brates.cls.fpr), _mean(brates.cls.fnr)
     b_gfpr, b_gfnr = _mean(brates.group_fpr), _mean(brates.group_fnr)
@@ -310,16 +315,23 @@ def audit_study(
     target_keys = {r.key for r in targets}
     for (method, level), pop in data.compressed.items():
         pk = pop_key(method, level)
-        crates = _Rates(data, pop, settings.positive_class)
-        pb = M.population_bias(y, base.preds, pop.preds, C)
+        crates = _Rates(data, pop, settings.positive_class, settings.smoothing)
+        try:
+            pb = M.population_bias(y, base.preds, pop.preds, C, smoothing=settings.smoothing)
+        except ValueError as exc:  # no class with a defined change (e.g. a perfect baseline)
+            pb = None
+            notes.append(f"{method} at {level}: {exc}")
         ci = _bootstrap_population(data, base, pop, settings)
         acc = float(np.mean(crates.acc))
         row = {"method": method, "level": level, "n_models": pop.size, "acc": acc, "acc_drop": (base_acc - acc) * 100.0}
         metrics[f"acc/{pk}"] = acc
         metrics[f"acc_drop/{pk}"] = row["acc_drop"]
-        for name, res in (("cev", pb.cev), ("sde", pb.sde)):
-            row[name] = res.value
-            row[f"{name}_classes_dropped"] = len(res.dropped)
+        for name in ("cev", "sde"):
+            res = getattr(pb, name) if pb is not None else None
+            row[name] = res.value if res is not None else float("nan")
+            row[f"{name}_classes_dropped"] = len(res.dropped) if res is not None else data.n_classes
+            if res is None:
+                continue
             metrics[f"{name}/{pk}"] = res.value
             if ci and name in ci:
                 lo, hi = ci[name]
@@ -359,12 +371,13 @@ def audit_study(
         top = max(fractions)
         cie_lists.append(_cie_list(data, base, pop, scores, M.cie_mask(scores, top)))
         # per-class changes (scatter) and Welch's t-test
-        plots["class_changes"][(method, level)] = {
-            "delta_fpr": np.asarray(pb.delta_fpr, float),
-            "delta_fnr": np.asarray(pb.delta_fnr, float),
-            "model_delta_fpr": np.asarray(pb.model_delta_fpr, float),
-            "model_delta_fnr": np.asarray(pb.model_delta_fnr, float),
-        }
+        if pb is not None:
+            plots["class_changes"][(method, level)] = {
+                "delta_fpr": np.asarray(pb.delta_fpr, float),
+                "delta_fnr": np.asarray(pb.delta_fnr, float),
+                "model_delta_fpr": np.asarray(pb.model_delta_fpr, float),
+                "model_delta_fnr": np.asarray(pb.model_delta_fnr, float),
+            }
         tt = welch_per_class(np.asarray(brates.cls.recall, float), np.asarray(crates.cls.recall, float))
         tt.insert(0, "level", level)
         tt.insert(0, "method", method)
@@ -400,7 +413,8 @@ def audit_study(
             mrow = {
                 "version": r.key, "role": "compressed", "method": method, "level": level, "seed": r.seed,
                 "acc": float(crates.acc[i]), "acc_drop": (base_acc - float(crates.acc[i])) * 100.0,
-                "cev": _finite(pb.model_cev[i]), "sde": _finite(pb.model_sde[i]),
+                "cev": _finite(pb.model_cev[i]) if pb is not None else None,
+                "sde": _finite(pb.model_sde[i]) if pb is not None else None,
                 "worst_group": brates.group_names[mwg] if mwg is not None else None,
                 "worst_group_fpr_change": float(m_gchange[mwg]) if mwg is not None else None,
                 "cie_acc_top1pct": float(comp_correct[i, mask1].mean()),
@@ -443,7 +457,7 @@ def audit_study(
     for s in T.STATUSES:
         metrics[f"audit/n_{s}"] = float(counts.get(s, 0))
     summary = _summary(tables["bias"], base_acc, tables["cie"])
-    return StudyAudit(metrics, tables, versions, summary, plots, data, settings)
+    return StudyAudit(metrics, tables, versions, summary, plots, data, settings, notes)
 
 
 def _keep(v) -> bool:
@@ -502,7 +516,7 @@ def _summary(bias: pd.DataFrame, base_acc: float, cie: pd.DataFrame) -> dict:
     out = {"baseline_acc": base_acc}
     if bias.empty:
         return out
-    worst = bias.sort_values("cev", ascending=False).iloc[0]
+    worst = bias.sort_values("cev", ascending=False, na_position="last").iloc[0]
     out.update({
         "worst_cev": {"population": f"{worst['method']}/{worst['level']}", "cev": float(worst["cev"]), "sde": float(worst["sde"]),
                       "acc": float(worst["acc"])},

@@ -44,10 +44,10 @@ def _cells(data: StudyData) -> tuple[np.ndarray, np.ndarray, int]:
     return code, agg, n_cells
 
 
-def _group_view(rates, agg: np.ndarray, positive_class):
+def _group_view(rates, agg: np.ndarray, positive_class, smoothing: float = 0.0):
     """Aggregate per-cell counts (M, cells, C) into reported groups: fpr, fnr, acc of shape (M, G)."""
     counts = {f: np.einsum("gk,mkc->mgc", agg, getattr(rates, f).astype(np.float64)) for f in ("tp", "fp", "fn", "tn")}
-    r = M.ClassRates.from_counts(**counts)
+    r = M.ClassRates.from_counts(**counts, smoothing=smoothing)
     acc = np.asarray(r.accuracy, float)
     fpr, fnr = np.asarray(r.fpr, float), np.asarray(r.fnr, float)
     if positive_class is None:
@@ -93,7 +93,8 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
         (arrays of shape (M',)).
     """
     y, C = data.labels, data.n_classes
-    opts = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed)
+    opts = dict(n_resamples=settings.bootstrap, confidence=settings.confidence, seed=settings.seed,
+                smoothing=settings.smoothing)
     comp = pop.preds if pop is not None else base.preds[:1]
     own = pop is None
     m = comp.shape[0]
@@ -116,7 +117,8 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
     def class_view(r):
         if not grouped:
             return r
-        return M.ClassRates.from_counts(*(getattr(r, f).sum(axis=1) for f in ("tp", "fp", "fn", "tn")))
+        return M.ClassRates.from_counts(*(getattr(r, f).sum(axis=1) for f in ("tp", "fp", "fn", "tn")),
+                                        smoothing=settings.smoothing)
 
     def stat(b, c):
         # one recount per resample serves the class-level and the group-level numbers
@@ -128,11 +130,11 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
             parts += [M.normalized_change(_nanmean(cc.fpr, 0), bf), M.normalized_change(_nanmean(cc.fnr, 0), bn)]
             parts += list(_model_bias(M.normalized_change(cc.fpr, bf), M.normalized_change(cc.fnr, bn)))
         if grouped:
-            gbf, gbn, gba = _group_view(b, agg, settings.positive_class)
+            gbf, gbn, gba = _group_view(b, agg, settings.positive_class, settings.smoothing)
             if own:
                 parts += [_nanmean(gbf, 0), _nanmean(gbn, 0), _nanmean(gba, 0)]
             else:
-                gcf, gcn, gca = _group_view(c, agg, settings.positive_class)
+                gcf, gcn, gca = _group_view(c, agg, settings.positive_class, settings.smoothing)
                 parts += [_nanmean(gcf, 0), _nanmean(gcn, 0), _nanmean(gca, 0),
                           M.normalized_change(_nanmean(gcf, 0), _nanmean(gbf, 0)),
                           M.normalized_change(_nanmean(gcn, 0), _nanmean(gbn, 0))]

@@ -51,6 +51,9 @@ class AuditOptions:
         Level of the confidence intervals.
     seed : int
         Seed of the bootstrap and of the probe choice.
+    smoothing : float
+        Additive smoothing of the rates (0: classes with a zero baseline rate
+        are dropped from CEV/SDE).
     experiment : str, optional
         Experiment of the audit run; default: the study's own experiment.
     cache_dir : path, optional
@@ -75,6 +78,7 @@ class AuditOptions:
     similarity: bool = True
     confidence: float = 0.95
     seed: int = 0
+    smoothing: float = 0.0
     experiment: str | None = None
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     output_dir: Path | None = None
@@ -139,6 +143,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         probe_size=spec.probe_size if options.probe_size is None else int(options.probe_size),
         confidence=options.confidence,
         seed=options.seed,
+        smoothing=options.smoothing,
         positive_class=dataset.get("positive_class"),
         alias=options.alias or spec.alias,
     )
