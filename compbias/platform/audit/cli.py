@@ -152,6 +152,49 @@ def print_summary(result: AuditResult, stream=None) -> None:
         print(f"  report: {result.report_path}", file=out)
 
 
+def latest_audit(client, study: str | None = None) -> AuditResult | None:
+    """The most recent finished audit run (of a study), rebuilt from its ``summary.json``.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    study : str, optional
+
+    Returns
+    -------
+    AuditResult or None
+    """
+    from compbias.platform.audit import tags as T
+    from compbias.platform.audit.writer import _local_dir
+
+    flt = f"tags.`{T.RUN_KIND}` = '{T.RUN_KIND_AUDIT}' and attributes.status = 'FINISHED'"
+    if study:
+        flt += f" and tags.`{T.STUDY}` = '{study}'"
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return None
+    runs = client.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
+    except Exception:
+        return None
+    local = _local_dir(run.info.artifact_uri)
+    report = local / "report.html" if local is not None and (local / "report.html").is_file() else None
+    versions = doc.get("versions", {})
+    return AuditResult(
+        run_id=run.info.run_id, registered_model=doc.get("registered_model", ""), study=doc.get("study", ""),
+        statuses={k: v["status"] for k, v in versions.items()},
+        reasons={k: v["reason"] for k, v in versions.items() if v.get("reason") and v["status"] != "pass"},
+        summary=doc.get("summary", {}), report_path=str(report) if report else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``compbias audit`` with parsed arguments.
 
@@ -204,6 +247,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"compbias audit: {exc}", file=sys.stderr)
         return 2
     show(results)
+    if not results and not args.json:
+        last = latest_audit(client, args.study)
+        if last is not None:
+            print("nothing new to audit; the latest audit:")
+            print_summary(last)
     return 0
 
 

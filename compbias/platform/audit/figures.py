@@ -278,8 +278,8 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
         ax.set_title(cap, fontsize=7)
         ax.axis("off")
     if title:
-        fig.suptitle(title)
-    _adjust(fig, left=0.02, right=0.98, bottom=0.02, wspace=0.1, hspace=0.5)
+        fig.suptitle(title, y=1 - 0.05 / fig.get_figheight())
+    _adjust(fig, left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / fig.get_figheight(), wspace=0.1, hspace=0.5)
     return fig
 
 

@@ -36,6 +36,10 @@ def test_cli_audits_prints_summary_then_nothing_new(registered, store, spec, cap
     rc = cli.run(parse(base_args(store) + ["--json"]))
     captured = capsys.readouterr()
     assert rc == 0 and captured.out == "" and "nothing to audit" in captured.err
+    # without --json, a pass with nothing new shows the latest audit's summary and report again
+    rc = cli.run(parse(base_args(store) + ["--study", "synth"]))
+    again = capsys.readouterr().out
+    assert rc == 0 and "the latest audit" in again and "worst group: ink=1" in again and "report: " in again
 
 
 def test_cli_json_and_explicit_version(registered, store, spec, capsys):
