@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,6 +289,7 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     )
     statuses, reasons = {}, {}
     still = set(claims.still_held([r.key for r in targets]))
+    to_tag = []
     for r in targets:
         if r.key not in still:
             say(f"{r.key}: another auditor took over its claim; leaving its tags to that auditor")
@@ -296,8 +298,20 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
         values = dict(o.values)
         values["reason"] = o.reason
         values["alias"] = settings.alias
-        write_version_tags(client, r, o.status, values, run_id=run_id, metrics_version=mv)
+        to_tag.append((r, o.status, values))
         statuses[r.key], reasons[r.key] = o.status, o.reason
+
+    def tag(item):
+        r, status, values = item
+        write_version_tags(client, r, status, values, run_id=run_id, metrics_version=mv)
+
+    if _remote(client) and options.workers > 1 and len(to_tag) > 1:
+        # a tracking server answers requests in parallel; each version's own tags stay in order
+        with ThreadPoolExecutor(options.workers) as pool:
+            list(pool.map(tag, to_tag))
+    else:  # a local database serialises writers anyway
+        for item in to_tag:
+            tag(item)
     alias_version = reconcile_alias(client, name, settings.alias, mv)
     timings["log"] = time.perf_counter() - t2
     client.log_batch(run_id, metrics=[Metric("audit/seconds_log", timings["log"], int(time.time() * 1000), 0)])
@@ -349,6 +363,11 @@ def close_abandoned_runs(client: MlflowClient, experiment_id: str, ttl: float) -
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     return closed
+
+
+def _remote(client: MlflowClient) -> bool:
+    uri = str(getattr(client, "_registry_uri", None) or client.tracking_uri)
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
 
 
 def parse_interval(text: str) -> float:

@@ -169,3 +169,15 @@ def test_no_baseline_population_errors_every_target(client, store, spec, options
     (Path(client.get_run(rid).info.artifact_uri.replace("file://", "")) / "predictions.parquet").write_text("junk")
     res = run_audit(client, options=options)[0]
     assert set(res.statuses.values()) == {"error"}
+
+
+def test_new_baseline_alone_is_audited_as_the_reference(client, registered, spec, options):
+    run_audit(client, options=options)
+    new = register_synthetic_study(client, spec, seeds=[3], methods={})
+    (version,) = new.values()
+    (res,) = run_audit(client, options=options)
+    assert res.statuses == {f"{spec.registered_model}/{version}": "pass"}
+    tags = vtags(client, spec.registered_model, version)
+    assert "reference" in tags[T.REASON] and float(tags["compbias.audit.acc"]) > 0.9
+    m = client.get_run(res.run_id).data.metrics
+    assert "acc/baseline" in m and not any(k.startswith("cev/") for k in m)
