@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The default study (configs/digits.yaml) as an MLflow project run, tracked in
-# $MLFLOW_TRACKING_URI when set, else in ./mlflow.db with artifacts in ./mlartifacts.
+# The default study (configs/digits.yaml) and its audit as MLflow project runs,
+# tracked in $MLFLOW_TRACKING_URI when set, else in ./mlflow.db with artifacts
+# in ./mlartifacts. Running it again resumes the study (nothing is retrained).
 demo: install
 	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
 	if [ -z "$$MLFLOW_TRACKING_URI" ]; then \
@@ -28,6 +29,7 @@ demo: install
 	echo "compbias demo: study configs/digits.yaml, tracking at $$MLFLOW_TRACKING_URI"; \
 	start=$$(date +%s); \
 	$(BIN)/mlflow run mlproject -e study --env-manager local -P config=configs/digits.yaml; \
+	$(BIN)/mlflow run mlproject -e audit --env-manager local -P study=digits; \
 	echo "compbias demo: finished in $$(( $$(date +%s) - start ))s"; \
 	case "$$MLFLOW_TRACKING_URI" in \
 	  sqlite:*) echo "Open the MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)";; \

@@ -112,6 +112,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.seq_threads)
 
     print(f"study {spec.name}: {len(spec.seeds())} seeds, cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, Ray CPUs {args.num_cpus}")
+    # warm-up (untimed): Ray worker processes import torch and compbias, load
+    # the dataset and numba's cached kernels; this process does the same
+    t0 = time.perf_counter()
+    cold = _ray_without_tracking(spec)
+    from compbias.platform.plan import plan_study
+    from compbias.platform.tasks import execute_task
+
+    execute_task(plan_study(spec.with_overrides(seeds=1), roles=["baseline"])[0], spec.with_overrides(seeds=1).resolved())
+    print(f"  warm-up: first (cold) Ray run without tracking {cold:.1f}s; warm-up total {time.perf_counter() - t0:.1f}s")
     seq, ray_, bare = [], [], []
     for i in range(args.repeat):
         bare.append(_ray_without_tracking(spec))

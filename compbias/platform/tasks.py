@@ -158,6 +158,7 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
     from compbias import jobs
 
     t0 = time.perf_counter()
+    started = time.time()
     spec = parse_study(spec_data, source="task payload")
     bundle = _dataset(spec)
     train = spec.train
@@ -211,7 +212,7 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         seconds=time.perf_counter() - t0,
         input_shape=tuple(int(x) for x in bundle.input_shape),
         n_classes=int(bundle.n_classes),
-        extra={"pid": os.getpid()},
+        extra={"pid": os.getpid(), "started": started, "ended": time.time()},
     )
 
 
