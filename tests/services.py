@@ -658,6 +658,78 @@ def start_mlflow_server(
     return MlflowServer(service, url, backend, artifacts, auth)
 
 
+DOCKER_DIR = Path(__file__).resolve().parents[1] / "docker"
+
+
+def start_deployment_mlflow_server(
+    workdir: Path, postgres: PostgresServer, auth: BasicAuth, *, timeout: float = 120.0
+) -> MlflowServer:
+    """Start the tracking server exactly as the compose deployment does, on loopback.
+
+    Runs ``docker/entrypoint.sh docker/mlflow-server.sh`` (the image's entry
+    point and the ``mlflow`` service's command) outside a container: the
+    PostgreSQL and admin passwords are handed over as ``*_FILE`` secrets, and
+    the basic-auth settings are ``docker/config/basic_auth.ini`` with only its
+    users database moved into ``workdir``.
+
+    Parameters
+    ----------
+    workdir : pathlib.Path
+        Log, secrets, users database and ``artifacts/`` go here.
+    postgres : PostgresServer
+        The backend database.
+    auth : BasicAuth
+        Admin credentials (the other settings come from the deployment's ini).
+    timeout : float
+        Seconds to wait for ``/health``.
+
+    Returns
+    -------
+    MlflowServer
+        The running server; call :meth:`MlflowServer.stop`.
+    """
+    import configparser
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = workdir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    secrets_dir = workdir / "secrets"
+    secrets_dir.mkdir(mode=0o700, exist_ok=True)
+    (secrets_dir / "postgres_password").write_text(postgres.password + "\n")
+    (secrets_dir / "mlflow_admin_password").write_text(auth.admin_password + "\n")
+    ini = configparser.ConfigParser()
+    if not ini.read(DOCKER_DIR / "config" / "basic_auth.ini"):
+        raise ServiceError(f"cannot read {DOCKER_DIR / 'config' / 'basic_auth.ini'}")
+    ini["mlflow"]["database_uri"] = f"sqlite:///{workdir / 'basic_auth.db'}"
+    auth.admin_username = ini["mlflow"]["admin_username"]
+    auth.default_permission = ini["mlflow"]["default_permission"]
+    with open(workdir / "basic_auth.ini", "w") as f:
+        ini.write(f)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "POSTGRES_"))}
+    env.update(MLFLOW_SERVER_ENV)
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        POSTGRES_HOST=LOOPBACK, POSTGRES_PORT=str(postgres.port), POSTGRES_DB=postgres.database,
+        POSTGRES_USER=postgres.user,
+        POSTGRES_PASSWORD_FILE=str(secrets_dir / "postgres_password"),
+        MLFLOW_AUTH_ADMIN_PASSWORD_FILE=str(secrets_dir / "mlflow_admin_password"),
+        MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"),
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+        MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
+        MLFLOW_HOST=LOOPBACK, MLFLOW_PORT=str(port), MLFLOW_WORKERS="1",
+        MLFLOW_ALLOWED_HOSTS=f"{LOOPBACK},{LOOPBACK}:{port}",
+    )
+    service = spawn(
+        "mlflow server (docker/mlflow-server.sh)",
+        [str(DOCKER_DIR / "entrypoint.sh"), str(DOCKER_DIR / "mlflow-server.sh")],
+        workdir / "server.log", env=env, cwd=workdir,
+    )
+    url = f"http://{LOOPBACK}:{port}"
+    wait_for(lambda: http_status(f"{url}/health") == 200, service, "/health", timeout)
+    return MlflowServer(service, url, postgres.uri, artifacts, auth)
+
+
 # --------------------------------------------------------------------------- Ray
 
 

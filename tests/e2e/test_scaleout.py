@@ -37,6 +37,7 @@ from tests.services import (  # noqa: E402
     BasicAuth,
     iter_files,
     loopback_only_network,
+    start_deployment_mlflow_server,
     start_mlflow_server,
     start_postgres,
     start_ray_cluster,
@@ -130,9 +131,14 @@ def postgres(loopback):
 
 @pytest.fixture(scope="module")
 def auth_server(postgres, tmp_path_factory):
-    """``mlflow server --app-name basic-auth`` on PostgreSQL, with one non-admin user."""
-    server = start_mlflow_server(
-        tmp_path_factory.mktemp("mlflow-pg-auth"), backend_store_uri=postgres.uri, auth=BasicAuth()
+    """``mlflow server --app-name basic-auth`` on PostgreSQL, with one non-admin user.
+
+    Started by the deployment's own scripts (``docker/entrypoint.sh`` running
+    ``docker/mlflow-server.sh`` with ``docker/config/basic_auth.ini``), so the
+    compose file's tracking server is what these tests exercise.
+    """
+    server = start_deployment_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-pg-auth"), postgres, BasicAuth()
     )
     server.create_user(USERNAME, PASSWORD)
     yield server
@@ -227,11 +233,13 @@ def check_study_landed(server, client, study_dir: Path) -> tuple:
     assert set(by_run) == {r.info.run_id for r in runs}
     for run in runs:
         version = by_run[run.info.run_id]
-        # the registered model's files went through the proxy too
-        model_id = client.get_model_version(REGISTERED_MODEL, version.version).model_id or (
-            version.source.removeprefix("models:/")
+        # the registered model's files went through the proxy too (a logged model of
+        # MLflow 3 when the version has a model id, else a directory of the run)
+        model_id = client.get_model_version(REGISTERED_MODEL, version.version).model_id
+        model_dir = in_destination(
+            server,
+            client.get_logged_model(model_id).artifact_location if model_id else version.source,
         )
-        model_dir = in_destination(server, client.get_logged_model(model_id).artifact_location)
         assert (model_dir / "MLmodel").is_file(), f"no MLmodel in {model_dir}"
         assert list(model_dir.rglob("*.safetensors")), f"no safetensors weights in {model_dir}"
         for key in ("compbias.study", "compbias.role", "compbias.method", "compbias.level",
