@@ -111,7 +111,10 @@ def main(argv=None) -> int:
     if args.seq_threads:
         torch.set_num_threads(args.seq_threads)
 
-    print(f"study {spec.name}: {len(spec.seeds())} seeds, cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, Ray CPUs {args.num_cpus}")
+    print(
+        f"study {spec.name}: {len(spec.seeds())} seeds, cores {os.cpu_count()}, torch threads (sequential) "
+        f"{torch.get_num_threads()}, Ray CPUs {args.num_cpus}, load average {os.getloadavg()[0]:.1f}"
+    )
     # warm-up (untimed): Ray worker processes import torch and compbias, load
     # the dataset and numba's cached kernels; this process does the same
     t0 = time.perf_counter()
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
     w_bare = statistics.median(bare)
     n = ray_[0]["models"]
     print()
+    print(f"load average now       {os.getloadavg()[0]:8.1f}")
     print(f"sequential wall        {w_seq:8.1f} s")
     print(f"ray wall               {w_ray:8.1f} s")
     print(f"speed-up (seq / ray)   {w_seq / w_ray:8.2f} x   (target >= 1.6x on 2 cores)")

@@ -1,0 +1,34 @@
+"""The study driver when tasks fail: failures are recorded, nothing half-made is registered."""
+
+import yaml
+from mlflow import MlflowClient
+
+from compbias.platform import cli
+
+
+def test_a_failing_dataset_fails_every_task_visibly_and_registers_nothing(tmp_path, capsys):
+    empty_root = tmp_path / "images"
+    empty_root.mkdir()
+    study = {
+        "name": "broken",
+        "dataset": {"kind": "imagefolder", "root": str(empty_root)},
+        "population": {"seeds": 1},
+        "compression": [{"method": "quantize", "levels": ["fp16"]}],
+    }
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    assert cli.main(["study", str(path), "--tracking-uri", uri, "--executor", "local"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: seed=0 baseline@0" in err and "failed: seed=0 quantize@fp16" in err
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("compbias/broken")
+    parent = client.search_runs([exp.experiment_id], "tags.`compbias.run_kind` = 'study'")[0]
+    assert parent.info.status == "FAILED" and parent.data.metrics["models_failed"] == 2
+    runs = client.search_runs([exp.experiment_id], "tags.`compbias.run_kind` = 'model'")
+    assert sorted(r.data.tags["compbias.method"] for r in runs) == ["baseline", "quantize"]
+    assert all(r.info.status == "FAILED" and r.data.tags["compbias.error"] for r in runs)
+    assert "baseline" in next(r for r in runs if r.data.tags["compbias.method"] == "quantize").data.tags["compbias.error"]
+    assert list(client.search_model_versions("name = 'compbias-broken'")) == []
