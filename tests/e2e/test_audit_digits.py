@@ -26,7 +26,7 @@ STUDY = {
     "dataset": {"kind": "digits", "groups": ["ink"], "max_train": 600},
     "train": {"epochs": 1},
     "population": {"seeds": 2},
-    "compression": [{"method": "magnitude", "schedule": "oneshot", "levels": [0.5, 0.95]}],
+    "compression": [{"method": "magnitude", "schedule": "oneshot", "levels": [0.5, 0.95], "finetune_epochs": 1}],
     "audit": {"bootstrap": 50, "probe_size": 128, "cie_fractions": [0.01, 0.05]},
 }
 
@@ -91,7 +91,7 @@ def test_digits_audit_end_to_end(study, monkeypatch):
     assert run_audit(client, options=opts) == []
 
     # the study grows by one level: only its new versions are audited, the rest keep their tags
-    grown = {**STUDY, "compression": STUDY["compression"] + [{"method": "magnitude", "schedule": "oneshot", "levels": [0.8]}]}
+    grown = {**STUDY, "compression": STUDY["compression"] + [{"method": "magnitude", "schedule": "oneshot", "levels": [0.8], "finetune_epochs": 1}]}
     out2 = run_study(parse_study(grown), executor="local", tracking_uri=study["uri"], log=lambda m: None)
     assert out2.ok and len(out2.trained) == 2
     (res_new,) = run_audit(client, options=opts)

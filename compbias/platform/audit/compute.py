@@ -405,11 +405,11 @@ def audit_study(
         bias_rows.append(row)
         _rate_rows(rate_rows, method, level, data, crates, brates, ci)
         # per model
+        mask1 = M.cie_mask(scores, 0.01)
         for i, r in enumerate(pop.records):
             m_gchange = M.normalized_change(crates.group_fpr[i], b_gfpr) if brates.group_names else np.zeros(0)
             valid = np.isfinite(m_gchange) & (brates.group_size > 0) if m_gchange.size else np.zeros(0, bool)
             mwg = int(np.nanargmax(np.where(valid, m_gchange, -np.inf))) if valid.any() else None
-            mask1 = M.cie_mask(scores, 0.01)
             mrow = {
                 "version": r.key, "role": "compressed", "method": method, "level": level, "seed": r.seed,
                 "acc": float(crates.acc[i]), "acc_drop": (base_acc - float(crates.acc[i])) * 100.0,

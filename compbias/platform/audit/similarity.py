@@ -16,7 +16,6 @@ audit's notes; it never changes a version's verdict.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
