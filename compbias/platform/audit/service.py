@@ -223,7 +223,7 @@ def run_audit(
                 rec = next(r for r in group if r.key == key)
                 cur = client.get_model_version(rec.name, rec.version)
                 rec = VersionRecord(rec.name, rec.version, cur.run_id, dict(cur.tags or {}))
-                if selection.empty and rec.audited(mv):
+                if not (selection.force or selection.versions) and rec.audited(mv):
                     continue  # audited by someone else since we listed
                 fresh[key] = rec
             claims.release([k for k in held if k not in fresh])
