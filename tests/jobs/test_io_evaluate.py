@@ -9,7 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from compbias.jobs import build_model, compress_model, evaluate, load_dataset, load_model, save_model, train_model
+from compbias.jobs import (
+    build_model, compress_model, evaluate, layer_activations, load_dataset, load_model, save_model, train_model,
+)
 
 
 def test_evaluation_tables(baseline, digits):
@@ -130,3 +132,7 @@ def test_resnets_quantize_prune_and_round_trip(imagefolder_split_root, tmp_path,
             assert info["quantization"]["batchnorm_folded"] >= 19
             assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
             assert np.abs(a.logits - float_logits).max() < 0.5 * np.abs(float_logits).max()
+            x = b.test.batch(slice(0, 4))[0]
+            acts, float_acts = layer_activations(model, x), layer_activations(base, x)
+            assert list(acts) == list(float_acts) == [*base.block_names, "logits"]
+            assert all(acts[k].shape == float_acts[k].shape for k in acts)
