@@ -136,6 +136,11 @@ def compress_model(
     spec = getattr(baseline, "compbias_spec", None)
     if spec is None:
         raise ValueError("baseline has no compbias_spec; build it with compbias.jobs.build_model or load_model")
+    if int(spec["n_classes"]) != bundle.n_classes or tuple(spec["input_shape"]) != tuple(bundle.input_shape):
+        raise ValueError(
+            f"baseline was built for {spec['n_classes']} classes and inputs {tuple(spec['input_shape'])}, "
+            f"the dataset has {bundle.n_classes} classes and inputs {tuple(bundle.input_shape)}"
+        )
     if getattr(baseline, "compbias_compression", None):
         raise ValueError("baseline is already compressed; compress the uncompressed baseline")
     baseline_size = model_size_bytes(baseline)["size_bytes"]

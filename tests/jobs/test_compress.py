@@ -220,6 +220,9 @@ def test_quantize_rejects_bad_levels_and_mitigations(baseline, digits):
         compress_model(baseline, digits, "magnitude", 0.5, schedule="gradual", finetune_epochs=0, log=None)
     with pytest.raises(ValueError, match="unknown mitigation"):
         compress_model(baseline, digits, "magnitude", 0.5, mitigation="crd", log=None)
+    other = build_model("smallcnn", 3, (1, 8, 8))
+    with pytest.raises(ValueError, match="built for 3 classes"):
+        compress_model(other, digits, "magnitude", 0.5, log=None)
 
 
 # -- distillation and the performance-weighted loss ----------------------------------------
