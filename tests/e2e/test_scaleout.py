@@ -109,6 +109,7 @@ def ray_cluster(loopback):
     cluster.stop()
     left = {n.name: n.group_members() for n in cluster.nodes if n.group_members()}
     assert not left, f"processes of the Ray cluster survived its stop: {left}"
+    assert not cluster.leftover_pids(), "processes holding the cluster's token survived its stop"
 
 
 @pytest.fixture(scope="module")
@@ -280,9 +281,11 @@ def check_audit_landed(client, versions_before) -> None:
 def test_study_and_audit_on_two_node_cluster_with_sqlite_server(
     ray_cluster, sqlite_server, study_dir
 ):
-    env = clean_env(MLFLOW_TRACKING_URI=sqlite_server.url, **{
-        k: v for k, v in ray_cluster.driver_env({}).items()
-    })
+    env = clean_env(
+        MLFLOW_TRACKING_URI=sqlite_server.url,
+        COMPBIAS_CACHE_DIR=str(study_dir / "cache-cluster"),
+        **ray_cluster.driver_env({}),
+    )
     ok(compbias(["study", "study.yaml"], env, study_dir))
 
     client = client_for(sqlite_server.url)
@@ -332,8 +335,9 @@ def test_study_and_audit_on_postgres_behind_basic_auth(
     (home / ".mlflow" / "credentials").write_text(
         f"[mlflow]\nmlflow_tracking_username = {USERNAME}\nmlflow_tracking_password = {PASSWORD}\n"
     )
-    ok(compbias(["audit"], clean_env(MLFLOW_TRACKING_URI=auth_server.url, HOME=str(home)),
-                study_dir))
+    # (a lighter audit here: the full one, SVCCA and gallery included, runs on the cluster)
+    audit_env = clean_env(MLFLOW_TRACKING_URI=auth_server.url, HOME=str(home))
+    ok(compbias(["audit", "--no-gallery", "--no-similarity"], audit_env, study_dir))
     check_audit_landed(client, versions)
 
     # everything is in PostgreSQL, not in some SQLite file next to the server
@@ -371,12 +375,16 @@ def test_wrong_password_is_a_clear_error(auth_server, study_dir):
         MLFLOW_TRACKING_USERNAME=USERNAME,
         MLFLOW_TRACKING_PASSWORD="not-the-password",
     )
+    problems = []
     for args in (["study", "study.yaml"], ["audit"]):
         proc = compbias(args, env, study_dir, timeout=120)
-        assert proc.returncode != 0, f"{args} succeeded with a wrong password"
-        assert "Traceback" not in proc.stderr, (
-            f"`compbias {args[0]}` with a wrong password printed a stack trace:\n{proc.stderr[-3000:]}"
-        )
-        message = proc.stderr.lower()
-        assert "401" in message or "authenticat" in message, proc.stderr[-2000:]
-        assert "not-the-password" not in proc.stderr + proc.stdout
+        said = proc.stderr + proc.stdout
+        if proc.returncode == 0:
+            problems.append(f"`compbias {args[0]}` succeeded with a wrong password")
+        elif "Traceback" in proc.stderr:
+            problems.append(f"`compbias {args[0]}` printed a stack trace:\n{proc.stderr[-1500:]}")
+        elif "401" not in said and "authenticat" not in said.lower():
+            problems.append(f"`compbias {args[0]}` did not say the credentials were refused:\n{said[-1500:]}")
+        if "not-the-password" in said:
+            problems.append(f"`compbias {args[0]}` printed the password")
+    assert not problems, "\n\n".join(problems)
