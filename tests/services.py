@@ -13,8 +13,10 @@ The helpers are plain functions usable outside pytest as well::
     ...
     server.stop()
 
-The pytest fixtures built on them live in ``tests/e2e/conftest.py``-free form
-inside the test modules (``tests/e2e/test_scaleout*.py``).
+The pytest fixtures built on them are in ``tests/e2e/test_scaleout.py``, and
+``benchmarks/scaleout.py`` uses the same helpers. When the caller may create
+one (root), :func:`loopback_only_network` puts everything in a network
+namespace that has only the loopback interface.
 """
 
 from __future__ import annotations
