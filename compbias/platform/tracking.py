@@ -358,7 +358,7 @@ def model_metrics(result: TaskResult) -> dict[str, float]:
     pg = result.per_group
     if len(pg):
         names = [metric_key(g) for g in pg[_group_column(pg)].tolist()]
-        if "class" in pg.columns:  # multi-class: one row per (group, class)
+        if "class" in pg.columns and pg["class"].nunique() > 1:  # multi-class: one row per (group, class)
             names = [f"{g}/class/{metric_key(_int_or_text(c))}" for g, c in zip(names, pg["class"].tolist())]
         for rate in ("fpr", "fnr"):
             if rate in pg.columns:

@@ -73,6 +73,21 @@ def test_metric_keys_follow_the_convention():
     assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./") for k in m)
 
 
+def test_group_metric_keys_for_binary_and_multiclass_tables():
+    spec = parse_study(STUDY)
+    task = plan_study(spec)[0]
+    r = _result(task)
+    # binary task with a positive class: one row per group, the class is implied
+    r.per_group = pd.DataFrame({"group": ["Male=1", "Male=1&Young=0"], "class": [1, 1], "fpr": [0.1, 0.2], "fnr": [0.3, 0.4], "accuracy": [0.9, 0.8]})
+    m = tracking.model_metrics(r)
+    assert m["fpr/group/Male_1"] == pytest.approx(0.1) and m["fnr/group/Male_1_Young_0"] == pytest.approx(0.4)
+    assert m["acc/group/Male_1"] == pytest.approx(0.9)
+    # multi-class: one row per (group, class)
+    r.per_group = pd.DataFrame({"group": ["ink=0", "ink=0"], "class": [0, 1], "fpr": [0.1, 0.2], "fnr": [0.3, 0.4]})
+    m = tracking.model_metrics(r)
+    assert m["fpr/group/ink_0/class/0"] == pytest.approx(0.1) and m["fnr/group/ink_0/class/1"] == pytest.approx(0.4)
+
+
 def test_metric_key_sanitises_group_names():
     assert tracking.metric_key("Male=1&Young=0") == "Male_1_Young_0"
     assert tracking.metric_key("a b/c") == "a_b_c"
