@@ -12,6 +12,7 @@ a barrier).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,11 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    env_vars = {"NUMBA_CACHE_DIR": _numba_cache_dir(), **WORKER_ENV}
+    if address is None or os.environ.get("NUMBA_CACHE_DIR"):
+        cache = _numba_cache_dir()
+    else:  # other nodes may not have this checkout: a per-node temporary directory
+        cache = str(Path(tempfile.gettempdir()) / "compbias-numba")
+    env_vars = {"NUMBA_CACHE_DIR": cache, **WORKER_ENV}
     pythonpath = os.environ.get("PYTHONPATH", "")
     repo = str(REPO_ROOT)
     env_vars["PYTHONPATH"] = repo if not pythonpath else f"{repo}{os.pathsep}{pythonpath}"
