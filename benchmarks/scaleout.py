@@ -10,7 +10,10 @@ backend, artifacts proxied into a directory):
    node (``ray start``, 1 CPU each, token authentication), started beforehand
    and joined by the driver, so the comparison is of running the same tasks,
    not of starting Ray;
-3. ``local Ray, PostgreSQL + basic auth``: as 1, against a second server run by
+3. ``1-node cluster``: as 2, with a single ``ray start --head`` node of 2 CPUs,
+   so that 2 against 3 compares one node with two nodes of the same total
+   CPUs, both already started;
+4. ``local Ray, PostgreSQL + basic auth``: as 1, against a second server run by
    ``docker/mlflow-server.sh`` (the compose deployment's tracking server).
 
 For each it prints the wall time of the command, the time the driver spent in
@@ -161,6 +164,8 @@ def main(argv=None) -> None:
             cluster = start_ray_cluster(workers=1, cpus_per_node=1)
             stopped.append(cluster)
             t_cluster = time.perf_counter() - t0
+            single = start_ray_cluster(workers=0, cpus_per_node=2)
+            stopped.append(single)
             t0 = time.perf_counter()
             server = start_mlflow_server(tmp / "server-sqlite")
             stopped.append(server)
@@ -179,6 +184,7 @@ def main(argv=None) -> None:
             results = {
                 "local Ray (1 process tree), SQLite server": run_study(tmp, "bench_local", args.seeds, args.epochs, env_local),
                 "2-node cluster (ray start, token auth), SQLite server": run_study(tmp, "bench_cluster", args.seeds, args.epochs, env_cluster),
+                "1-node cluster (ray start, 2 CPUs), SQLite server": run_study(tmp, "bench_single", args.seeds, args.epochs, single.driver_env(env_local)),
                 "local Ray, PostgreSQL + basic-auth server": run_study(tmp, "bench_pg_auth", args.seeds, args.epochs, env_auth),
             }
             print()
@@ -189,7 +195,9 @@ def main(argv=None) -> None:
                       f"{r['tracking'] / r['models']:>11.2f}")
             local = results["local Ray (1 process tree), SQLite server"]["wall"]
             remote = results["2-node cluster (ray start, token auth), SQLite server"]["wall"]
-            print(f"cluster / local wall time: {remote / local:.2f} (below 1: the cluster is faster)")
+            one_node = results["1-node cluster (ray start, 2 CPUs), SQLite server"]["wall"]
+            print(f"2-node cluster / local Ray wall time: {remote / local:.2f} (below 1: the cluster is faster)")
+            print(f"2-node cluster / 1-node cluster wall time: {remote / one_node:.2f}")
 
             print()
             print(f"logging one model run ({args.runs} runs each, fresh client process):")
