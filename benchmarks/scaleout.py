@@ -1,7 +1,7 @@
 """Benchmark of scale-out: a two-node Ray cluster and a tracking server, on loopback.
 
 Runs ``compbias study`` (the command a user runs) on a reduced digits study
-three ways, each into its own experiment of one ``mlflow server`` (SQLite
+four ways, each into its own experiment of an ``mlflow server`` (SQLite
 backend, artifacts proxied into a directory):
 
 1. ``local Ray``: no ``RAY_ADDRESS``; the driver starts a local Ray instance
