@@ -131,7 +131,7 @@ class RayExecutor:
         else:
             options["num_cpus"] = spec.resources.cpus_per_task
         self.options = options
-        self._remote = ray.remote(_remote_body).options(**options)
+        self._remote = ray.remote(_remote_body)
         self._spec_ref = ray.put(self.spec_data)
 
     def submit(self, task: ModelTask, baseline: Any = None):
@@ -146,7 +146,7 @@ class RayExecutor:
         -------
         ray.ObjectRef
         """
-        return self._remote.remote(task, self._spec_ref, baseline)
+        return self._remote.options(name=task.label, **self.options).remote(task, self._spec_ref, baseline)
 
     def put(self, files: ModelFiles):
         """Store model files once in the object store to share among tasks.
