@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import mlflow
 from mlflow.entities import Metric
 
 from compbias.platform import tracking
@@ -232,7 +233,7 @@ def run_study(
         study=spec.name,
         experiment_id=exp_id,
         parent_run_id=parent_id,
-        tracking_uri=client._tracking_client.tracking_uri,
+        tracking_uri=mlflow.get_tracking_uri(),
         interrupted=list(state.interrupted),
         deleted_versions=list(state.deleted_versions),
     )
