@@ -3,15 +3,17 @@
 import argparse
 import shlex
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.projects import _project_spec
 
 from compbias.platform import cli
 
 REPO = Path(__file__).resolve().parents[2]
-PREFIX = ["python", "-m", "compbias.platform.cli"]
+PREFIX = ["PYTHONPATH=$(pwd)/..:$PYTHONPATH", "python", "-m", "compbias.platform.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,17 @@ def project():
 
 def _render(project, entry, params):
     argv = shlex.split(project.get_entry_point(entry).compute_command(params, tempfile.mkdtemp()))
-    assert argv[:3] == PREFIX
-    return argv[3:]
+    assert argv[:4] == PREFIX
+    return argv[4:]
 
 
 def test_entry_points_and_environment(project):
     assert set(project._entry_points) == {"study", "train_population", "compress", "audit"}
-    assert (REPO / "mlproject" / "python_env.yaml").is_file()
     assert project.get_entry_point("study").parameters["config"].type == "path"
+    env = yaml.safe_load((REPO / "mlproject" / "python_env.yaml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert env["python"] == "3.11"
+    assert env["dependencies"] == pyproject["project"]["dependencies"]
 
 
 @pytest.mark.parametrize("entry, command", [("study", "study"), ("train_population", "train"), ("compress", "compress")])
