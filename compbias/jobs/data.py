@@ -377,6 +377,12 @@ def _imagefolder_pools(root: Path, attributes_csv, groups, test_fraction: float,
         paths, labels = [], []
         for c in _class_dirs(split_dir):
             files = _list_images(split_dir / c)
+            for f in files:
+                if not f.resolve().is_relative_to(root):
+                    raise ValueError(
+                        f"image {f.relative_to(root).as_posix()!r} is a link to {f.resolve()}, outside the dataset root "
+                        f"{root}; copy the file into the root or remove the link"
+                    )
             paths += [f.relative_to(root).as_posix() for f in files]
             labels += [class_index[c]] * len(files)
         order = np.argsort(np.array(paths, dtype=object), kind="stable")
