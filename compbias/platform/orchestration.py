@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # parallel kernel (the metrics in `evaluate`), and torch's own OpenMP pool then
 # runs 10-20x slower in the same process (measured: 2 fine-tuning epochs of the
 # digits CNN 0.55 s -> 10 s). numba's own `workqueue` layer does not spin.
-WORKER_ENV = {"NUMBA_THREADING_LAYER": "workqueue"}
+WORKER_ENV = {"NUMBA_THREADING_LAYER": "workqueue", "COMPBIAS_RAY_WORKER": "1"}
 
 
 def cuda_available() -> bool:

@@ -217,10 +217,15 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
 
 
 def _progress(task: ModelTask):
-    """A progress printer that prefixes each line with the task (shown on the driver's console)."""
+    """A progress printer for the console; lines carry the task's label.
+
+    In a Ray worker, Ray already prefixes each line with the task's name (the
+    label), so the label is not repeated there.
+    """
+    prefix = "" if os.environ.get("COMPBIAS_RAY_WORKER") else f"[{task.label}] "
 
     def log(msg: str) -> None:
-        print(f"[{task.label}] {msg}", flush=True)
+        print(f"{prefix}{msg}", flush=True)
 
     return log
 
