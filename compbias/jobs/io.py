@@ -92,13 +92,26 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     -------
     torch.nn.Module
         In eval mode, with the same ``compbias_*`` records it was saved with.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``model_spec.json`` or ``weights.safetensors`` is missing.
+    ValueError
+        If either file is corrupt, or the weights do not match the spec; the
+        message names the file.
     """
     directory = Path(directory)
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     for p in (spec_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found; a saved model directory holds {SPEC_FILE} and {WEIGHTS_FILE}")
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{spec_path} is not valid JSON ({exc}); the saved model is corrupt: save or log it again") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_path} does not hold a JSON object; the saved model is corrupt: save or log it again")
     missing = [k for k in _REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"{spec_path} lacks {missing}")
@@ -108,7 +121,13 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     quant = spec.get("quantization")
     if quant:
         model = quantized_structure(model, quant["mode"])
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+        raise ValueError(
+            f"{weights_path} is not a valid safetensors file ({type(exc).__name__}: {exc}); the weights are corrupt or "
+            "truncated: save or log the model again (re-running the study remakes a model whose version is deleted)"
+        ) from None
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

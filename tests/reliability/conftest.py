@@ -147,8 +147,20 @@ def copy_store(src: Path, dst: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _quiet_mlflow():
+    """Quiet MLflow's loggers; restore the process-wide tracking and registry URIs after each test.
+
+    ``compbias study`` run in-process (``cli.main``) points both at its store
+    for the rest of the process, as a command should; tests must not inherit that.
+    """
+    import mlflow
+    import mlflow.tracking._model_registry.utils as reg_utils
+    import mlflow.tracking._tracking_service.utils as trk_utils
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    tracking, registry = trk_utils._tracking_uri, reg_utils._registry_uri
+    yield
+    trk_utils._tracking_uri, reg_utils._registry_uri = tracking, registry
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +202,6 @@ def finished_store(tmp_path, finished_template, monkeypatch):
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
     import mlflow
 
-    old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     yield {"uri": uri, "store": store, "study": study, "work": work, "tmp": tmp_path}
-    mlflow.set_tracking_uri(old)
