@@ -154,6 +154,14 @@ def _run_study_command(args) -> int:
     except RuntimeError as exc:
         print(f"compbias {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from compbias.platform.tracking import tracking_error_message
+
+        message = tracking_error_message(exc, args.tracking_uri)
+        if message is None:
+            raise
+        print(f"compbias {args.command}: {message}", file=sys.stderr)
+        return 2
     print()
     print(outcome.summary_table())
     print()

@@ -104,6 +104,41 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._t0
 
 
+def tracking_error_message(exc: BaseException, tracking_uri: str | None = None) -> str | None:
+    """One line a user can act on for an MLflow error that refuses access, else None.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The error raised by an MLflow client call.
+    tracking_uri : str, optional
+        The store that was used (default: MLflow's current tracking URI).
+
+    Returns
+    -------
+    str or None
+        The message for HTTP 401 (credentials refused) and 403 (permission
+        denied) answers of a tracking server; None for anything else.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    where = tracking_uri or mlflow.get_tracking_uri()
+    if exc.error_code == "UNAUTHENTICATED":
+        return (
+            f"the tracking server {where} refused the credentials (HTTP 401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the [mlflow] section of "
+            "~/.mlflow/credentials) to an account of that server"
+        )
+    if exc.error_code == "PERMISSION_DENIED":
+        return (
+            f"the tracking server {where} denied this account access (HTTP 403): ask its admin "
+            "for EDIT on the study's experiment and registered model, or use the account that created them"
+        )
+    return None
+
+
 def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
     """Point MLflow at a store and return a client; the registry uses the same URI.
 

@@ -195,6 +195,31 @@ def latest_audit(client, study: str | None = None) -> AuditResult | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``compbias audit``; a tracking server refusing access is one line, not a trace.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From a parser prepared by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        As :func:`_run`, or 2 when the tracking server refused the credentials.
+    """
+    from compbias.platform.tracking import tracking_error_message
+
+    try:
+        return _run(args)
+    except Exception as exc:
+        message = tracking_error_message(exc)
+        if message is None:
+            raise
+        print(f"compbias audit: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     """Run ``compbias audit`` with parsed arguments.
 
     Parameters
