@@ -39,8 +39,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Speed benchmarks: each prints ratios against a named baseline run in the same
+# process (see docs/performance.md). The scale-out one starts its own servers and
+# a two-node Ray cluster: `$(BIN)/python benchmarks/scaleout.py`.
 bench: install
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/study.py
+	$(BIN)/python benchmarks/audit.py
 
 clean:
-	rm -rf $(VENV) .cache mlruns mlflow.db
+	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db
