@@ -358,16 +358,16 @@ def cifar(args) -> None:
     bias, rates = a.table("bias"), a.table("rates")
     overall = rates[(rates.scope == "overall") & (rates.metric == "acc")]
     print(f"\nAudit run `{a.run_id}` (study `{a.study}`).\n")
-    print("| method | level | models | accuracy % | drop (pp) | PIE | CEV | SDE |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | level | models | accuracy % | drop (pp) | PIE | CEV | SDE | classes left out of CEV/SDE |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ob = overall[overall.method == "baseline"].iloc[0]
-    print(f"| baseline | 0 | | {fmt_ci(ob['mean'], ob.ci_low, ob.ci_high, pct=True)} | | | | |")
+    print(f"| baseline | 0 | | {fmt_ci(ob['mean'], ob.ci_low, ob.ci_high, pct=True)} | | | | | |")
     for _, r in bias.sort_values(["level", "method"]).iterrows():
         o = overall[(overall.method == r.method) & (overall.level == r.level)]
         acc = fmt_ci(o["mean"].iloc[0], o.ci_low.iloc[0], o.ci_high.iloc[0], pct=True) if not o.empty else fmt(r.acc, pct=True)
         print(f"| {r.method} | {r.level} | {r.n_models} | {acc} | {fmt(r.acc_drop)} | {r.pie} "
               f"| {fmt_ci(r.cev, r.get('cev_ci_low', np.nan), r.get('cev_ci_high', np.nan), 1)} "
-              f"| {fmt_ci(r.sde, r.get('sde_ci_low', np.nan), r.get('sde_ci_high', np.nan), 2)} |")
+              f"| {fmt_ci(r.sde, r.get('sde_ci_low', np.nan), r.get('sde_ci_high', np.nan), 2)} | {r.cev_classes_dropped} |")
 
     # per-class accuracy of the down-sampled classes (Table 2's analogue)
     if args.classes:
@@ -418,7 +418,33 @@ def cifar(args) -> None:
                 lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
             else:
                 lo = hi = float("nan")
-            print(f"| {r['layer']} | {nv} | {fmt_ci(rv, lo, hi, 2)} | {fmt(float(r[pcol]), 3) if pcol else 'n/a'} |")
+            print(f"| {r['layer']} | {nv} | {fmt_ci(rv, lo, hi, 2)} | {float(r[pcol]):.1e} |" if pcol else f"| {r['layer']} | {nv} | {fmt_ci(rv, lo, hi, 2)} | n/a |")
+        within_level_correlation(sim)
+
+
+def within_level_correlation(sim: pd.DataFrame) -> None:
+    """Pearson r of per-model CEV against SVCCA distance inside each level (sparsity held fixed)."""
+    from scipy import stats
+
+    if sim.empty or "cev" not in sim.columns:
+        return
+    print("\nThe same correlation inside each level (so that sparsity, which drives both, is held fixed); "
+          "computed here from the audit's `similarity` table (per-model CEV and SVCCA distance):\n")
+    layers = list(dict.fromkeys(sim["layer"]))
+    print("| level | versions | " + " | ".join(f"r {l} [95% CI]" for l in layers) + " |")
+    print("|---|---:|" + "---:|" * len(layers))
+    for lv, sub in sorted(sim.groupby("level"), key=lambda t: level_order(t[0])):
+        cells, nv = [], 0
+        for l in layers:
+            d = sub[(sub.layer == l) & np.isfinite(sub.cev) & np.isfinite(sub.svcca_distance)]
+            nv = len(d)
+            if nv < 4:
+                cells.append("n/a")
+                continue
+            r = float(stats.pearsonr(d.svcca_distance, d.cev)[0])
+            z, se = math.atanh(max(min(r, 0.999999), -0.999999)), 1 / math.sqrt(nv - 3)
+            cells.append(fmt_ci(r, math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se), 2))
+        print(f"| {lv} | {nv} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:
