@@ -4,6 +4,7 @@
 #
 #   benchmarks/studies/run_studies.sh celeba            # CelebA (studies 1 and 3)
 #   benchmarks/studies/run_studies.sh cifar             # both Simon Says studies
+#   benchmarks/studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
 #   SEEDS=5 benchmarks/studies/run_studies.sh celeba    # grow the population
 #
 # Environment (defaults in brackets): DATA [/tmp/data] (the extracted archives
@@ -47,8 +48,9 @@ run() {  # run <db name> <config> <data root> <study name>
 
 case "${1:-}" in
   celeba) run celeba celeba "$DATA/celeba" celeba-blond ;;
+  celeba-ft4) run celeba celeba-ft4 "$DATA/celeba" celeba-blond-ft4 ;;
   cifar)
     run cifar cifar10-simonsays-biased "$DATA/cifar10" cifar10-simonsays-biased
     run cifar cifar10-simonsays "$DATA/cifar10" cifar10-simonsays ;;
-  *) echo "usage: $0 celeba|cifar" >&2; exit 2 ;;
+  *) echo "usage: $0 celeba|celeba-ft4|cifar" >&2; exit 2 ;;
 esac
