@@ -149,6 +149,8 @@ def test_services_the_project_starts_listen_on_loopback_by_default():
     problems = []
     for path, text in _launch_texts():
         rel = path.relative_to(REPO).as_posix()
+        if rel == "docs/reliability.md":  # describes this very rule
+            continue
         for i, line in enumerate(text.splitlines(), 1):
             if _ANY_HOST.search(line) and rel != "docker/mlflow-server.sh" and "--host" in line:
                 problems.append(f"{rel}:{i}: binds all interfaces: {line.strip()}")
