@@ -5,6 +5,7 @@
 #   benchmarks/studies/run_studies.sh celeba            # CelebA (studies 1 and 3)
 #   benchmarks/studies/run_studies.sh cifar             # both Simon Says studies
 #   benchmarks/studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
+#   benchmarks/studies/run_studies.sh cifar-biased50    # follow-up: classes kept at 50%
 #   SEEDS=5 benchmarks/studies/run_studies.sh celeba    # grow the population
 #
 # Environment (defaults in brackets): DATA [/tmp/data] (the extracted archives
@@ -49,8 +50,9 @@ run() {  # run <db name> <config> <data root> <study name>
 case "${1:-}" in
   celeba) run celeba celeba "$DATA/celeba" celeba-blond ;;
   celeba-ft4) run celeba celeba-ft4 "$DATA/celeba" celeba-blond-ft4 ;;
+  cifar-biased50) run cifar cifar10-simonsays-biased50 "$DATA/cifar10" cifar10-simonsays-biased50 ;;
   cifar)
     run cifar cifar10-simonsays-biased "$DATA/cifar10" cifar10-simonsays-biased
     run cifar cifar10-simonsays "$DATA/cifar10" cifar10-simonsays ;;
-  *) echo "usage: $0 celeba|celeba-ft4|cifar" >&2; exit 2 ;;
+  *) echo "usage: $0 celeba|celeba-ft4|cifar|cifar-biased50" >&2; exit 2 ;;
 esac
