@@ -242,9 +242,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     selection = Selection(registered_model=args.registered_model, study=args.study,
                           versions=tuple(args.versions), force=args.force)
-    from mlflow.tracking import MlflowClient
+    from compbias.platform.tracking import configure_tracking
 
-    client = MlflowClient()
+    client = configure_tracking()  # MLFLOW_TRACKING_URI; the registry in the same store
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
 
     def show(results):

@@ -99,9 +99,10 @@ def write_version_tags(
     for key in current:
         if key.startswith(T.AUDIT_PREFIX) and key != T.STATUS and key not in new:
             reg.delete_model_version_tag(record.name, record.version, key)
-    # metrics_version just before the status; everything else first
+    # everything else first (unchanged values are not rewritten), then always
+    # metrics_version and the status, in that order
     for key in sorted(new, key=lambda k: k == T.METRICS_VERSION):
-        if current.get(key) != new[key]:
+        if key == T.METRICS_VERSION or current.get(key) != new[key]:
             reg.set_model_version_tag(record.name, record.version, key, new[key])
     reg.set_model_version_tag(record.name, record.version, T.STATUS, status)
     new[T.STATUS] = status

@@ -84,7 +84,7 @@ def store(tmp_path, monkeypatch, request, _templates):
 @pytest.fixture
 def client(store):
     """An MlflowClient on the temporary store."""
-    return MlflowClient(store["uri"])
+    return MlflowClient(store["uri"], store["uri"])
 
 
 @pytest.fixture
