@@ -447,7 +447,6 @@ def cifar(args) -> None:
     sim, corr = a.table("similarity"), a.table("similarity_cev_correlation")
     if not sim.empty:
         print("\n#### Mean SVCCA distance per block against each model's own baseline, with CEV and SDE (Table 3's analogue)\n")
-        print(f"<!-- similarity columns: {list(sim.columns)} -->")
         dist_col = "svcca_distance" if "svcca_distance" in sim.columns else None
         if dist_col:
             t = sim.pivot_table(index=["method", "level"], columns="layer", values=dist_col, aggfunc="mean")
@@ -460,7 +459,6 @@ def cifar(args) -> None:
                 print(f"| {m} | {lv} | " + " | ".join(fmt(row[l], 3) for l in layers) + " | " + " | ".join(extra) + " |")
     if not corr.empty:
         print("\n#### Pearson correlation of CEV with SVCCA distance across compressed versions, per layer\n")
-        print(f"<!-- correlation columns: {list(corr.columns)} -->")
         rcol = "pearson_r" if "pearson_r" in corr.columns else ("r" if "r" in corr.columns else None)
         ncol = "n" if "n" in corr.columns else ("n_versions" if "n_versions" in corr.columns else None)
         pcol = "p" if "p" in corr.columns else ("p_value" if "p_value" in corr.columns else None)
