@@ -154,6 +154,14 @@ def _run_study_command(args) -> int:
     except RuntimeError as exc:
         print(f"compbias {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the artifact location: unwritable, not a directory, disk full
+        print(
+            f"compbias {args.command}: cannot write the study's artifacts: {exc}; make the artifact location "
+            "(COMPBIAS_ARTIFACT_ROOT, or the experiment's artifact location) a writable directory with free space, "
+            "then run the same command again",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as exc:
         from compbias.platform.tracking import tracking_error_message
 

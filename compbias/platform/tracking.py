@@ -59,6 +59,9 @@ __all__ = [
     "download_model_files",
     "metric_key",
     "Stopwatch",
+    "TrackingUnavailableError",
+    "check_tracking_reachable",
+    "tracking_error_message",
 ]
 
 log = logging.getLogger("compbias.tracking")
@@ -122,9 +125,17 @@ def tracking_error_message(exc: BaseException, tracking_uri: str | None = None) 
     """
     from mlflow.exceptions import MlflowException
 
+    where = tracking_uri or mlflow.get_tracking_uri()
+    if isinstance(exc, TrackingUnavailableError):
+        return str(exc)
     if not isinstance(exc, MlflowException):
         return None
-    where = tracking_uri or mlflow.get_tracking_uri()
+    text = str(exc)
+    if "Max retries exceeded" in text or "Failed to establish a new connection" in text:
+        return (
+            f"the tracking server {where} stopped answering (MLflow gave up after its retries); start it again "
+            "and re-run the same command: finished models are kept and not made again"
+        )
     if exc.error_code == "UNAUTHENTICATED":
         return (
             f"the tracking server {where} refused the credentials (HTTP 401): set "
@@ -154,8 +165,64 @@ def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
+    check_tracking_reachable(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server named by the tracking URI does not answer at all."""
+
+
+def check_tracking_reachable(uri: str | None = None, *, attempts: int = 3, timeout: float = 3.0, pause: float = 1.0) -> None:
+    """Fail within seconds when an HTTP(S) tracking server does not answer.
+
+    MLflow's client retries a refused connection for about four minutes
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 7 with backoff factor 2) before it
+    raises; that is right for a server restarting in the middle of a study,
+    and wrong for a URI that points nowhere. So before the first call, a few
+    short probes of ``<uri>/health``: any HTTP answer (even 401 or 404)
+    counts; only connection failures and timeouts do not. Local stores
+    (``sqlite:``, ``file:``, paths) are not probed.
+
+    Parameters
+    ----------
+    uri : str, optional
+        Default: MLflow's current tracking URI.
+    attempts : int
+        Probes before giving up.
+    timeout : float
+        Seconds per probe.
+    pause : float
+        Seconds between probes.
+
+    Raises
+    ------
+    TrackingUnavailableError
+        Naming the URI and what to do.
+    """
+    from urllib.parse import urlparse
+
+    uri = uri or mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    reason = ""
+    for i in range(max(1, attempts)):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+            return
+        except requests.exceptions.SSLError:
+            return  # it answers; TLS settings are MLflow's business (MLFLOW_TRACKING_SERVER_CERT_PATH ...)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            reason = "no answer within %gs" % timeout if isinstance(exc, requests.exceptions.Timeout) else "connection refused or host unreachable"
+        if i + 1 < attempts:
+            time.sleep(pause)
+    raise TrackingUnavailableError(
+        f"the tracking server {uri} does not answer ({reason}, {attempts} tries); start it, or point "
+        "MLFLOW_TRACKING_URI (or --tracking-uri) at a running server"
+    )
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -265,11 +332,19 @@ def start_parent_run(
     tags.update(extra_tags or {})
     run = client.create_run(experiment_id, run_name=f"{spec.name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     rid = run.info.run_id
-    params = [Param(k, v[:6000]) for k, v in _flatten(spec.resolved()).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(rid, params=params[i : i + 100])
-    client.log_text(rid, study_text, "study.yaml")
-    client.log_text(rid, spec.to_yaml(), "resolved.yaml")
+    try:
+        params = [Param(k, v[:6000]) for k, v in _flatten(spec.resolved()).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(rid, params=params[i : i + 100])
+        client.log_text(rid, study_text, "study.yaml")
+        client.log_text(rid, spec.to_yaml(), "resolved.yaml")
+    except BaseException as exc:  # e.g. an unwritable artifact location: the run must not stay RUNNING
+        try:
+            client.set_tag(rid, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+            finish_run(client, rid, False)
+        except Exception:  # pragma: no cover - the store itself is gone
+            log.exception("could not mark run %s as failed", rid)
+        raise
     return rid
 
 

@@ -223,3 +223,35 @@ def test_a_tracking_uri_that_does_not_answer_fails_fast_and_clearly(tmp_path, co
     assert proc.returncode == 2, said[-3000:]
     assert "Traceback" not in said and uri in said and "MLFLOW_TRACKING_URI" in said, said[-3000:]
     assert took < 90, f"`compbias {command}` took {took:.0f}s to give up on a dead tracking URI"
+
+
+def test_the_tracking_probe_accepts_any_http_answer_and_refuses_silence():
+    """``check_tracking_reachable``: a server answering 404 is up; a port nobody listens on fails in seconds."""
+    import http.server
+    import socket
+    import threading
+
+    from compbias.platform.tracking import TrackingUnavailableError, check_tracking_reachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_tracking_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingUnavailableError, match=rf"127\.0\.0\.1:{port}.*does not answer.*MLFLOW_TRACKING_URI"):
+        check_tracking_reachable(f"http://127.0.0.1:{port}", attempts=2, pause=0.1)
+    check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # local stores are not probed
