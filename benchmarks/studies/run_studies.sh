@@ -6,6 +6,7 @@
 #   benchmarks/studies/run_studies.sh cifar             # both Simon Says studies
 #   benchmarks/studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
 #   benchmarks/studies/run_studies.sh cifar-biased50    # follow-up: classes kept at 50%
+#   benchmarks/studies/run_studies.sh cifar-biased-ft4  # follow-up: 4 fine-tuning epochs
 #   SEEDS=5 benchmarks/studies/run_studies.sh celeba    # grow the population
 #
 # Environment (defaults in brackets): DATA [/tmp/data] (the extracted archives
@@ -51,8 +52,9 @@ case "${1:-}" in
   celeba) run celeba celeba "$DATA/celeba" celeba-blond ;;
   celeba-ft4) run celeba celeba-ft4 "$DATA/celeba" celeba-blond-ft4 ;;
   cifar-biased50) run cifar cifar10-simonsays-biased50 "$DATA/cifar10" cifar10-simonsays-biased50 ;;
+  cifar-biased-ft4) run cifar cifar10-simonsays-biased-ft4 "$DATA/cifar10" cifar10-simonsays-biased-ft4 ;;
   cifar)
     run cifar cifar10-simonsays-biased "$DATA/cifar10" cifar10-simonsays-biased
     run cifar cifar10-simonsays "$DATA/cifar10" cifar10-simonsays ;;
-  *) echo "usage: $0 celeba|celeba-ft4|cifar|cifar-biased50" >&2; exit 2 ;;
+  *) echo "usage: $0 celeba|celeba-ft4|cifar|cifar-biased50|cifar-biased-ft4" >&2; exit 2 ;;
 esac
