@@ -59,8 +59,14 @@ def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) -
     assert alive, "the process had already finished when it was killed"
 
 
-def test_driver_killed_mid_study_then_rerun_completes_without_retraining(finished_store):
-    """Two new levels; the driver is SIGKILLed right after the first new version is registered, then run again."""
+@pytest.mark.parametrize("kill_at", ["run-finished", "version-registered"])
+def test_driver_killed_mid_study_then_rerun_completes_without_retraining(finished_store, kill_at):
+    """Two new levels; the driver is SIGKILLed mid-study, then run again.
+
+    ``run-finished``: right after the first new model run is FINISHED.
+    ``version-registered``: right after the first new version exists, which
+    is usually before its run is ended (registration comes last but one).
+    """
     db = finished_store["store"] / "mlflow.db"
     study = finished_store["study"]
     study.write_text(study.read_text().replace("levels: [0.5]", "levels: [0.5, 0.7, 0.8]"))
@@ -72,7 +78,10 @@ def test_driver_killed_mid_study_then_rerun_completes_without_retraining(finishe
     proc = _spawn(["study", study.name, "--executor", "local"], env, study.parent, log)
     finished_models = ("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE r.status = 'FINISHED' "
                        "AND t.key = 'compbias.run_kind' AND t.value = 'model'")
-    _kill_when(proc, lambda: _count(db, finished_models) >= len(kept) + 1, log)
+    if kill_at == "run-finished":
+        _kill_when(proc, lambda: _count(db, finished_models) >= len(kept) + 1, log)
+    else:
+        _kill_when(proc, lambda: _count(db, "SELECT count(*) FROM model_versions") >= len(before.versions) + 1, log)
 
     killed = census(finished_store["uri"])
     assert "RUNNING" in killed.statuses()  # the parent run of the killed execution, at least
@@ -88,7 +97,13 @@ def test_driver_killed_mid_study_then_rerun_completes_without_retraining(finishe
     now = {(r.data.tags["compbias.method"], r.data.tags["compbias.level"]): r.info.run_id for r in after.model_runs("FINISHED")}
     assert all(now[k] == rid for k, rid in kept.items())
     first_new = [r for r in killed.model_runs("FINISHED") if r.info.run_id not in kept.values()]
-    assert len(first_new) == 1 and first_new[0].info.run_id in now.values()
+    if kill_at == "run-finished":
+        assert len(first_new) == 1 and first_new[0].info.run_id in now.values()  # kept, not made again
+    # a version whose run the kill left RUNNING was deleted, and its model made again
+    for v in killed.versions:
+        run = next(r for r in killed.runs if r.info.run_id == v.run_id)
+        if run.info.status == "RUNNING":
+            assert v.run_id not in {w.run_id for w in after.versions}
     # one version per model, each of a finished run: no orphans
     finished_ids = {r.info.run_id for r in after.model_runs("FINISHED")}
     assert len(after.versions) == 4 and {v.run_id for v in after.versions} == finished_ids
