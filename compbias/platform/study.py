@@ -315,7 +315,9 @@ def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, 
         baseline = _baseline_of(task)
         try:
             with watch:
-                fm = tracking.log_model_run(client, exp_id, parent_id, spec, study_text, result, baseline=baseline)
+                # the model's study.yaml is the resolved config (dataset root from --data-root
+                # included): the audit rebuilds its probe set from it
+                fm = tracking.log_model_run(client, exp_id, parent_id, spec, spec.to_yaml(), result, baseline=baseline)
         except Exception as exc:
             outcome.failed[task.key] = f"logging failed: {type(exc).__name__}: {exc}"
             log(f"[{n_done + 1}/{n_total}] {task.label}: LOGGING FAILED ({exc})")

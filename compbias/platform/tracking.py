@@ -653,7 +653,9 @@ def log_model_run(
     parent_run_id : str
     spec : StudySpec
     study_text : str
-        The study file, logged as ``study.yaml``.
+        The study as this model was made from it, logged as ``study.yaml``
+        (the study job passes the resolved config, so that the dataset root
+        given by ``--data-root`` reaches the audit's probe set).
     result : TaskResult
     baseline : FinishedModel, optional
         Required for compressed models: gives the lineage tags.

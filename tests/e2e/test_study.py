@@ -111,6 +111,12 @@ def test_artifacts_line_up_across_models(study):
         frames.append(p)
         acc = float((p["pred"] == p["label"]).mean())
         assert acc == pytest.approx(r.data.metrics["acc"])
+    # each model carries the study as it ran (resolved: what the audit reloads the dataset from)
+    from compbias.platform.config import load_study
+
+    run_id = _model_runs(client, exp.experiment_id)[0].info.run_id
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="study.yaml", tracking_uri=study["uri"])
+    assert yaml.safe_load(Path(local).read_text()) == load_study(study["path"]).resolved()
     ids = frames[0]["example_id"].to_numpy()
     assert all(np.array_equal(f["example_id"].to_numpy(), ids) and np.array_equal(f["label"], frames[0]["label"]) for f in frames)
     assert {"example_id", "label", "pred", "prob", "ink"} <= set(frames[0].columns)
