@@ -171,7 +171,7 @@ def load_dataset(
     split_seed: int = 0,
     max_train: int | None = None,
     max_test: int | None = None,
-    imbalance: Mapping[str, Any] | None = None,
+    imbalance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> DatasetBundle:
@@ -204,10 +204,14 @@ def load_dataset(
         Seed of every random choice made here (split, subsampling, imbalance).
     max_train, max_test : int, optional
         Stratified seeded subsample sizes.
-    imbalance : dict, optional
+    imbalance : dict or list of dict, optional
         ``{'classes': [3, 5], 'keep': 0.1}`` keeps 10% of the training examples
         of classes 3 and 5; ``{'group': {'Male': 1}, 'keep': 0.2}`` keeps 20% of
-        the training examples whose attributes all match.
+        the training examples whose attributes all match. A list applies each
+        entry in turn, e.g. the biased CIFAR of "Simon Says" with classes kept
+        at 10%, 20% and 50%: ``[{'classes': [1], 'keep': 0.1}, {'classes': [3],
+        'keep': 0.2}, {'classes': [5], 'keep': 0.5}]``; a class named by two
+        class entries is an error.
     allow_download : bool
         ``cifar10`` / ``cifar100`` only: download when the files are missing.
     cache_dir : path, optional
@@ -289,7 +293,11 @@ def load_dataset(
 
     n_classes = len(class_names)
     if imbalance is not None:
-        train = _apply_imbalance(train, imbalance, class_names, rng_seed)
+        entries = [imbalance] if isinstance(imbalance, Mapping) else list(imbalance)
+        _check_disjoint_classes(entries, class_names)
+        for i, entry in enumerate(entries):
+            # entry i draws from its own stream (the first keeps the single-entry one)
+            train = _apply_imbalance(train, entry, class_names, rng_seed + 100 * i)
     if max_train is not None and max_train < len(train.keys):
         train = _take(train, _stratified_choice(train.labels, max_train, rng_seed + 1))
     if max_test is not None and max_test < len(test.keys):
@@ -582,6 +590,20 @@ def _stratified_choice(strata: np.ndarray, n: int, seed: int) -> np.ndarray:
         members = np.flatnonzero(inverse == s)
         chosen.append(rng.permutation(members)[: quota[s]])
     return np.sort(np.concatenate(chosen))
+
+
+def _check_disjoint_classes(entries: Sequence[Any], class_names: Sequence[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"imbalance[{i}] must be a mapping like {{classes: [3], keep: 0.1}}, got {entry!r}")
+        for c in entry.get("classes") or []:
+            key = class_names[c] if isinstance(c, (int, np.integer)) and 0 <= c < len(class_names) else str(c)
+            if key in seen:
+                raise ValueError(
+                    f"imbalance: class {c!r} is named by entries {seen[key]} and {i}; give each class one keep fraction"
+                )
+            seen[key] = i
 
 
 def _apply_imbalance(pool: _Pool, spec: Mapping[str, Any], class_names: Sequence[str], seed: int) -> _Pool:

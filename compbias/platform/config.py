@@ -121,7 +121,7 @@ class DatasetSpec(_Strict):
     split_seed: int = Field(default=0, ge=0)
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
-    imbalance: ImbalanceSpec | None = None
+    imbalance: ImbalanceSpec | list[ImbalanceSpec] | None = None
     allow_download: bool = False
 
     @model_validator(mode="after")
@@ -134,6 +134,12 @@ class DatasetSpec(_Strict):
             raise ValueError("'attributes_csv' is only used with kind 'imagefolder'; remove it")
         if self.groups is not None and len(set(self.groups)) != len(self.groups):
             raise ValueError(f"'groups' has duplicates: {self.groups}")
+        if isinstance(self.imbalance, list):
+            if not self.imbalance:
+                raise ValueError("'imbalance' is an empty list: remove it or give entries like {classes: [3], keep: 0.1}")
+            named = [c for entry in self.imbalance for c in entry.classes or []]
+            if len(set(named)) != len(named):
+                raise ValueError(f"'imbalance' names a class in two entries ({named}); give each class one keep fraction")
         return self
 
     def loader_options(self) -> dict[str, Any]:

@@ -275,3 +275,20 @@ def test_cifar_missing_files_do_not_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="allow_download"):
         load_dataset("cifar100", root=tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_imbalance_entries_keep_a_fraction_per_class(digits):
+    """The biased CIFAR of "Simon Says": several classes, each at its own fraction."""
+    entries = [{"classes": [1], "keep": 0.1}, {"classes": [3], "keep": 0.2}, {"classes": [5], "keep": 0.5}]
+    b = load_dataset("digits", imbalance=entries)
+    full = digits.train_frame["label"].value_counts()
+    kept = b.train_frame["label"].value_counts()
+    for c, keep in ((1, 0.1), (3, 0.2), (5, 0.5)):
+        assert kept[c] == round(full[c] * keep)
+    assert all(kept[c] == full[c] for c in (0, 2, 4, 6, 7, 8, 9))
+    # one entry in a list is the same as the entry alone
+    single = load_dataset("digits", imbalance=[entries[1]])
+    alone = load_dataset("digits", imbalance=entries[1])
+    assert single.train_frame.equals(alone.train_frame)
+    with pytest.raises(ValueError, match="named by entries 0 and 1"):
+        load_dataset("digits", imbalance=[{"classes": [3], "keep": 0.1}, {"classes": [3], "keep": 0.5}])

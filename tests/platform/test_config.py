@@ -132,6 +132,16 @@ def test_celeba_needs_a_target():
     assert "dataset" in msg and "target" in msg
 
 
+def test_imbalance_takes_one_entry_or_a_list_of_them():
+    entries = [{"classes": [1], "keep": 0.1}, {"classes": [3], "keep": 0.2}, {"classes": [5], "keep": 0.5}]
+    spec = parse_study(_with(dataset={"kind": "digits", "imbalance": entries}))
+    assert [e["keep"] for e in spec.dataset.loader_options()["imbalance"]] == [0.1, 0.2, 0.5]
+    assert parse_study(_with(dataset={"kind": "digits", "imbalance": entries[0]})).dataset.imbalance.keep == 0.1
+    assert "empty list" in _error(_with(dataset={"kind": "digits", "imbalance": []}))
+    twice = [{"classes": [3], "keep": 0.1}, {"classes": [3], "keep": 0.5}]
+    assert "two entries" in _error(_with(dataset={"kind": "digits", "imbalance": twice}))
+
+
 def test_several_problems_are_reported_together():
     data = _with(train__epochs=0, model__arch="vgg")
     msg = _error(data)
