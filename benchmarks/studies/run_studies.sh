@@ -7,6 +7,7 @@
 #   benchmarks/studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
 #   benchmarks/studies/run_studies.sh cifar-biased50    # follow-up: classes kept at 50%
 #   benchmarks/studies/run_studies.sh cifar-biased-ft4  # follow-up: 4 fine-tuning epochs
+#   benchmarks/studies/run_studies.sh cifar-mixed       # follow-up: classes kept at 10/20/50%
 #   SEEDS=5 benchmarks/studies/run_studies.sh celeba    # grow the population
 #
 # Environment (defaults in brackets): DATA [/tmp/data] (the extracted archives
@@ -53,8 +54,9 @@ case "${1:-}" in
   celeba-ft4) run celeba celeba-ft4 "$DATA/celeba" celeba-blond-ft4 ;;
   cifar-biased50) run cifar cifar10-simonsays-biased50 "$DATA/cifar10" cifar10-simonsays-biased50 ;;
   cifar-biased-ft4) run cifar cifar10-simonsays-biased-ft4 "$DATA/cifar10" cifar10-simonsays-biased-ft4 ;;
+  cifar-mixed) run cifar cifar10-simonsays-mixed "$DATA/cifar10" cifar10-simonsays-mixed ;;
   cifar)
     run cifar cifar10-simonsays-biased "$DATA/cifar10" cifar10-simonsays-biased
     run cifar cifar10-simonsays "$DATA/cifar10" cifar10-simonsays ;;
-  *) echo "usage: $0 celeba|celeba-ft4|cifar|cifar-biased50|cifar-biased-ft4" >&2; exit 2 ;;
+  *) echo "usage: $0 celeba|celeba-ft4|cifar|cifar-biased50|cifar-biased-ft4|cifar-mixed" >&2; exit 2 ;;
 esac
