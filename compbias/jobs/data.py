@@ -250,7 +250,7 @@ def load_dataset(
         attributes_csv=str(attributes_csv) if attributes_csv is not None else None,
         positive_class=positive_class, image_size=image_size, test_fraction=float(test_fraction),
         split_seed=int(split_seed), max_train=max_train, max_test=max_test,
-        imbalance=dict(imbalance) if imbalance is not None else None, allow_download=bool(allow_download),
+        imbalance=_imbalance_entries(imbalance), allow_download=bool(allow_download),
     )
     if kind != "digits" and root is None:
         raise ValueError(f"dataset kind {kind!r} needs a root directory (dataset.root or --data-root)")
@@ -293,7 +293,7 @@ def load_dataset(
 
     n_classes = len(class_names)
     if imbalance is not None:
-        entries = [imbalance] if isinstance(imbalance, Mapping) else list(imbalance)
+        entries = _imbalance_entries(imbalance)
         _check_disjoint_classes(entries, class_names)
         for i, entry in enumerate(entries):
             # entry i draws from its own stream (the first keeps the single-entry one)
@@ -592,11 +592,20 @@ def _stratified_choice(strata: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def _check_disjoint_classes(entries: Sequence[Any], class_names: Sequence[str]) -> None:
-    seen: dict[str, int] = {}
+def _imbalance_entries(imbalance: Any) -> list[dict[str, Any]] | None:
+    """``imbalance`` as a list of plain dicts (one mapping or a sequence of them)."""
+    if imbalance is None:
+        return None
+    entries = [imbalance] if isinstance(imbalance, Mapping) else list(imbalance)
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ValueError(f"imbalance[{i}] must be a mapping like {{classes: [3], keep: 0.1}}, got {entry!r}")
+    return [dict(entry) for entry in entries]
+
+
+def _check_disjoint_classes(entries: Sequence[Any], class_names: Sequence[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
         for c in entry.get("classes") or []:
             key = class_names[c] if isinstance(c, (int, np.integer)) and 0 <= c < len(class_names) else str(c)
             if key in seen:

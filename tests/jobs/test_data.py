@@ -290,5 +290,9 @@ def test_imbalance_entries_keep_a_fraction_per_class(digits):
     single = load_dataset("digits", imbalance=[entries[1]])
     alone = load_dataset("digits", imbalance=entries[1])
     assert single.train_frame.equals(alone.train_frame)
+    # entries as a study file gives them (unused keys null) are taken as they are
+    as_config = [{"classes": e["classes"], "group": None, "keep": e["keep"]} for e in entries]
+    assert load_dataset("digits", imbalance=as_config).train_frame.equals(b.train_frame)
+    assert b.options["imbalance"] == entries
     with pytest.raises(ValueError, match="named by entries 0 and 1"):
         load_dataset("digits", imbalance=[{"classes": [3], "keep": 0.1}, {"classes": [3], "keep": 0.5}])
