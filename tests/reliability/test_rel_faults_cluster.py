@@ -1,4 +1,4 @@
-"""Fault tests that need a live Ray cluster: a Ray worker SIGKILLed while it trains a model.
+"""Fault tests that need a live cluster or server: a Ray worker SIGKILLed, a tracking server restarted.
 
 ``compbias study`` runs with the Ray executor (a local Ray started by the
 driver) in its own session on a private SQLite store. The test polls
@@ -7,12 +7,21 @@ driver) in its own session on a private SQLite store. The test polls
 relies on: exit 0, the killed task retried, exactly one FINISHED run and one
 registered version per (seed, method, level), no RUNNING run. Only processes
 of the study's own session are touched.
+
+The tracking-server test runs ``compbias study`` (local executor) against an
+``mlflow server`` (SQLite backend) it starts on a free loopback port, stops
+the server as soon as the first model version is registered (the study still
+running), keeps it down for ``OUTAGE_SECONDS``, starts it again on the same
+port and store, and checks: exit 0, one FINISHED run and one version per
+(seed, method, level), no RUNNING run, every model run has its metrics and no
+metric was logged twice at a step.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDY, VENV_BIN, census, clean_env
+from tests.services import LOOPBACK, MLFLOW_SERVER_ENV, free_port, http_status, spawn, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -105,3 +115,74 @@ def test_ray_worker_sigkill_is_retried(tmp_path):
     assert "RUNNING" not in c.statuses(), c.statuses()
     assert sorted(v.run_id for v in c.versions) == sorted(r.info.run_id for r in c.model_runs("FINISHED")), \
         "registered versions do not match the finished runs one to one"
+
+
+def _server(work: Path, port: int):
+    """Start ``mlflow server`` (SQLite store and artifacts in ``work``) on ``port``; wait for /health."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(MLFLOW_SERVER_ENV)
+    argv = [str(VENV_BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts")]
+    svc = spawn("mlflow server", argv, work / "server.log", env=env, cwd=work)
+    url = f"http://{LOOPBACK}:{port}"
+    wait_for(lambda: http_status(f"{url}/health") == 200, svc, "/health", 120)
+    return svc, url
+
+
+def _versions(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(con.execute("SELECT count(*) FROM model_versions").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return -1
+
+
+#: How long the tracking server stays down: the length of the injected outage, not a wait for a condition.
+OUTAGE_SECONDS = 5.0
+
+
+def test_tracking_server_restart_mid_study(tmp_path):
+    work = tmp_path
+    (work / "artifacts").mkdir()
+    study = work / "restart.yaml"
+    study.write_text(TINY_STUDY.format(name="restart", seeds=1, levels="[0.5]"))
+    port = free_port()
+    svc, url = _server(work, port)
+    env = clean_env(MLFLOW_TRACKING_URI=url, COMPBIAS_CACHE_DIR=str(work / "cache"))
+    log = work / "study.log"
+    proc = subprocess.Popen([str(VENV_BIN / "compbias"), "study", study.name, "--executor", "local"], cwd=work,
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while _versions(work / "mlflow.db") < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the study ended before the server could be stopped; log:\n{log.read_text()[-3000:]}"
+        assert _versions(work / "mlflow.db") >= 1, "no version was registered in time"
+        svc.stop()
+        time.sleep(OUTAGE_SECONDS)
+        svc, _ = _server(work, port)
+        code = proc.wait(timeout=180)
+        assert code == 0, f"study exited {code} across a tracking outage; log:\n{log.read_text()[-5000:]}"
+
+        c = census(url)
+        keys = c.finished_keys()
+        assert len(keys) == 2 and len(set(keys)) == 2, f"finished model runs {keys}"
+        assert "RUNNING" not in c.statuses(), c.statuses()
+        assert sorted(v.run_id for v in c.versions) == sorted(r.info.run_id for r in c.model_runs("FINISHED")), \
+            "versions do not match finished runs one to one"
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=url)
+        for r in c.model_runs("FINISHED"):
+            assert "acc" in r.data.metrics, f"{r.info.run_name} lost its metrics"
+            for key in r.data.metrics:
+                steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+                assert len(steps) == len(set(steps)), f"{r.info.run_name}: metric {key} logged twice at a step: {steps}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        svc.stop()
