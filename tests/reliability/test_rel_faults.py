@@ -2,9 +2,9 @@
 
 Every process a test starts runs in its own session and is killed through its
 own process group only. Stores are private SQLite files in ``tmp_path``.
-What is too slow for CI (a Ray worker SIGKILLed, the tracking server
-restarted mid-study) lives in ``manual_*.py`` beside this file; see
-``docs/reliability.md``.
+Faults that need a live Ray cluster or ``mlflow server`` (a Ray worker
+SIGKILLed, the tracking server restarted mid-study, concurrent writers against
+a server) are in ``test_rel_faults_cluster.py``; see ``docs/reliability.md``.
 """
 
 from __future__ import annotations

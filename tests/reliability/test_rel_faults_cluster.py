@@ -186,3 +186,63 @@ def test_tracking_server_restart_mid_study(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         svc.stop()
+
+
+def test_two_studies_then_two_auditors_at_once_against_one_server(tmp_path):
+    """Two ``compbias study`` processes, then two ``compbias audit`` processes, at once against one ``mlflow server``."""
+    from compbias.platform.audit import tags as T
+
+    (tmp_path / "artifacts").mkdir()
+    svc, url = _server(tmp_path, free_port())
+    env = clean_env(MLFLOW_TRACKING_URI=url, COMPBIAS_CACHE_DIR=str(tmp_path / "cache"))
+    procs: list[subprocess.Popen] = []
+    try:
+        studies = []
+        for name in ("alpha", "beta"):
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(TINY_STUDY.format(name=name, seeds=1, levels="[0.5]"))
+            studies.append(path)
+
+        def run_two(argvs: list[list[str]], stem: str) -> list[str]:
+            logs = [tmp_path / f"{stem}{i}.log" for i in range(len(argvs))]
+            started = [subprocess.Popen([str(VENV_BIN / "compbias"), *argv], cwd=tmp_path, env=env,
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                       for argv, log in zip(argvs, logs)]
+            procs.extend(started)
+            for p in started:
+                p.wait(timeout=300)
+            outs = [log.read_text() for log in logs]
+            for p, out in zip(started, outs):
+                assert p.returncode == 0, out[-3000:]
+                assert "database is locked" not in out and "Traceback" not in out, out[-3000:]
+            return outs
+
+        run_two([["study", s.name, "--executor", "local"] for s in studies], "study")
+        c = census(url)
+        assert "RUNNING" not in c.statuses() and "FAILED" not in c.statuses(), c.statuses()
+        for name in ("alpha", "beta"):
+            runs = [r for r in c.model_runs("FINISHED") if r.data.tags["compbias.study"] == name]
+            assert len(runs) == 2, f"{name}: {len(runs)} finished model runs"
+            versions = [v for v in c.versions if v.name == f"compbias-{name}"]
+            assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+            for r in runs:
+                assert "acc" in r.data.metrics and len(r.data.params) >= 5
+
+        earlier = {r.info.run_id for r in c.runs}
+        audit = ["audit", "--no-gallery", "--no-similarity", "--no-figures", "--bootstrap", "0"]
+        run_two([audit + ["--output-dir", str(tmp_path / f"report{i}")] for i in range(2)], "audit")
+        after = census(url)
+        fresh = [r for r in after.runs if r.data.tags.get(T.RUN_KIND) == T.RUN_KIND_AUDIT
+                 and r.info.status == "FINISHED" and r.info.run_id not in earlier]
+        targets = [t for r in fresh for t in r.data.tags.get("compbias.audit.targets", "").split(",") if t]
+        assert len(targets) == len(set(targets)), f"a version was audited twice: {targets}"
+        assert len(after.versions) == 4
+        for v in after.versions:
+            assert v.tags.get(T.STATUS) in T.STATUSES and v.tags[T.RUN_ID] in {r.info.run_id for r in fresh}
+        assert "RUNNING" not in after.statuses()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+        svc.stop()
