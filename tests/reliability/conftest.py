@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -25,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.stores import copy_store  # noqa: E402  (after the path above)
 
 #: A study small enough for fault tests: 1 seed, 1 epoch on 300 digits, one pruning level.
 TINY_STUDY = textwrap.dedent(
@@ -54,12 +54,6 @@ TINY_STUDY = textwrap.dedent(
       cie_fractions: [0.05]
     """
 )
-
-PATH_COLUMNS = {
-    "experiments": ["artifact_location"],
-    "runs": ["artifact_uri"],
-    "model_versions": ["source", "storage_location"],
-}
 
 SECRET_PASSWORD = "s3cret-Pa55word-do-not-log-7f3a"
 SECRET_TOKEN = "tok-9c1e0b7d4a2f-do-not-log"
@@ -132,35 +126,11 @@ def census(uri: str) -> Census:
     return Census(list(runs), versions)
 
 
-def copy_store(src: Path, dst: Path) -> None:
-    """Copy a store directory (``mlflow.db`` + artifacts) and rewrite its absolute paths."""
-    shutil.copytree(src, dst)
-    con = sqlite3.connect(dst / "mlflow.db")
-    try:
-        for table, cols in PATH_COLUMNS.items():
-            for col in cols:
-                con.execute(f"UPDATE {table} SET {col} = replace({col}, ?, ?) WHERE {col} IS NOT NULL", (str(src), str(dst)))
-        con.commit()
-    finally:
-        con.close()
-
-
 @pytest.fixture(autouse=True)
 def _quiet_mlflow():
-    """Quiet MLflow's loggers; restore the process-wide tracking and registry URIs after each test.
-
-    ``compbias study`` run in-process (``cli.main``) points both at its store
-    for the rest of the process, as a command should; tests must not inherit that.
-    """
-    import mlflow
-    import mlflow.tracking._model_registry.utils as reg_utils
-    import mlflow.tracking._tracking_service.utils as trk_utils
-
+    """Quiet MLflow's loggers (tests/conftest.py restores its process-wide URIs)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    tracking, registry = trk_utils._tracking_uri, reg_utils._registry_uri
-    yield
-    trk_utils._tracking_uri, reg_utils._registry_uri = tracking, registry
 
 
 @pytest.fixture(scope="session")

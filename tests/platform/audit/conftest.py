@@ -8,20 +8,14 @@ copy (database and artifacts), with the absolute artifact paths rewritten.
 from __future__ import annotations
 
 import logging
-import shutil
-import sqlite3
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from compbias.platform.audit import AuditOptions
 from compbias.platform.audit.synthetic import SyntheticStudy, register_synthetic_study
+from tests.stores import copy_store
 
-PATH_COLUMNS = {
-    "experiments": ["artifact_location"],
-    "runs": ["artifact_uri"],
-    "model_versions": ["source", "storage_location"],
-}
 
 
 @pytest.fixture(autouse=True)
@@ -49,18 +43,6 @@ def _templates(tmp_path_factory):
     return {"empty": (empty, {}), "registered": (full, versions)}
 
 
-def _copy_store(src, dst) -> None:
-    shutil.copytree(src, dst)
-    con = sqlite3.connect(dst / "mlflow.db")
-    try:
-        for table, cols in PATH_COLUMNS.items():
-            for col in cols:
-                con.execute(f"UPDATE {table} SET {col} = replace({col}, ?, ?) WHERE {col} IS NOT NULL", (str(src), str(dst)))
-        con.commit()
-    finally:
-        con.close()
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch, request, _templates):
     """A private SQLite tracking/registry store named by MLFLOW_TRACKING_URI.
@@ -70,7 +52,7 @@ def store(tmp_path, monkeypatch, request, _templates):
     kind = "registered" if "registered" in request.fixturenames else "empty"
     src, versions = _templates[kind]
     root = tmp_path / "store"
-    _copy_store(src, root)
+    copy_store(src, root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
