@@ -120,7 +120,9 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     model = build_model(spec["arch"], spec["n_classes"], spec["input_shape"], spec["width"])
     quant = spec.get("quantization")
     if quant:
-        model = quantized_structure(model, quant["mode"])
+        if not isinstance(quant, dict) or "mode" not in quant:
+            raise ValueError(f"{spec_path}: 'quantization' must be an object with a 'mode'; the saved model is corrupt")
+        model = quantized_structure(model, quant)
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) on a damaged file

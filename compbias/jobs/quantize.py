@@ -1,37 +1,57 @@
 """Post-training quantization: fp16, bf16, int8 weight-only, int8 static.
 
-Why our own modules and not ``torch.ao.quantization`` or torchao (see
-``docs/methods.md`` for the full account): in torch 2.14 the eager/FX
-``torch.ao.quantization`` flows still run but warn that they are deprecated
-and scheduled for removal, and the quantized-tensor types they build on are
-deprecated too; PT2E moved to torchao, whose converted models are reference
-graphs (dequantize -> float32 conv) that only get int8 kernels after
-``torch.compile`` lowering, and whose exported graphs do not round-trip
-through safetensors. The modules here are small, serialise as plain int8 /
-float tensors, and compute exactly what an int8 backend computes:
+Which path (see ``docs/methods.md`` for the full account): the int8 levels
+run on what torch itself still ships, ``torch.ao.quantization`` (eager mode),
+with its real int8 CPU kernels. torchao was tried: its converted models are
+reference graphs (dequantize -> float32 conv) that accumulate in float32
+until ``torch.compile`` lowers them, and they did not round-trip through
+safetensors.
 
-``int8_weight``
-    weights on a symmetric per-output-channel int8 grid
-    (``q = clamp(round(w / s_c), -128, 127)``, ``s_c = max|w_c| / 127``);
-    activations stay float32 and each layer computes with ``q * s_c``.
 ``int8_static``
-    the same weights, and the input of every convolution and linear layer
-    quantized to uint8 with a per-tensor scale and zero point calibrated
-    (min/max) on training data; the bias is rounded onto the int32 grid of
-    ``s_x * s_c``; the product is accumulated **exactly in integers**
-    (carried out in float64, which represents every int32 sum exactly),
-    then scaled back to float32. ReLU, residual additions and pooling run
-    in float32 between quantized layers, and the next layer re-quantizes
-    its input, as in the PT2E reference representation.
+    Batch norms are folded into the preceding convolutions first. Then every
+    convolution and linear layer becomes an :class:`Int8StaticLayer`:
+    ``QuantStub -> conv/linear (with a directly following ReLU fused in) ->
+    DeQuantStub``, prepared, calibrated on the training batches given and
+    converted by ``torch.ao.quantization.prepare`` / ``convert``. The
+    converted layer is a ``torch.ao.nn.quantized`` ``Conv2d`` / ``Linear``
+    (``ConvReLU2d`` / ``LinearReLU`` when fused) with packed int8 weights:
+    quint8 input, int8 x uint8 products accumulated in int32 by the engine's
+    kernels (x86, else fbgemm, else qnnpack), bias added, the result
+    requantized to quint8 with the output scale, then dequantized to float32.
+    Weights are per-output-channel symmetric qint8
+    (``PerChannelMinMaxObserver``, ``scale = max|w_c| / 127.5``); activations
+    are per-tensor affine quint8 from a min/max observer. On the x86 and
+    fbgemm engines activations use 7 bits (``[0, 127]``, what
+    ``reduce_range=True`` means) because their AVX2 kernels sum pairs of
+    uint8 x int8 products in int16, which can saturate with 8-bit inputs;
+    qnnpack gets the full ``[0, 255]``. Residual additions, pooling and
+    unfused ReLUs run in float32 between the quantized layers; each layer
+    re-quantizes its own input. The module hierarchy is kept (each layer is
+    replaced in place), so block outputs can still be hooked by name.
+``int8_weight``
+    Weight-only int8: the same per-channel symmetric grid, computed with
+    torch's own observer and ``torch.quantize_per_channel``; each layer
+    computes float32 activations times the dequantized weights, which is
+    what weight-only int8 kernels compute (:class:`Int8WeightOnlyConv2d`,
+    :class:`Int8WeightOnlyLinear`).
 
-Batch norms are folded into the preceding convolution before int8
-quantization, as deployment does.
+Both save as plain tensors (int8 weights, per-channel scales and zero
+points, float biases, activation scales and zero points), so
+``weights.safetensors`` needs no pickling, and rebuild bit-exactly.
+
+The modules of compbias's first version (:class:`QuantizedConv2d`,
+:class:`QuantizedLinear`: an exact integer simulation carried out in
+float64) are kept: models saved with them still load, and
+:func:`simulate_int8` is the independent check of the torch.ao models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Iterable
+import warnings
+from collections import Counter
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -41,16 +61,365 @@ from .prune import conv_bn_pairs
 
 __all__ = [
     "QUANT_LEVELS",
+    "ENGINES",
+    "TORCH_AO_BACKEND",
+    "SIMULATION_BACKEND",
+    "Int8StaticLayer",
+    "Int8Conv2d",
+    "Int8ConvReLU2d",
+    "Int8Linear",
+    "Int8LinearReLU",
+    "Int8WeightOnlyConv2d",
+    "Int8WeightOnlyLinear",
     "QuantizedConv2d",
     "QuantizedLinear",
     "quantize_model",
+    "simulate_int8",
+    "select_engine",
     "fold_batchnorm",
     "quantized_structure",
     "apply_half_precision",
+    "is_quantized",
 ]
 
 QUANT_LEVELS = ("fp16", "bf16", "int8_weight", "int8_static")
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: Quantized engines in order of preference (the first one torch supports is used).
+ENGINES = ("x86", "fbgemm", "qnnpack")
+#: ``quantization["backend"]`` of models built on torch.ao (the engine is appended).
+TORCH_AO_BACKEND = "torch.ao.quantization"
+#: ``quantization["backend"]`` of models built by :func:`simulate_int8`.
+SIMULATION_BACKEND = "compbias.simulation"
+_REDUCE_RANGE_ENGINES = ("x86", "fbgemm")
+
+
+# -- torch.ao plumbing -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch.ao's deprecation warnings (the eager flow and quantized tensors still work)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*quantized tensor creation functions")
+        warnings.filterwarnings("ignore", message=r"(?s).*must run observer before calling calculate_qparams")
+        yield
+
+
+def select_engine(engine: str | None = None) -> str:
+    """The quantized engine to use: ``engine`` if given, else the first of :data:`ENGINES` torch supports.
+
+    Raises
+    ------
+    RuntimeError
+        If ``engine`` (or every engine of :data:`ENGINES`) is not supported by
+        this torch build; the message lists the supported ones.
+    """
+    supported = list(torch.backends.quantized.supported_engines)
+    if engine is not None:
+        if engine not in supported:
+            raise RuntimeError(f"quantized engine {engine!r} is not supported by this torch build (supported: {supported})")
+        return engine
+    for name in ENGINES:
+        if name in supported:
+            return name
+    raise RuntimeError(f"this torch build has none of the quantized engines {list(ENGINES)} (supported: {supported}); "
+                       "int8 quantization needs one of them")
+
+
+@contextlib.contextmanager
+def _use_engine(engine: str) -> Iterator[None]:
+    """Set ``torch.backends.quantized.engine`` (weights are packed for it), restoring it afterwards."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with _quiet():
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _per_channel_qweight(int_repr: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel qint8 tensor from its stored parts (bit-exact)."""
+    with _quiet():
+        return torch._make_per_channel_quantized_tensor(
+            int_repr.to(torch.int8).contiguous(), scale.to(torch.float64), zero_point.to(torch.int64), 0
+        )
+
+
+def _store_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Per-channel scales as float32 when that is exact (it is for observer scales), else float64."""
+    scale = scale.detach().to(torch.float64)
+    as32 = scale.to(torch.float32)
+    return as32 if torch.equal(as32.to(torch.float64), scale) else scale
+
+
+def _store_zero_points(zp: torch.Tensor) -> torch.Tensor:
+    zp = zp.detach().to(torch.int64)
+    return zp.to(torch.int32) if bool((zp.abs() < 2**31).all()) else zp
+
+
+def _pop(state_dict: dict, prefix: str, names: Iterable[str], missing_keys: list[str]) -> dict[str, torch.Tensor] | None:
+    found = {}
+    for name in names:
+        if prefix + name in state_dict:
+            found[name] = state_dict.pop(prefix + name)
+        else:
+            missing_keys.append(prefix + name)
+    return found if len(found) == len(tuple(names)) else None
+
+
+class _PlainState:
+    """Mixin for ``torch.ao.nn.quantized`` conv/linear modules: a state dict of plain tensors.
+
+    torch's own state dict holds a quantized weight tensor (and, for linear
+    layers, a tuple and a dtype), which safetensors cannot store, and keeps
+    the output scale as float32 although the module computes with a double.
+    These modules save ``weight_int8`` (int8), ``weight_scale`` and
+    ``weight_zero_point`` (per output channel), ``bias`` (float32; zeros
+    when the layer has none), and the output ``scale`` (float64) and
+    ``zero_point``; loading rebuilds the packed weights from them exactly.
+    """
+
+    _STATE = ("weight_int8", "weight_scale", "weight_zero_point", "bias", "scale", "zero_point")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w, b = self._weight_bias()
+        if w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or w.q_per_channel_axis() != 0:
+            raise ValueError(f"{type(self).__name__}: expected per-output-channel weights, got {w.qscheme()}")
+        destination[prefix + "weight_int8"] = w.int_repr()
+        destination[prefix + "weight_scale"] = _store_scale(w.q_per_channel_scales())
+        destination[prefix + "weight_zero_point"] = _store_zero_points(w.q_per_channel_zero_points())
+        destination[prefix + "bias"] = (b.detach() if b is not None else torch.zeros(w.shape[0])).float()
+        destination[prefix + "scale"] = torch.tensor(float(self.scale), dtype=torch.float64)
+        destination[prefix + "zero_point"] = torch.tensor(int(self.zero_point), dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        parts = _pop(state_dict, prefix, self._STATE, missing_keys)
+        if parts is not None:
+            w = _per_channel_qweight(parts["weight_int8"], parts["weight_scale"], parts["weight_zero_point"])
+            if tuple(w.shape) != tuple(self._weight_bias()[0].shape):
+                error_msgs.append(f"size mismatch for {prefix}weight_int8: copying {tuple(w.shape)}, "
+                                  f"the layer has {tuple(self._weight_bias()[0].shape)}")
+            else:
+                # weights are packed for an engine: the one the model was quantized for
+                with _use_engine(getattr(self, "compbias_engine", None) or torch.backends.quantized.engine):
+                    self.set_weight_bias(w, parts["bias"].float())
+                self.scale = float(parts["scale"])
+                self.zero_point = int(parts["zero_point"])
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _ao():
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.quantization as tq
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
+    return tq, nnq, nni, nniq, LinearPackedParams
+
+
+tq, nnq, nni, nniq, _LinearPackedParams = _ao()
+
+
+class _SilentPackedParams(_LinearPackedParams):
+    """Linear packed weights whose state the owning layer saves (as plain tensors)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _silence_packed_params(layer: nn.Module) -> None:
+    old = layer._packed_params
+    new = _SilentPackedParams(old.dtype)
+    with _quiet():
+        new.set_weight_bias(*old._weight_bias())
+    layer._packed_params = new
+
+
+class Int8Conv2d(_PlainState, nnq.Conv2d):
+    """``torch.ao.nn.quantized.Conv2d`` (int8 kernels) with a plain-tensor state dict."""
+
+
+class Int8ConvReLU2d(_PlainState, nniq.ConvReLU2d):
+    """``torch.ao.nn.intrinsic.quantized.ConvReLU2d`` (conv + ReLU, int8) with a plain-tensor state dict."""
+
+
+class Int8Linear(_PlainState, nnq.Linear):
+    """``torch.ao.nn.quantized.Linear`` (int8 kernels) with a plain-tensor state dict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _silence_packed_params(self)
+
+
+class Int8LinearReLU(_PlainState, nniq.LinearReLU):
+    """``torch.ao.nn.intrinsic.quantized.LinearReLU`` (linear + ReLU, int8) with a plain-tensor state dict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _silence_packed_params(self)
+
+
+_INT8_STATIC_TYPES = (Int8Conv2d, Int8ConvReLU2d, Int8Linear, Int8LinearReLU)
+
+
+class Int8StaticLayer(nn.Module):
+    """One int8 layer with float32 input and output: ``quant -> layer -> dequant``.
+
+    Built around a float ``nn.Conv2d`` / ``nn.Linear`` (or
+    ``torch.ao.nn.intrinsic`` ``ConvReLU2d`` / ``LinearReLU``); after
+    ``torch.ao.quantization.convert`` ``quant`` is a ``Quantize`` (input scale
+    and zero point), ``layer`` an int8 module from this file and ``dequant``
+    a ``DeQuantize``. Inputs on another device are moved to the CPU, where
+    the int8 kernels run.
+
+    Parameters
+    ----------
+    layer : torch.nn.Module
+        The float layer (its float weights are quantized by ``convert``).
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.layer = layer
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            x = x.cpu()
+        with _quiet():
+            return self.dequant(self.layer(self.quant(x.float())))
+
+
+def _static_qconfig(engine: str):
+    reduce = engine in _REDUCE_RANGE_ENGINES
+    activation = tq.MinMaxObserver.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                                             quant_min=0, quant_max=127 if reduce else 255)
+    weight = tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return tq.QConfig(activation=activation, weight=weight)
+
+
+def _convert_mapping() -> dict:
+    from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
+
+    mapping = get_default_static_quant_module_mappings()
+    mapping.update({nn.Conv2d: Int8Conv2d, nni.ConvReLU2d: Int8ConvReLU2d, nn.Linear: Int8Linear, nni.LinearReLU: Int8LinearReLU})
+    return mapping
+
+
+# -- weight-only int8 ------------------------------------------------------------------------
+
+
+def _weight_only_qparams(weight: torch.Tensor) -> torch.Tensor:
+    """The per-channel symmetric qint8 weight, from torch's observer and ``quantize_per_channel``."""
+    observer = tq.PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    w = weight.detach().float()
+    observer(w)
+    with _quiet():
+        scale, zero_point = observer.calculate_qparams()
+        return torch.quantize_per_channel(w, scale.to(torch.float64), zero_point.to(torch.int64), 0, torch.qint8)
+
+
+class _WeightOnly(nn.Module):
+    """Int8 weight (per output channel), float32 compute on the dequantized weight."""
+
+    def __init__(self, weight_shape: tuple[int, ...]):
+        super().__init__()
+        out = weight_shape[0]
+        self.register_buffer("weight_int8", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out, dtype=torch.float32))
+
+    @torch.no_grad()
+    def set_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Quantize a float weight onto the per-channel symmetric int8 grid and keep the bias in float32."""
+        q = _weight_only_qparams(weight)
+        self.weight_int8.copy_(q.int_repr())
+        self.weight_scale = _store_scale(q.q_per_channel_scales())
+        self.weight_zero_point = _store_zero_points(q.q_per_channel_zero_points())
+        self.bias.copy_(bias.detach().float() if bias is not None else torch.zeros_like(self.bias))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # scales may be float32 or float64 and zero points int32 or int64 (see _store_scale): take them as stored
+        for name in ("weight_scale", "weight_zero_point"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def weight(self) -> torch.Tensor:
+        """The weight as a per-channel ``torch.qint8`` tensor."""
+        return _per_channel_qweight(self.weight_int8, self.weight_scale, self.weight_zero_point)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight on the int8 grid (``torch`` dequantization of :meth:`weight`)."""
+        return self.weight().dequantize()
+
+
+class Int8WeightOnlyConv2d(_WeightOnly):
+    """A Conv2d with int8 weights and float32 activations (weight-only quantization).
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv2d
+        Geometry (and, through :meth:`from_float`, weights) to copy.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        if conv.padding_mode != "zeros":
+            raise ValueError("only zero-padded convolutions can be quantized")
+        super().__init__(tuple(conv.weight.shape))
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d) -> "Int8WeightOnlyConv2d":
+        """Quantize a float convolution's weight."""
+        m = cls(conv)
+        m.set_weight_bias(conv.weight, conv.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x.float(), self.dequantized_weight().to(x.device), self.bias.to(x.device), self.stride,
+                        self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        o, i, kh, kw = self.weight_int8.shape
+        return f"{i * self.groups}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, weight=int8"
+
+
+class Int8WeightOnlyLinear(_WeightOnly):
+    """A Linear layer with int8 weights and float32 activations (weight-only quantization).
+
+    Parameters
+    ----------
+    linear : torch.nn.Linear
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(tuple(linear.weight.shape))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        """Quantize a float linear layer's weight."""
+        m = cls(linear)
+        m.set_weight_bias(linear.weight, linear.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantized_weight().to(x.device), self.bias.to(x.device))
+
+    def extra_repr(self) -> str:
+        o, i = self.weight_int8.shape
+        return f"in_features={i}, out_features={o}, weight=int8"
+
+
+# -- the first version's modules: exact integer simulation (old saves, and the check) ----------
 
 
 def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +487,11 @@ class _QuantizedLayer(nn.Module):
 
 
 class QuantizedConv2d(_QuantizedLayer):
-    """A Conv2d with int8 weights (and, in ``int8_static`` mode, uint8 inputs)."""
+    """Simulated int8 Conv2d of compbias's first version (exact integer sums in float64).
+
+    Kept to load models saved in that format and as the independent check of
+    the torch.ao models (:func:`simulate_int8`).
+    """
 
     def __init__(self, conv: nn.Conv2d, mode: str):
         super().__init__(tuple(conv.weight.shape), mode)
@@ -135,7 +508,7 @@ class QuantizedConv2d(_QuantizedLayer):
 
 
 class QuantizedLinear(_QuantizedLayer):
-    """A Linear layer with int8 weights (and, in ``int8_static`` mode, uint8 inputs)."""
+    """Simulated int8 Linear of compbias's first version (see :class:`QuantizedConv2d`)."""
 
     def __init__(self, linear: nn.Linear, mode: str):
         super().__init__(tuple(linear.weight.shape), mode)
@@ -146,6 +519,9 @@ class QuantizedLinear(_QuantizedLayer):
     def extra_repr(self) -> str:
         o, i = self.weight_int8.shape
         return f"in_features={i}, out_features={o}, mode={self.mode}"
+
+
+# -- shared steps ------------------------------------------------------------------------------
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -188,24 +564,163 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def quantized_structure(model: nn.Module, mode: str) -> nn.Module:
-    """Rebuild the module structure of a quantized model (empty buffers), for loading.
+def _fusable_relus(model: nn.Module) -> dict[str, str]:
+    """``layer name -> ReLU name`` for conv/linear layers whose only consumer is a ReLU module called once.
+
+    Found by ``torch.fx`` tracing; identities left by folded batch norms in
+    between are skipped. A ReLU module called more than once (torchvision's
+    BasicBlock reuses one) is never fused, since it is then replaced by an
+    identity.
+    """
+    graph = torch.fx.Tracer().trace(model)
+    modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    fused = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), (nn.Conv2d, nn.Linear)):
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            (nxt,) = cur.users
+            target = str(nxt.target) if nxt.op == "call_module" else None
+            if target is None or calls[target] != 1:
+                break
+            if isinstance(modules[target], nn.Identity):
+                cur = nxt
+                continue
+            if type(modules[target]) is nn.ReLU:
+                fused[str(node.target)] = target
+            break
+    return fused
+
+
+def _static_float_structure(folded: nn.Module, fused: dict[str, str]) -> list[tuple[str, Int8StaticLayer]]:
+    """Wrap each conv/linear of a folded model in an :class:`Int8StaticLayer` (in place), fusing ReLUs."""
+    wrapped = []
+    for name, m in _quantizable(folded):
+        if name in fused:
+            m = nni.ConvReLU2d(m, nn.ReLU()) if isinstance(m, nn.Conv2d) else nni.LinearReLU(m, nn.ReLU())
+        if isinstance(m, (nn.Conv2d, nni.ConvReLU2d)):
+            conv = m if isinstance(m, nn.Conv2d) else m[0]
+            if conv.padding_mode != "zeros":
+                raise ValueError(f"{name}: only zero-padded convolutions can be quantized")
+        w = Int8StaticLayer(m)
+        _set_submodule(folded, name, w)
+        wrapped.append((name, w))
+    for relu in fused.values():
+        _set_submodule(folded, relu, nn.Identity())
+    return wrapped
+
+
+def _backend_name(engine: str) -> str:
+    return f"{TORCH_AO_BACKEND} (eager, {engine})"
+
+
+def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: int) -> dict[str, Any]:
+    reduce = engine in _REDUCE_RANGE_ENGINES
+    return {
+        "mode": "int8_static",
+        "backend": _backend_name(engine),
+        "engine": engine,
+        "weight": {"dtype": "int8", "granularity": "per_output_channel", "scheme": "symmetric",
+                   "observer": "PerChannelMinMaxObserver", "range": [-128, 127]},
+        "activation": {"dtype": "uint8", "granularity": "per_tensor", "scheme": "affine", "observer": "minmax",
+                       "range": [0, 127 if reduce else 255], "reduce_range": reduce},
+        "accumulation": f"int32 in torch.ao.nn.quantized kernels ({engine}); each layer's output requantized to uint8",
+        "batchnorm_folded": n_folded,
+        "fused_relu": sorted(fused),
+        "calibration_batches": n_batches,
+    }
+
+
+def _weight_only_info(n_folded: int) -> dict[str, Any]:
+    return {
+        "mode": "int8_weight",
+        "backend": f"{TORCH_AO_BACKEND} (PerChannelMinMaxObserver + torch.quantize_per_channel; float32 compute)",
+        "weight": {"dtype": "int8", "granularity": "per_output_channel", "scheme": "symmetric",
+                   "observer": "PerChannelMinMaxObserver", "range": [-128, 127]},
+        "activation": None,
+        "accumulation": "float32 on dequantized int8 weights",
+        "batchnorm_folded": n_folded,
+    }
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    model.compbias_input_dtype = torch.float32
+    return model.eval()
+
+
+# -- structure for loading -----------------------------------------------------------------------
+
+
+def _is_legacy(quantization: dict[str, Any]) -> bool:
+    return quantization.get("backend") in (None, SIMULATION_BACKEND)
+
+
+def quantized_structure(model: nn.Module, mode: str | dict[str, Any]) -> nn.Module:
+    """Rebuild the module structure of a quantized model (placeholder values), for loading its state dict.
 
     Parameters
     ----------
     model : torch.nn.Module
         A freshly built float model of the same architecture.
-    mode : {'fp16', 'bf16', 'int8_weight', 'int8_static'}
+    mode : str or dict
+        The ``quantization`` record of the model spec (``{"mode": ...,
+        "backend": ..., ...}``), or just its mode. A record without
+        ``backend`` (models saved before compbias used torch.ao) or with
+        :data:`SIMULATION_BACKEND` gives the simulated modules of the first
+        version; a bare mode string means the current torch.ao format.
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode; load the saved state dict into it.
     """
-    if mode in _HALF:
-        return apply_half_precision(model, mode)
-    if mode not in QUANT_LEVELS:
-        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_LEVELS)}")
+    record = dict(mode) if isinstance(mode, dict) else {"mode": mode, "backend": TORCH_AO_BACKEND}
+    level = record.get("mode")
+    if level in _HALF:
+        return apply_half_precision(model, level)
+    if level not in QUANT_LEVELS:
+        raise ValueError(f"unknown quantization {level!r}; choose one of {', '.join(QUANT_LEVELS)}")
     model, _ = fold_batchnorm(model)
-    for name, m in _quantizable(model):
-        _set_submodule(model, name, QuantizedConv2d(m, mode) if isinstance(m, nn.Conv2d) else QuantizedLinear(m, mode))
-    model.compbias_input_dtype = torch.float32
-    return model.eval()
+    if _is_legacy(record):
+        for name, m in _quantizable(model):
+            _set_submodule(model, name, QuantizedConv2d(m, level) if isinstance(m, nn.Conv2d) else QuantizedLinear(m, level))
+        return _finish(model)
+    if level == "int8_weight":
+        for name, m in _quantizable(model):
+            _set_submodule(model, name, Int8WeightOnlyConv2d(m) if isinstance(m, nn.Conv2d) else Int8WeightOnlyLinear(m))
+        return _finish(model)
+    engine = record.get("engine") or select_engine()
+    if engine not in torch.backends.quantized.supported_engines:
+        fallback = select_engine()
+        warnings.warn(f"the model was quantized for the {engine!r} engine, which this torch build lacks; "
+                      f"using {fallback!r} (logits may differ by an output quantum)", RuntimeWarning, stacklevel=2)
+        engine = fallback
+    fused = _fusable_relus(model)
+    if record.get("fused_relu") is not None:
+        unknown = [n for n in record["fused_relu"] if n not in fused]
+        if unknown:
+            raise ValueError(f"the quantization record fuses a ReLU into {unknown}, which this architecture does not allow")
+        fused = {n: fused[n] for n in record["fused_relu"]}
+    wrapped = _static_float_structure(model, fused)
+    with _use_engine(engine):
+        for _, w in wrapped:
+            m = w.layer
+            if isinstance(m, (nn.Conv2d, nni.ConvReLU2d)):
+                conv = m if isinstance(m, nn.Conv2d) else m[0]
+                cls = Int8Conv2d if isinstance(m, nn.Conv2d) else Int8ConvReLU2d
+                w.layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, True, "zeros")
+            else:
+                lin = m if isinstance(m, nn.Linear) else m[0]
+                cls = Int8Linear if isinstance(m, nn.Linear) else Int8LinearReLU
+                w.layer = cls(lin.in_features, lin.out_features)
+            w.layer.compbias_engine = engine
+            w.quant = nnq.Quantize(1.0, 0, torch.quint8)
+            w.dequant = nnq.DeQuantize()
+    model.compbias_engine = engine
+    return _finish(model)
 
 
 def apply_half_precision(model: nn.Module, level: str) -> nn.Module:
@@ -218,8 +733,29 @@ def apply_half_precision(model: nn.Module, level: str) -> nn.Module:
     return model
 
 
+def _calibrate(model: nn.Module, calibration: Iterable[torch.Tensor] | None) -> int:
+    if calibration is None:
+        raise ValueError("int8_static needs calibration batches of training inputs (calibration=...)")
+    n = 0
+    for xb in calibration:
+        model(torch.as_tensor(xb).float().cpu())
+        n += 1
+    if n == 0:
+        raise ValueError("int8_static calibration got no batches; pass at least one batch of training inputs")
+    return n
+
+
+# -- entry points ----------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, level: str, *, calibration: Iterable[torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def quantize_model(
+    model: nn.Module,
+    level: str,
+    *,
+    calibration: Iterable[torch.Tensor] | None = None,
+    engine: str | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Post-training quantization of a trained float model.
 
     Parameters
@@ -228,29 +764,95 @@ def quantize_model(model: nn.Module, level: str, *, calibration: Iterable[torch.
         Trained float model (left unchanged; a quantized copy is returned).
     level : {'fp16', 'bf16', 'int8_weight', 'int8_static'}
     calibration : iterable of torch.Tensor, optional
-        Input batches for ``int8_static`` (required there): the min/max of
-        every quantized layer's input over these batches sets its scale.
+        Input batches of training data for ``int8_static`` (required there):
+        the observers' min/max over them set each layer's input and output
+        scales.
+    engine : {'x86', 'fbgemm', 'qnnpack'}, optional
+        The torch quantized engine for ``int8_static``; default the first of
+        :data:`ENGINES` this torch build supports.
 
     Returns
     -------
     model : torch.nn.Module
-        The quantized model, in eval mode on the CPU.
+        The quantized model, in eval mode on the CPU (the int8 kernels are
+        CPU kernels).
     info : dict
-        ``quantization`` parameters for the model spec and ``n_layers``.
+        ``quantization`` (the record stored in the model spec: mode, backend,
+        engine, weight and activation schemes, folded batch norms, fused
+        ReLUs) and ``n_layers``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown level, or ``int8_static`` without calibration batches.
     """
     if level not in QUANT_LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; choose one of {', '.join(QUANT_LEVELS)}")
     model = copy.deepcopy(model).cpu().eval()
     if level in _HALF:
         q = apply_half_precision(model, level)
-        return q, {"quantization": {"mode": level, "dtype": str(_HALF[level]).replace("torch.", "")}, "n_layers": 0}
-
+        return q, {"quantization": {"mode": level, "backend": f"torch ({str(_HALF[level]).replace('torch.', '')} cast)",
+                                    "dtype": str(_HALF[level]).replace("torch.", "")}, "n_layers": 0}
     folded, pairs = fold_batchnorm(model)
+    if level == "int8_weight":
+        layers = _quantizable(folded)
+        for name, m in layers:
+            cls = Int8WeightOnlyConv2d if isinstance(m, nn.Conv2d) else Int8WeightOnlyLinear
+            _set_submodule(folded, name, cls.from_float(m))
+        return _finish(folded), {"quantization": _weight_only_info(len(pairs)), "n_layers": len(layers)}
+
+    if calibration is None:
+        raise ValueError("int8_static needs calibration batches of training inputs (calibration=...)")
+    engine = select_engine(engine)
+    fused = _fusable_relus(folded)
+    wrapped = _static_float_structure(folded, fused)
+    qconfig = _static_qconfig(engine)
+    for _, w in wrapped:
+        w.qconfig = qconfig
+    with _use_engine(engine):
+        tq.prepare(folded, inplace=True)
+        n_batches = _calibrate(folded, calibration)
+        tq.convert(folded, mapping=_convert_mapping(), inplace=True)
+    for name, w in wrapped:
+        if not isinstance(w.layer, _INT8_STATIC_TYPES) or not isinstance(w.quant, nnq.Quantize):
+            raise RuntimeError(f"torch.ao.quantization.convert left {name} unquantized ({type(w.layer).__name__})")
+        w.layer.compbias_engine = engine
+    folded.compbias_engine = engine
+    return _finish(folded), {"quantization": _static_info(engine, len(pairs), fused, n_batches), "n_layers": len(wrapped)}
+
+
+@torch.no_grad()
+def simulate_int8(model: nn.Module, level: str, *, calibration: Iterable[torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """compbias's first int8 implementation: an exact integer simulation, used as an independent check.
+
+    Weights on a symmetric per-channel int8 grid (``s_c = max|w_c| / 127``);
+    for ``int8_static`` every conv/linear input quantized to uint8
+    (min/max calibration, full 8 bits), the bias rounded onto the int32 grid
+    of ``s_x * s_c``, products summed exactly (float64 holds every such
+    integer sum) and scaled back to float32 -- outputs are not requantized.
+    It uses none of torch.ao, so agreement with :func:`quantize_model`
+    checks both.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained float model (left unchanged).
+    level : {'int8_weight', 'int8_static'}
+    calibration : iterable of torch.Tensor, optional
+        Required for ``int8_static``.
+
+    Returns
+    -------
+    model : torch.nn.Module
+    info : dict
+        ``quantization`` (with ``backend`` = :data:`SIMULATION_BACKEND`) and ``n_layers``.
+    """
+    if level not in ("int8_weight", "int8_static"):
+        raise ValueError(f"simulate_int8 covers int8_weight and int8_static, not {level!r}")
+    folded, pairs = fold_batchnorm(copy.deepcopy(model).cpu().eval())
     layers = _quantizable(folded)
     ranges: dict[str, list[float]] = {}
     if level == "int8_static":
-        if calibration is None:
-            raise ValueError("int8_static needs calibration batches of training inputs")
         hooks = []
         for name, m in layers:
             def observe(_m, args, name=name):
@@ -259,14 +861,11 @@ def quantize_model(model: nn.Module, level: str, *, calibration: Iterable[torch.
                 r = ranges.setdefault(name, [lo, hi])
                 r[0], r[1] = min(r[0], lo), max(r[1], hi)
             hooks.append(m.register_forward_pre_hook(observe))
-        n_batches = 0
-        for xb in calibration:
-            folded(xb.float().cpu())
-            n_batches += 1
-        for h in hooks:
-            h.remove()
-        if n_batches == 0:
-            raise ValueError("int8_static calibration got no batches")
+        try:
+            _calibrate(folded, calibration)
+        finally:
+            for h in hooks:
+                h.remove()
     for name, m in layers:
         q = QuantizedConv2d(m, level) if isinstance(m, nn.Conv2d) else QuantizedLinear(m, level)
         q.set_weight(m.weight, m.bias)
@@ -275,10 +874,10 @@ def quantize_model(model: nn.Module, level: str, *, calibration: Iterable[torch.
                 raise RuntimeError(f"layer {name} saw no calibration input")
             q.set_input_range(*ranges[name])
         _set_submodule(folded, name, q)
-    folded.compbias_input_dtype = torch.float32
     info = {
         "quantization": {
             "mode": level,
+            "backend": SIMULATION_BACKEND,
             "weight": {"dtype": "int8", "granularity": "per_output_channel", "scheme": "symmetric", "range": [-128, 127]},
             "activation": {"dtype": "uint8", "granularity": "per_tensor", "scheme": "affine", "observer": "minmax"} if level == "int8_static" else None,
             "accumulation": "exact integer (float64)" if level == "int8_static" else "float32 on dequantized int8 weights",
@@ -286,12 +885,13 @@ def quantize_model(model: nn.Module, level: str, *, calibration: Iterable[torch.
         },
         "n_layers": len(layers),
     }
-    return folded.eval(), info
+    return _finish(folded), info
+
+
+_QUANT_TYPES = (_QuantizedLayer, _WeightOnly, *_INT8_STATIC_TYPES)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True for a model returned by :func:`quantize_model`."""
-    return any(isinstance(m, _QuantizedLayer) for m in model.modules()) or hasattr(model, "compbias_input_dtype") and model.compbias_input_dtype != torch.float32
-
-
-__all__.append("is_quantized")
+    """True for a model returned by :func:`quantize_model` or :func:`simulate_int8` (or loaded from one)."""
+    return any(isinstance(m, _QUANT_TYPES) for m in model.modules()) or (
+        hasattr(model, "compbias_input_dtype") and model.compbias_input_dtype != torch.float32)
