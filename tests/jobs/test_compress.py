@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from compbias.jobs import build_model, compress_model, evaluate, measure_sparsity, pw_targets, pw_weights
 from compbias.jobs.distill import PerformanceWeighted, kd_loss
 from compbias.jobs.prune import Pruner, conv_bn_pairs, cubic_sparsity
-from compbias.jobs.quantize import QuantizedConv2d, QuantizedLinear, fold_batchnorm
+from compbias.jobs.quantize import (
+    Int8StaticLayer,
+    Int8WeightOnlyConv2d,
+    Int8WeightOnlyLinear,
+    QuantizedLinear,
+    fold_batchnorm,
+    simulate_int8,
+)
 
 
 def _weights(model):
@@ -108,21 +115,35 @@ def test_structured_levels_are_monotone_over_the_schedule():
 # -- quantization ---------------------------------------------------------------------
 
 
+def _int8_weights(q):
+    """``name -> (int8 weight, per-channel scale)`` of every quantized layer (torch.ao or weight-only)."""
+    out = {}
+    for name, m in q.named_modules():
+        if isinstance(m, Int8StaticLayer):
+            w = m.layer.weight()
+            out[name] = (w.int_repr(), w.q_per_channel_scales().float())
+        elif isinstance(m, (Int8WeightOnlyConv2d, Int8WeightOnlyLinear)):
+            out[name] = (m.weight_int8, m.weight_scale.float())
+    return out
+
+
 @pytest.mark.parametrize("level", ["int8_weight", "int8_static"])
 def test_int8_weights_lie_on_the_int8_grid(baseline, digits, level):
     q, info = compress_model(baseline, digits, "quantize", level, log=None)
-    layers = [m for m in q.modules() if isinstance(m, (QuantizedConv2d, QuantizedLinear))]
-    assert len(layers) == 4 and not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in q.modules())
-    for m in layers:
-        assert m.weight_int8.dtype == torch.int8
-        w = m.dequantized_weight()
-        ratio = w / m.weight_scale.view(-1, *([1] * (w.ndim - 1)))
-        assert torch.allclose(ratio, torch.round(ratio), atol=1e-4, rtol=0)
-        assert ratio.min() >= -128.001 and ratio.max() <= 127.001
-        assert torch.equal(ratio.round(), m.weight_int8.float())
-        assert ratio.flatten(1).abs().amax(1).round().eq(127).all()  # symmetric per-channel scale uses the full range
+    layers = _int8_weights(q)
+    assert len(layers) == 4 and not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in q.modules())
+    folded, _ = fold_batchnorm(baseline)
+    for name, (qw, scale) in layers.items():
+        assert qw.dtype == torch.int8
+        w = folded.get_submodule(name).weight.detach()
+        ratio = w / scale.view(-1, *([1] * (w.ndim - 1)))
+        # nearest point of the int8 grid (ties at +-x.5 may go either way in float32)
+        assert (qw.float() - ratio.clamp(-128, 127)).abs().max() <= 0.5 + 1e-4
+        assert ((qw.float() - ratio.round().clamp(-128, 127)) != 0).float().mean() < 1e-3
+        assert set(qw.flatten(1).to(torch.int16).abs().amax(1).tolist()) <= {127, 128}  # symmetric per-channel scale uses the full range
     assert info["size_bytes"] < 0.3 * info["baseline_size_bytes"]
     assert info["quantization"]["mode"] == level
+    assert info["quantization"]["backend"].startswith("torch.ao.quantization")
     assert evaluate(q, digits).accuracy > evaluate(baseline, digits).accuracy - 0.03
 
 
@@ -164,15 +185,17 @@ def _reference_int8_static(q_model, folded, x):
     return out
 
 
-def test_int8_static_accuracy_comes_from_integer_arithmetic(baseline, digits):
-    q, info = compress_model(baseline, digits, "quantize", "int8_static", log=None)
+def test_simulation_computes_the_int8_pipeline_exactly(baseline, digits):
+    """The independent check (simulate_int8, compbias's first int8 modules) against int64 unfold/matmuls."""
+    calibration = [digits.train.batch(slice(i, i + 128))[0] for i in range(0, 512, 128)]
+    q, info = simulate_int8(baseline, "int8_static", calibration=calibration)
     assert info["quantization"]["activation"]["dtype"] == "uint8"
     folded, _ = fold_batchnorm(baseline)
     x = digits.test.batch(slice(0, 200))[0]
     with torch.no_grad():
         q_logits, float_logits = q(x), folded(x)
     ref = _reference_int8_static(q, copy.deepcopy(folded), x)
-    # the model computes exactly the int8 pipeline (up to the final float32 rounding) ...
+    # the simulation computes exactly the int8 pipeline (up to the final float32 rounding) ...
     assert torch.allclose(q_logits, ref, atol=1e-5, rtol=0)
     # ... which differs from the float model: the quantization error is really there
     assert (q_logits - float_logits).abs().max() > 1e-3
