@@ -129,6 +129,10 @@ def _run_study_command(args) -> int:
 
     try:
         path, spec = _load(args)
+        if args.executor == "ray" and not os.environ.get("RAY_ADDRESS"):
+            from compbias.platform.orchestration import ray_bind_mode
+
+            ray_bind_mode()  # refuse a bad COMPBIAS_RAY_BIND before anything is logged
     except (StudyConfigError, FileNotFoundError, ValueError) as exc:
         print(f"compbias {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ a barrier).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +22,9 @@ from compbias.platform.config import StudySpec
 from compbias.platform.plan import ModelTask
 from compbias.platform.tasks import ModelFiles, TaskResult, execute_task
 
-__all__ = ["WORKER_ENV", "init_ray", "RayExecutor", "LocalExecutor", "make_executor", "cuda_available"]
+__all__ = ["WORKER_ENV", "RAY_BIND_ENV", "init_ray", "local_ray_is_loopback", "ray_bind_mode", "RayExecutor", "LocalExecutor", "make_executor", "cuda_available"]
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +33,79 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # runs 10-20x slower in the same process (measured: 2 fine-tuning epochs of the
 # digits CNN 0.55 s -> 10 s). numba's own `workqueue` layer does not spin.
 WORKER_ENV = {"NUMBA_THREADING_LAYER": "workqueue", "COMPBIAS_RAY_WORKER": "1"}
+
+
+# A local Ray (no RAY_ADDRESS) listens on loopback only unless this is "all".
+RAY_BIND_ENV = "COMPBIAS_RAY_BIND"
+# Ray decides its node address with `ray._private.services.get_node_ip_address`:
+# on Linux the address other machines reach (and its gRPC servers then listen
+# on every interface); with this switch off (Ray's single-machine mode, the
+# default on macOS and Windows) the node address is 127.0.0.1 and the GCS,
+# raylet, object manager, runtime-env agent and every worker listen on
+# loopback only. Ray 2.60 has no other bind option.
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_bind_mode() -> str:
+    """Where a local Ray started by compbias listens, from ``COMPBIAS_RAY_BIND``.
+
+    Returns
+    -------
+    {'loopback', 'all'}
+        ``loopback`` when the variable is unset or empty.
+
+    Raises
+    ------
+    ValueError
+        For any other value, naming the variable and the allowed values.
+    """
+    mode = (os.environ.get(RAY_BIND_ENV) or "loopback").strip().lower()
+    if mode not in ("loopback", "all"):
+        raise ValueError(f"{RAY_BIND_ENV}={mode!r} is not understood: use 'loopback' (the default) or 'all'")
+    return mode
+
+
+@contextlib.contextmanager
+def _single_machine_ray(on: bool):
+    """Ray's single-machine (loopback) mode while a local cluster starts.
+
+    The switch is read by the driver (``ray_constants``) and, from the
+    environment, by the processes ``ray.init`` starts (GCS, raylet, agents;
+    workers inherit the raylet's environment). Both are restored afterwards,
+    so that nothing this process starts later (a ``ray start`` joining a real
+    cluster, say) inherits the mode.
+    """
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(_RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = before_env
+
+
+def local_ray_is_loopback() -> bool:
+    """Whether the Ray this process is connected to advertises a loopback address.
+
+    Returns
+    -------
+    bool
+        True when the GCS address is on 127.0.0.1 (the node then listens on
+        loopback only: see :func:`init_ray`).
+    """
+    import ray
+
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost")
 
 
 def cuda_available() -> bool:
@@ -60,7 +137,14 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
     Joins the cluster named by ``RAY_ADDRESS`` when set, otherwise starts a
-    local one. Workers get ``NUMBA_CACHE_DIR`` (a writable directory),
+    local one that listens on loopback only: its node address is 127.0.0.1
+    and the GCS, raylet, object manager, agents and workers bind there, so
+    nothing of it is reachable from other machines (Ray's token
+    authentication stays on as well). Set ``COMPBIAS_RAY_BIND=all`` to get
+    Ray's own default instead (the machine's address, every interface), e.g.
+    to let other machines join with ``ray start --address``; for a real
+    cluster start it with ``ray start`` and set ``RAY_ADDRESS``
+    (docs/operations.md). Workers get ``NUMBA_CACHE_DIR`` (a writable directory),
     ``NUMBA_THREADING_LAYER=workqueue`` (see :data:`WORKER_ENV`) and the
     repository on ``PYTHONPATH`` so ``compbias`` imports there too.
 
@@ -93,7 +177,15 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     )
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
+    loopback = address is None and ray_bind_mode() == "loopback"
+    with _single_machine_ray(loopback):
+        ray.init(**kwargs)
+    if loopback and not local_ray_is_loopback():  # pragma: no cover - a Ray release that changed the switch
+        log.warning(
+            "the local Ray cluster advertises %s, not loopback: this Ray release ignores %s; "
+            "it may listen on every interface (token authentication is on)",
+            ray.get_runtime_context().gcs_address, _RAY_CLUSTER_SWITCH,
+        )
 
 
 def _remote_body(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | TaskResult | None) -> TaskResult:

@@ -132,6 +132,19 @@ def test_bad_command_line_overrides_exit_2(capsys, tmp_path, option, value, frag
     assert_nothing_kept(uri, tmp_path)
 
 
+def test_bad_ray_bind_setting_is_refused_before_anything_is_logged(capsys, tmp_path, monkeypatch):
+    """``COMPBIAS_RAY_BIND`` takes loopback or all; anything else stops the study before Ray or MLflow start."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("COMPBIAS_RAY_BIND", "0.0.0.0")
+    path = write_study(tmp_path, "ok")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = cli.main(["study", str(path), "--tracking-uri", uri, "--executor", "ray"])
+    said = capsys.readouterr().err
+    assert code == 2 and "COMPBIAS_RAY_BIND" in said and "'loopback'" in said and "Traceback" not in said, said
+    assert not (tmp_path / "mlflow.db").exists() or not census(uri).runs
+    assert_nothing_kept(uri, tmp_path)
+
+
 def test_missing_dataset_path_is_refused_before_anything_is_logged(capsys, tmp_path):
     study = _variant(_set("dataset", {"kind": "imagefolder", "root": str(tmp_path / "no-such-dir")}))
     code, said, uri = run_study_cli(capsys, tmp_path, yaml.safe_dump(study))

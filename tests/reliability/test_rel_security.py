@@ -171,6 +171,122 @@ def test_services_the_project_starts_listen_on_loopback_by_default():
     assert not problems, "\n".join(problems)
 
 
+_RAY_SOCKETS_SCRIPT = r"""
+import json, os, socket, struct
+from compbias.platform.orchestration import init_ray, local_ray_is_loopback
+import ray
+
+init_ray(num_cpus=1)
+
+
+@ray.remote
+def work(x):
+    return x + 1
+
+
+assert ray.get([work.remote(i) for i in range(3)]) == [1, 2, 3]  # workers up and answering
+
+
+def descendants(root):
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out | {root}
+
+
+def listening():  # inode -> "address:port" of every listening TCP socket (IPv4 and IPv6)
+    found = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/net/{name}") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] != "0A":  # LISTEN
+                    continue
+                hexaddr, hexport = cols[1].split(":")
+                raw = bytes.fromhex(hexaddr)
+                raw = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, len(raw), 4))
+                found[cols[9]] = f"{socket.inet_ntop(family, raw)}:{int(hexport, 16)}"
+    return found
+
+
+socks, names = listening(), {}
+rows = []
+for pid in sorted(descendants(os.getpid())):
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inode = target[8:-1]
+            if inode in socks:
+                rows.append([comm, socks[inode]])
+print("RESULT " + json.dumps({"gcs": ray.get_runtime_context().gcs_address, "loopback": local_ray_is_loopback(), "listening": rows}))
+ray.shutdown()
+"""
+
+
+def _local_ray_listeners(bind: str | None) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "COMPBIAS_RAY_BIND", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if bind is not None:
+        env["COMPBIAS_RAY_BIND"] = bind
+    proc = subprocess.run([sys.executable, "-c", _RAY_SOCKETS_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _is_loopback(addr: str) -> bool:
+    host = addr.rsplit(":", 1)[0]
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
+@pytest.mark.timeout(400)
+def test_the_local_ray_compbias_starts_listens_on_loopback_only():
+    """The Ray cluster ``compbias study`` starts on one machine (no RAY_ADDRESS) is not reachable from other machines.
+
+    Every listening TCP socket of the driver and of every process it started
+    (GCS, raylet, agents, workers) is read from /proc after tasks ran. The
+    same check with ``COMPBIAS_RAY_BIND=all`` (Ray's own default, "told
+    otherwise") must see sockets on other interfaces, which shows the check
+    can fail.
+    """
+    default = _local_ray_listeners(None)
+    procs = {comm for comm, _ in default["listening"]}
+    assert {"gcs_server", "raylet"} <= procs, default  # the check really saw Ray's servers
+    assert default["loopback"] and default["gcs"].startswith("127.0.0.1:"), default
+    exposed = [row for row in default["listening"] if not _is_loopback(row[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+    told = _local_ray_listeners("all")
+    assert not told["loopback"], told
+    assert [row for row in told["listening"] if not _is_loopback(row[1])], told
+
+
 # ---------------------------------------------------------------- credentials
 
 
