@@ -108,7 +108,7 @@ def test_each_int8_layer_computes_the_integer_formula(digits, static):
         expected, got = _int64_layer(q.get_submodule(name), layer_input)
         diff = (expected - got).abs()
         assert diff.max() <= 1, name
-        assert (diff == 0).float().mean() > 0.99, name  # off by one only where rounding ties differ
+        assert (diff == 0).float().mean() > 0.99, name  # off by one only where the kernel's float32 requantization rounds the other way
         assert got.unique().numel() > 20, name  # outputs really spread over the uint8 grid
 
 
