@@ -88,6 +88,14 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     device : str
         Where to put the model (quantized models stay on the CPU).
 
+    Notes
+    -----
+    int8 models are rebuilt from the spec's ``quantization`` record: on
+    ``torch.ao.quantization`` modules (the weights re-packed for the
+    recorded engine), or, when the record has no ``backend`` (models saved
+    before compbias used torch.ao), on the first version's simulated int8
+    modules. Either way the logits are bit-identical to the saved model's.
+
     Returns
     -------
     torch.nn.Module

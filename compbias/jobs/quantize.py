@@ -183,6 +183,12 @@ class _PlainState:
 
     _STATE = ("weight_int8", "weight_scale", "weight_zero_point", "bias", "scale", "zero_point")
 
+    def __setstate__(self, state):
+        # torch's quantized conv __setstate__ forgets nn.Module's hook dicts (unpickled modules cannot run)
+        super().__setstate__(state)
+        for key, value in nn.Module().__dict__.items():
+            self.__dict__.setdefault(key, value)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w, b = self._weight_bias()
         if w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or w.q_per_channel_axis() != 0:
