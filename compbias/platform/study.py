@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -22,7 +23,25 @@ from compbias.platform.config import StudySpec
 from compbias.platform.orchestration import make_executor
 from compbias.platform.plan import ModelTask, plan_study
 
-__all__ = ["StudyOutcome", "StudyConflictError", "run_study"]
+__all__ = ["StudyOutcome", "StudyConflictError", "ArtifactStorageError", "run_study"]
+
+
+class ArtifactStorageError(OSError):
+    """The artifact location is full or read-only: the study stops (models already logged are kept)."""
+
+
+_EXHAUSTED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _storage_exhausted(exc: BaseException) -> OSError | None:
+    """The disk-full / quota / read-only ``OSError`` behind ``exc`` (following its causes), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class StudyConflictError(RuntimeError):
@@ -322,6 +341,10 @@ def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, 
             outcome.failed[task.key] = f"logging failed: {type(exc).__name__}: {exc}"
             log(f"[{n_done + 1}/{n_total}] {task.label}: LOGGING FAILED ({exc})")
             n_done += 1
+            full = _storage_exhausted(exc)
+            if full is not None:  # every later model would fail the same way: stop here
+                raise ArtifactStorageError(full.errno, f"{full.strerror}: {full.filename2 or full.filename or 'the artifact location'}; "
+                                           f"stopped after {n_done} of {n_total} models") from exc
             return
         outcome.models[task.key] = fm
         outcome.trained.append(task.key)

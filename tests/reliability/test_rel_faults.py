@@ -220,6 +220,62 @@ def test_unwritable_artifact_location_is_a_clear_error_and_nothing_stays_running
     assert not c.versions
 
 
+def _in_private_mount_namespace(script: str) -> list[str]:
+    """A command running ``script`` (sh) in its own mount namespace (root, or an unprivileged user namespace)."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    assert unshare, "util-linux's unshare is needed for the disk-full test (Debian package util-linux)"
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [unshare, *user, "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+@pytest.mark.parametrize("size_kib", [64, 1024])
+def test_a_full_disk_under_the_artifacts_stops_the_study_cleanly_and_a_rerun_completes(tmp_path, size_kib):
+    """A real ENOSPC: the artifact root is a size-limited tmpfs that fills up mid-study.
+
+    64 KiB fills while the first model's artifacts are written, 1 MiB part-way
+    through the study (after some models were logged). Either way: exit 2 with
+    a message naming the full disk and what to do, no traceback, the study
+    stops (no model logged after the disk filled), no RUNNING run, every
+    FINISHED model run has its registered version and every version a
+    FINISHED run. Then the tmpfs is given room (remounted bigger) and the same
+    command completes the study without making again what finished.
+    """
+    study = write_study(tmp_path / "work", "nospace", seeds=2, levels="[0.5, 0.9]")
+    full = tmp_path / "full"
+    full.mkdir()
+    db, mid = tmp_path / "mlflow.db", tmp_path / "after-first.db"
+    uri = f"sqlite:///{db}"
+    env = clean_env(COMPBIAS_ARTIFACT_ROOT=str(full / "artifacts"))
+    run = f"{VENV_BIN / 'compbias'} study {study} --tracking-uri {uri} --executor local"
+    script = (f"mount -t tmpfs -o size={size_kib}k compbias-full {full} || exit 97; "
+              f"{run}; echo FIRST_EXIT=$?; cp {db} {mid}; echo ===SECOND===; "
+              f"mount -o remount,size=64m {full} || exit 98; {run}; echo SECOND_EXIT=$?")
+    proc = subprocess.run(_in_private_mount_namespace(script), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0 and "FIRST_EXIT=2" in out and "SECOND_EXIT=0" in out, out[-5000:]
+    first = out.split("===SECOND===")[0]
+    assert "No space left on device" in first and "free space" in first and "run the same command again" in first, first[-3000:]
+    assert "Traceback" not in out, out[-5000:]
+    c = census(f"sqlite:///{mid}")
+    assert "RUNNING" not in c.statuses(), c.statuses()
+    parents = [r for r in c.runs if r.data.tags.get("compbias.run_kind") == "study"]
+    assert [r.info.status for r in parents] == ["FAILED"], c.statuses()
+    assert len(c.model_runs("FAILED")) == 1, c.statuses()  # the study stopped at the first model that did not fit
+    finished = {r.info.run_id for r in c.model_runs("FINISHED")}
+    assert {v.run_id for v in c.versions} == finished, (c.statuses(), [(v.version, v.run_id) for v in c.versions])
+    if size_kib >= 1024:
+        assert finished, "with 1 MiB some models fit before the disk filled"
+    else:
+        assert not finished
+    c2 = census(uri)
+    assert len(c2.model_runs("FINISHED")) == 6 and len(c2.versions) == 6, c2.statuses()
+    assert finished <= {r.info.run_id for r in c2.model_runs("FINISHED")}  # nothing that finished was made again
+    assert "RUNNING" not in c2.statuses()
+
+
 @pytest.mark.parametrize("command", ["study", "audit"])
 def test_a_tracking_uri_that_does_not_answer_fails_fast_and_clearly(tmp_path, command):
     """Nothing listens on the port: the command gives up within a minute, names the URI, prints no traceback."""
