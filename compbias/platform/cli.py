@@ -158,6 +158,13 @@ def _run_study_command(args) -> int:
     except RuntimeError as exc:
         print(f"compbias {args.command}: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:  # a finished model's files are gone from the artifact store
+        print(
+            f"compbias {args.command}: {exc}; the artifacts of a model logged earlier are missing (deleted or moved?): "
+            "restore them, or delete that model version and its run in MLflow so that the study makes it again",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as exc:  # the artifact location: unwritable, not a directory, disk full
         print(
             f"compbias {args.command}: cannot write the study's artifacts: {exc}; make the artifact location "

@@ -145,6 +145,25 @@ def test_bad_ray_bind_setting_is_refused_before_anything_is_logged(capsys, tmp_p
     assert_nothing_kept(uri, tmp_path)
 
 
+def test_compress_after_the_baselines_artifacts_were_deleted_names_the_version_and_the_way_out(capsys, tmp_path, monkeypatch):
+    """``compbias train``, then the baseline's artifact folder is deleted, then ``compbias compress``: exit 2, no traceback."""
+    import shutil
+
+    monkeypatch.setenv("COMPBIAS_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    path = write_study(tmp_path, "gone")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["train", str(path), "--tracking-uri", uri, "--executor", "local"]) == 0
+    (run,) = census(uri).model_runs("FINISHED")
+    shutil.rmtree(Path(run.info.artifact_uri.removeprefix("file://")))
+    capsys.readouterr()
+    code = cli.main(["compress", str(path), "--tracking-uri", uri, "--executor", "local"])
+    said = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in said, said
+    assert "version 1 of compbias-gone has no saved weights" in said and "delete that model version" in said, said
+    c = census(uri)
+    assert len(c.model_runs("FINISHED")) == 1 and len(c.versions) == 1 and "RUNNING" not in c.statuses(), c.statuses()
+
+
 def test_missing_dataset_path_is_refused_before_anything_is_logged(capsys, tmp_path):
     study = _variant(_set("dataset", {"kind": "imagefolder", "root": str(tmp_path / "no-such-dir")}))
     code, said, uri = run_study_cli(capsys, tmp_path, yaml.safe_dump(study))
