@@ -117,16 +117,26 @@ def test_ray_worker_sigkill_is_retried(tmp_path):
         "registered versions do not match the finished runs one to one"
 
 
-def _server(work: Path, port: int):
-    """Start ``mlflow server`` (SQLite store and artifacts in ``work``) on ``port``; wait for /health."""
+def _server(work: Path, port: int, backend: str | None = None):
+    """Start ``mlflow server`` (SQLite store unless ``backend``, artifacts in ``work``) on ``port``; wait for /health."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(MLFLOW_SERVER_ENV)
     argv = [str(VENV_BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts")]
+            "--backend-store-uri", backend or f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts")]
     svc = spawn("mlflow server", argv, work / "server.log", env=env, cwd=work)
     url = f"http://{LOOPBACK}:{port}"
     wait_for(lambda: http_status(f"{url}/health") == 200, svc, "/health", 120)
     return svc, url
+
+
+def _versions_on_server(url: str) -> int:
+    """Registered versions the server at ``url`` reports (-1 while it does not answer)."""
+    from mlflow import MlflowClient
+
+    try:
+        return len(MlflowClient(tracking_uri=url, registry_uri=url).search_model_versions(max_results=100))
+    except Exception:
+        return -1
 
 
 def _versions(db: Path) -> int:
@@ -144,26 +154,46 @@ def _versions(db: Path) -> int:
 OUTAGE_SECONDS = 5.0
 
 
-def test_tracking_server_restart_mid_study(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def restart_backend(request):
+    """The tracking server's backend store for the restart test: a SQLite file, or a PostgreSQL server that stays up."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.services import start_postgres
+
+    pg = start_postgres()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+def test_tracking_server_restart_mid_study(tmp_path, restart_backend):
     work = tmp_path
     (work / "artifacts").mkdir()
     study = work / "restart.yaml"
     study.write_text(TINY_STUDY.format(name="restart", seeds=1, levels="[0.5]"))
     port = free_port()
-    svc, url = _server(work, port)
+    backend = restart_backend.uri if restart_backend is not None else None
+    svc, url = _server(work, port, backend)
+
+    def versions() -> int:
+        return _versions(work / "mlflow.db") if backend is None else _versions_on_server(url)
+
     env = clean_env(MLFLOW_TRACKING_URI=url, COMPBIAS_CACHE_DIR=str(work / "cache"))
     log = work / "study.log"
     proc = subprocess.Popen([str(VENV_BIN / "compbias"), "study", study.name, "--executor", "local"], cwd=work,
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
-        while _versions(work / "mlflow.db") < 1 and proc.poll() is None and time.monotonic() < deadline:
+        while versions() < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, f"the study ended before the server could be stopped; log:\n{log.read_text()[-3000:]}"
-        assert _versions(work / "mlflow.db") >= 1, "no version was registered in time"
+        assert versions() >= 1, "no version was registered in time"
         svc.stop()
         time.sleep(OUTAGE_SECONDS)
-        svc, _ = _server(work, port)
+        svc, _ = _server(work, port, backend)
         code = proc.wait(timeout=180)
         assert code == 0, f"study exited {code} across a tracking outage; log:\n{log.read_text()[-5000:]}"
 
