@@ -15,6 +15,9 @@ store has a single writer. Conventions (``docs/architecture.md``):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import copy
 import datetime
 import functools
 import importlib.metadata
@@ -45,6 +48,8 @@ from compbias.platform.tasks import TaskResult, write_model_files
 __all__ = [
     "TAG",
     "configure_tracking",
+    "use_sqlite_wal",
+    "sqlite_store_path",
     "ensure_experiment",
     "ensure_registered_model",
     "start_parent_run",
@@ -153,6 +158,8 @@ def tracking_error_message(exc: BaseException, tracking_uri: str | None = None) 
 def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
     """Point MLflow at a store and return a client; the registry uses the same URI.
 
+    A local SQLite store is put in WAL mode first (:func:`use_sqlite_wal`).
+
     Parameters
     ----------
     tracking_uri : str, optional
@@ -166,8 +173,114 @@ def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
     check_tracking_reachable(uri)
+    use_sqlite_wal(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_WAL_FILES: set[str] = set()
+
+
+def sqlite_store_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI, else None.
+
+    Parameters
+    ----------
+    uri : str
+        A tracking URI, e.g. ``sqlite:////abs/mlflow.db`` or ``sqlite:///mlflow.db``
+        (relative to the current directory).
+
+    Returns
+    -------
+    pathlib.Path or None
+        The absolute path of the file; None for other stores and in-memory databases.
+    """
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(uri).database
+    except Exception:  # not a URL SQLAlchemy accepts: MLflow will say so
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
+
+
+def _sqlite_connect_pragmas(dbapi_connection, connection_record) -> None:
+    """SQLAlchemy ``connect`` hook: ``synchronous=NORMAL`` on connections to a store put in WAL mode here."""
+    import sqlite3
+
+    if not _WAL_FILES or not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    try:
+        files = {os.path.realpath(row[2]) for row in dbapi_connection.execute("PRAGMA database_list") if row[1] == "main" and row[2]}
+        if files & _WAL_FILES:
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error:  # pragma: no cover - the connection stays at SQLite's defaults
+        log.debug("could not set synchronous=NORMAL", exc_info=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _install_connect_hook() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    event.listen(Engine, "connect", _sqlite_connect_pragmas)
+
+
+def use_sqlite_wal(uri: str) -> bool:
+    """Put a local SQLite tracking store in WAL mode, with ``synchronous=NORMAL`` for this process.
+
+    In its default (rollback-journal) mode SQLite syncs the database file and
+    its journal to disk at every commit, and a model run takes about eight
+    commits. In WAL mode (a persistent property of the file, kept by every
+    later user of the store) a commit appends to the write-ahead log, readers
+    do not block the writer, and with ``synchronous=NORMAL`` (set on every
+    connection this process opens to the file) the log is synced at
+    checkpoints rather than at each commit. A process killed at any point
+    loses nothing committed; a power cut or OS crash can lose the last
+    commits, never the database, and always a suffix of them, so the order
+    "artifacts, then the registered version, then the run FINISHED" still
+    holds for what survives (:func:`scan_study` cleans up the rest). WAL
+    needs all users of the file on one machine (not a network file system),
+    as SQLite stores shared by several processes already do. A file that
+    cannot be switched (read-only, locked for 30 s) stays as it is.
+
+    The database file is created when it does not exist yet; MLflow creates
+    its tables on first use as before.
+
+    Parameters
+    ----------
+    uri : str
+        The tracking URI; anything but a ``sqlite:`` file URI is left alone.
+
+    Returns
+    -------
+    bool
+        True when the store is in WAL mode.
+    """
+    import sqlite3
+
+    path = sqlite_store_path(uri)
+    if path is None or not path.parent.is_dir():
+        return False
+    try:
+        con = sqlite3.connect(str(path), timeout=30)
+        try:
+            mode = str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        log.warning("SQLite store %s stays in its journal mode (could not switch to WAL: %s)", path, exc)
+        return False
+    if mode != "wal":
+        log.warning("SQLite store %s stays in journal mode %r (WAL was refused)", path, mode)
+        return False
+    _install_connect_hook()
+    _WAL_FILES.add(os.path.realpath(path))
+    return True
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -532,7 +645,17 @@ def _requirements() -> list[str]:
     return reqs  # cached: reading package metadata costs ~0.1 s per call
 
 
-_CODE_COPY: dict[str, Path] = {}
+_SCRATCH: dict[str, Path] = {}
+
+
+def _scratch_dir() -> Path:
+    """This process's directory for the pyfunc templates and the code copy, removed at exit."""
+    d = _SCRATCH.get("dir")
+    if d is None or not d.is_dir():
+        d = Path(tempfile.mkdtemp(prefix="compbias-pyfunc-"))
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+        _SCRATCH["dir"] = d
+    return d
 
 
 def _package_copy() -> Path:
@@ -541,14 +664,13 @@ def _package_copy() -> Path:
     Shipped with each model (``code_paths``) so that ``mlflow models serve``
     works where compbias is not installed; made once per process.
     """
-    if "dir" not in _CODE_COPY or not _CODE_COPY["dir"].exists():
-        root = Path(tempfile.mkdtemp(prefix="compbias-code-")) / "compbias"
-        root.mkdir()
-        shutil.copy2(PACKAGE_DIR / "__init__.py", root / "__init__.py")
+    root = _scratch_dir() / "code" / "compbias"
+    if not (root / "__init__.py").is_file():
+        root.mkdir(parents=True, exist_ok=True)
         for sub in ("jobs", "metrics"):
-            shutil.copytree(PACKAGE_DIR / sub, root / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        _CODE_COPY["dir"] = root
-    return _CODE_COPY["dir"]
+            shutil.copytree(PACKAGE_DIR / sub, root / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+        shutil.copy2(PACKAGE_DIR / "__init__.py", root / "__init__.py")  # last: marks the copy complete
+    return root
 
 
 def _signature(input_shape: tuple[int, ...]):
@@ -561,49 +683,115 @@ def _signature(input_shape: tuple[int, ...]):
     )
 
 
-_TEMPLATES: dict[tuple[int, ...], Path] = {}
+@contextlib.contextmanager
+def _pinned_requirements_trusted():
+    """Skip MLflow's check of the model's requirements against this environment.
+
+    ``mlflow.pyfunc.save_model`` maps every installed package to its modules
+    (reading each distribution's file list: ~1 s here) to warn about
+    requirements the environment does not satisfy. Ours are read from this
+    very environment (:func:`_requirements`), so the check cannot find a
+    mismatch; it only warns, and the saved files are the same without it.
+    If MLflow moves the function, the check simply runs.
+    """
+    import mlflow.utils.environment as env
+
+    real = getattr(env, "warn_dependency_requirement_mismatches", None)
+    if real is None:
+        yield
+        return
+    env.warn_dependency_requirement_mismatches = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        env.warn_dependency_requirement_mismatches = real
+
+
+@dataclass
+class _Template:
+    """A pyfunc model saved by MLflow once per input shape, cloned for every model."""
+
+    directory: Path
+    mlmodel: dict[str, Any]  # its MLmodel, parsed
+    weights_path: str  # the ``weights`` artifact's directory inside the model, posix
+    weights_bytes: int  # size of the template's own weights (model_size_bytes counts them)
+
+
+_TEMPLATES: dict[tuple[int, ...], _Template] = {}
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _template(input_shape: tuple[int, ...], weights: Path) -> _Template:
+    from mlflow.models import Model
+
+    key = tuple(int(x) for x in input_shape)
+    tpl = _TEMPLATES.get(key)
+    if tpl is not None and (tpl.directory / "MLmodel").is_file():
+        return tpl
+    directory = Path(tempfile.mkdtemp(prefix="template-", dir=_scratch_dir())) / "model"
+    with warnings.catch_warnings(), _pinned_requirements_trusted():
+        # the signature is given explicitly; an input example would make
+        # MLflow load the model here just to validate it
+        warnings.filterwarnings("ignore", message=".*input[ _]example.*", category=UserWarning)
+        mlflow.pyfunc.save_model(
+            str(directory),
+            python_model=str(PYFUNC_CODE),
+            artifacts={"weights": str(weights)},
+            code_paths=[str(_package_copy())],
+            signature=_signature(key),
+            pip_requirements=_requirements(),
+        )
+    mlmodel = Model.load(str(directory / "MLmodel")).to_dict()
+    weights_path = mlmodel["flavors"]["python_function"]["artifacts"]["weights"]["path"]
+    tpl = _Template(directory, mlmodel, weights_path, _tree_bytes(directory / weights_path))
+    _TEMPLATES[key] = tpl
+    return tpl
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the template's files are never written to again
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def _save_pyfunc(model_dir: Path, weights: Path, input_shape: tuple[int, ...], metadata: dict[str, Any]) -> None:
     """Write the pyfunc model of one set of weights into ``model_dir``.
 
-    The first model of an input shape is saved by ``mlflow.pyfunc.save_model``
-    (models from code, explicit signature and requirements); it becomes a
-    template. Later models copy the template, put their own weights in its
-    ``weights`` artifact and get a fresh ``MLmodel`` (new ``model_uuid``,
-    creation time and metadata) through ``mlflow.models.Model``: the same
-    files MLflow would write, without re-resolving and re-checking the pip
-    requirements for every model (~0.15 s each).
+    The first model of an input shape in a process is saved by
+    ``mlflow.pyfunc.save_model`` (models from code, explicit signature and
+    requirements); it becomes a template. Every model is a clone of the
+    template: its files (code, environment files, ``pyfunc_model.py``) hard
+    linked, the model's own weights as the ``weights`` artifact, and a fresh
+    ``MLmodel`` (new ``model_uuid``, creation time, metadata, weights location
+    and ``model_size_bytes``). These are the files MLflow would write, without
+    re-resolving the requirements and re-copying the code for every model.
     """
     from mlflow.models import Model
 
-    key = tuple(int(x) for x in input_shape)
-    template = _TEMPLATES.get(key)
-    if template is None or not (template / "MLmodel").is_file():
-        template = Path(tempfile.mkdtemp(prefix="compbias-pyfunc-")) / "model"
-        with warnings.catch_warnings():
-            # the signature is given explicitly; an input example would make
-            # MLflow load the model here just to validate it
-            warnings.filterwarnings("ignore", message=".*input[ _]example.*", category=UserWarning)
-            mlflow.pyfunc.save_model(
-                str(template),
-                python_model=str(PYFUNC_CODE),
-                artifacts={"weights": str(weights)},
-                code_paths=[str(_package_copy())],
-                signature=_signature(key),
-                pip_requirements=_requirements(),
-            )
-        _TEMPLATES[key] = template
-    shutil.copytree(template, model_dir)
-    mlmodel = Model.load(str(model_dir / "MLmodel"))
-    entry = mlmodel.flavors["python_function"]["artifacts"]["weights"]
-    target = model_dir / entry["path"]
-    shutil.rmtree(target)
-    shutil.copytree(weights, target)
-    entry["uri"] = str(weights)
+    tpl = _template(input_shape, weights)
+    skip = {"MLmodel", tpl.weights_path}
+    for dirpath, dirnames, filenames in os.walk(tpl.directory):
+        rel = Path(dirpath).relative_to(tpl.directory)
+        dirnames[:] = [d for d in dirnames if (rel / d).as_posix() not in skip]
+        (model_dir / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            if (rel / name).as_posix() not in skip:
+                _link_or_copy(Path(dirpath) / name, model_dir / rel / name)
+    target = model_dir / tpl.weights_path
+    target.mkdir(parents=True)
+    for f in sorted(weights.iterdir()):
+        _link_or_copy(f, target / f.name)
+    mlmodel = Model.from_dict(copy.deepcopy(tpl.mlmodel))
+    mlmodel.flavors["python_function"]["artifacts"]["weights"]["uri"] = str(weights)
     mlmodel.model_uuid = uuid.uuid4().hex
     mlmodel.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
     mlmodel.metadata = metadata
+    if tpl.mlmodel.get("model_size_bytes") is not None:
+        mlmodel.model_size_bytes = tpl.mlmodel["model_size_bytes"] - tpl.weights_bytes + _tree_bytes(target)
     mlmodel.save(str(model_dir / "MLmodel"))
 
 
@@ -686,14 +874,13 @@ def log_model_run(
             result.per_class.to_parquet(out / "rates" / "per_class.parquet", index=False)
             result.per_group.to_parquet(out / "rates" / "per_group.parquet", index=False)
             (out / "study.yaml").write_text(study_text)
-            client.log_artifacts(run_id, str(out))
             weights = write_model_files(result.model_files, Path(tmp) / "weights")
             # The pyfunc model is saved locally and logged as the run's `model/`
             # directory (no LoggedModel entity: fewer store writes per model);
-            # the registered version points at that directory.
-            model_dir = Path(tmp) / "model"
-            _save_pyfunc(model_dir, weights, result.input_shape, {"compbias": {k[len(TAG):]: v for k, v in tags.items()}})
-            client.log_artifacts(run_id, str(model_dir), "model")
+            # the registered version points at that directory. One upload for
+            # the tables and the model.
+            _save_pyfunc(out / "model", weights, result.input_shape, {"compbias": {k[len(TAG):]: v for k, v in tags.items()}})
+            client.log_artifacts(run_id, str(out))
             now = int(time.time() * 1000)
             mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
             for k, series in _series(result.info).items():

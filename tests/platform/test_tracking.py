@@ -194,3 +194,137 @@ def test_scan_finds_finished_models_and_cleans_up_half_done_state(store):
     # the scan is idempotent
     again = tracking.scan_study(store, exp, spec)
     assert set(again.done) == set(state.done) and not again.interrupted and not again.deleted_versions
+
+
+def _tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore:.*input example:UserWarning")
+def test_every_logged_model_is_what_mlflow_save_model_writes_for_its_weights(tmp_path):
+    """Models are cloned from a per-process template; a clone must equal MLflow's own save of the same weights."""
+    from mlflow.models import Model
+
+    spec = parse_study(STUDY)
+    tasks = plan_study(spec)
+    shape = (1, 8, 8)
+    dirs = []
+    for i, size in enumerate((16, 4000)):  # two models whose weights differ in content and size
+        files = {"weights.safetensors": bytes([i + 1]) * size, "model_spec.json": json.dumps({"arch": "smallcnn", "i": i}).encode()}
+        weights = tracking.write_model_files(files, tmp_path / f"w{i}" / "weights")
+        tracking._save_pyfunc(tmp_path / f"model{i}", weights, shape, {"compbias": {"seed": str(tasks[i].seed)}})
+        dirs.append((tmp_path / f"model{i}", weights, files))
+
+    # the reference: MLflow itself saving the second model's weights
+    model_dir, weights, files = dirs[1]
+    ref = tmp_path / "reference"
+    mlflow.pyfunc.save_model(str(ref), python_model=str(tracking.PYFUNC_CODE), artifacts={"weights": str(weights)},
+                             code_paths=[str(tracking._package_copy())], signature=tracking._signature(shape),
+                             pip_requirements=tracking._requirements())
+    ours, theirs = _tree(model_dir), _tree(ref)
+    assert sorted(ours) == sorted(theirs)
+    assert {k for k in ours if ours[k] != theirs[k]} == {"MLmodel"}
+    assert ours["artifacts/weights/weights.safetensors"] == files["weights.safetensors"]
+
+    mine, ref_ml = Model.load(str(model_dir / "MLmodel")).to_dict(), Model.load(str(ref / "MLmodel")).to_dict()
+    first = Model.load(str(dirs[0][0] / "MLmodel")).to_dict()
+    assert mine["model_size_bytes"] == ref_ml["model_size_bytes"] == first["model_size_bytes"] + 4000 - 16  # its own weights
+    assert mine["metadata"] == {"compbias": {"seed": str(tasks[1].seed)}}
+    assert len({first["model_uuid"], mine["model_uuid"], ref_ml["model_uuid"]}) == 3
+    for d in (mine, ref_ml):
+        for key in ("model_uuid", "utc_time_created", "metadata"):
+            d.pop(key, None)
+        d["flavors"]["python_function"]["artifacts"]["weights"].pop("uri")
+    assert mine == ref_ml
+    # the first model kept its own weights: cloning shares no written file with later models
+    assert (dirs[0][0] / "artifacts/weights/weights.safetensors").read_bytes() == dirs[0][2]["weights.safetensors"]
+
+
+def test_a_sqlite_store_configured_by_compbias_is_in_wal_mode(tmp_path):
+    import sqlite3
+
+    import sqlalchemy
+
+    db = tmp_path / "new" / "mlflow.db"
+    db.parent.mkdir()
+    old = mlflow.get_tracking_uri()
+    try:
+        tracking.configure_tracking(f"sqlite:///{db}").search_experiments()  # a new store: MLflow creates its tables
+    finally:
+        mlflow.set_tracking_uri(old)
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent: every later user gets it
+        assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 1
+    finally:
+        con.close()
+    # this process's connections to the store skip the per-commit sync; other SQLite files keep SQLite's default (FULL)
+    for path, expected in ((db, 1), (tmp_path / "other.db", 2)):
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        with engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == expected, path
+        engine.dispose()
+    assert tracking.sqlite_store_path(f"sqlite:///{db}") == db
+    assert tracking.sqlite_store_path("http://127.0.0.1:5000") is None
+    assert tracking.sqlite_store_path("sqlite://") is None and tracking.sqlite_store_path("sqlite:///:memory:") is None
+    assert not tracking.use_sqlite_wal(f"sqlite:///{tmp_path / 'missing-dir' / 'mlflow.db'}")  # MLflow reports that itself
+
+
+_WRITER = """
+import importlib.util, sys
+sys.path.insert(0, {repo!r})
+spec = importlib.util.spec_from_file_location("tt", {test_file!r})
+tt = importlib.util.module_from_spec(spec); spec.loader.exec_module(tt)
+from compbias.platform import tracking
+from compbias.platform.config import parse_study
+from compbias.platform.plan import plan_study
+study = parse_study({{**tt.STUDY, "name": sys.argv[2], "population": {{"seeds": 3}}}})
+client = tracking.configure_tracking(sys.argv[1])
+exp = tracking.ensure_experiment(client, study.experiment_name)
+tracking.ensure_registered_model(client, study)
+parent = tracking.start_parent_run(client, exp, study, "x")
+# both writers start logging together (imports take seconds and vary)
+import pathlib, time
+pathlib.Path(f"ready-{{sys.argv[2]}}").touch()
+deadline = time.monotonic() + 120
+while len(list(pathlib.Path().glob("ready-*"))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+base = {{}}
+for task in plan_study(study):
+    fm = tracking.log_model_run(client, exp, parent, study, "x", tt._result(task), baseline=base.get(task.baseline_key))
+    base[task.key] = fm
+tracking.finish_run(client, parent, True)
+print("logged", len(base))
+"""
+
+
+def test_two_processes_logging_at_once_to_one_wal_store_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    old = mlflow.get_tracking_uri()
+    try:
+        tracking.configure_tracking(uri).search_experiments()  # the schema exists before the two writers start
+    finally:
+        mlflow.set_tracking_uri(old)
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER.format(repo=str(Path(__file__).resolve().parents[2]), test_file=str(Path(__file__).resolve())))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    env["COMPBIAS_ARTIFACT_ROOT"] = str(tmp_path / "artifacts")
+    procs = [subprocess.Popen([sys.executable, str(script), uri, name], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("left", "right")]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "logged 6" in out, out[-3000:]
+        assert "database is locked" not in out, out[-3000:]
+    client = MlflowClient(uri, uri)
+    for name in ("left", "right"):
+        exp = client.get_experiment_by_name(f"compbias/{name}").experiment_id
+        runs = client.search_runs([exp], "tags.`compbias.run_kind` = 'model'")
+        assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+        versions = list(client.search_model_versions(f"name = 'compbias-{name}'"))
+        assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+        assert all(len(r.data.params) >= 5 and "acc" in r.data.metrics for r in runs)
