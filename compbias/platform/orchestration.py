@@ -22,7 +22,7 @@ from compbias.platform.config import StudySpec
 from compbias.platform.plan import ModelTask
 from compbias.platform.tasks import ModelFiles, TaskResult, execute_task
 
-__all__ = ["WORKER_ENV", "RAY_BIND_ENV", "init_ray", "local_ray_is_loopback", "ray_bind_mode", "RayExecutor", "LocalExecutor", "make_executor", "cuda_available"]
+__all__ = ["WORKER_ENV", "RAY_BIND_ENV", "init_ray", "local_ray_is_loopback", "ray_bind_mode", "task_options", "RayExecutor", "LocalExecutor", "make_executor"]
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +108,6 @@ def local_ray_is_loopback() -> bool:
     return host in ("127.0.0.1", "::1", "localhost")
 
 
-def cuda_available() -> bool:
-    """Whether this process sees a CUDA device (torch imported lazily).
-
-    Returns
-    -------
-    bool
-    """
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover
-        return False
-
-
 def _numba_cache_dir() -> str:
     d = os.environ.get("NUMBA_CACHE_DIR") or str(REPO_ROOT / ".cache" / "numba")
     try:
@@ -194,15 +179,56 @@ def _remote_body(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
     return execute_task(task, spec_data, baseline)
 
 
+def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
+    """Ray options of every model task of a study.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        ``resources.cpus_per_task``, ``gpus_per_task`` and ``max_retries``.
+    cluster_gpus : float
+        GPUs of the Ray cluster the tasks run on (``ray.cluster_resources()``).
+        ``gpus_per_task: auto`` asks for one GPU per task when the cluster has
+        any, whatever the driver's own machine has (a CPU-only driver joining a
+        GPU cluster gets GPU tasks; a GPU driver on a CPU-only cluster does not
+        ask for GPUs that would never come).
+
+    Returns
+    -------
+    dict
+        ``num_cpus``, ``num_gpus`` when GPUs are asked for, ``max_retries``
+        (retries when a worker dies) and ``retry_exceptions=False``.
+
+    Raises
+    ------
+    ValueError
+        A fixed ``gpus_per_task`` larger than the cluster's GPUs (the tasks
+        could never be scheduled).
+    """
+    gpus = spec.resources.gpus_per_task
+    if gpus == "auto":
+        gpus = 1 if cluster_gpus >= 1 else 0
+    elif gpus > cluster_gpus:
+        raise ValueError(
+            f"the study asks for resources.gpus_per_task={gpus:g} but the Ray cluster has {cluster_gpus:g} GPU(s), so its "
+            "tasks would wait forever; set gpus_per_task to auto or 0, or join a cluster with GPUs (RAY_ADDRESS)"
+        )
+    options: dict[str, Any] = {"max_retries": spec.resources.max_retries, "retry_exceptions": False,
+                               "num_cpus": spec.resources.cpus_per_task}
+    if gpus:
+        options["num_gpus"] = gpus
+    return options
+
+
 class RayExecutor:
     """Runs tasks as Ray tasks, one per model.
 
     Parameters
     ----------
     spec : StudySpec
-        Supplies the resources: ``num_gpus`` per task when CUDA is present
-        (``gpus_per_task: auto``) else ``num_cpus = cpus_per_task``, and
-        ``max_retries`` for workers that die.
+        Supplies the resources (:func:`task_options`): ``num_cpus`` and,
+        when the cluster has GPUs (``gpus_per_task: auto``) or the study asks
+        for them, ``num_gpus``; ``max_retries`` for workers that die.
     """
 
     name = "ray"
@@ -213,16 +239,7 @@ class RayExecutor:
         init_ray()
         self._ray = ray
         self.spec_data = spec.resolved()
-        gpus = spec.resources.gpus_per_task
-        if gpus == "auto":
-            gpus = 1 if cuda_available() else 0
-        options: dict[str, Any] = {"max_retries": spec.resources.max_retries, "retry_exceptions": False}
-        if gpus:
-            options["num_gpus"] = gpus
-            options["num_cpus"] = spec.resources.cpus_per_task
-        else:
-            options["num_cpus"] = spec.resources.cpus_per_task
-        self.options = options
+        self.options = task_options(spec, ray.cluster_resources().get("GPU", 0.0))
         self._remote = ray.remote(_remote_body)
         self._spec_ref = ray.put(self.spec_data)
 
