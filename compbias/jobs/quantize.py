@@ -54,8 +54,13 @@ from collections import Counter
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.ao.quantization as tq
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.ao.nn.quantized.modules.linear import LinearPackedParams as _LinearPackedParams
 
 from .prune import conv_bn_pairs
 
@@ -214,19 +219,6 @@ class _PlainState:
                 self.scale = float(parts["scale"])
                 self.zero_point = int(parts["zero_point"])
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-def _ao():
-    import torch.ao.nn.intrinsic as nni
-    import torch.ao.nn.intrinsic.quantized as nniq
-    import torch.ao.nn.quantized as nnq
-    import torch.ao.quantization as tq
-    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
-
-    return tq, nnq, nni, nniq, LinearPackedParams
-
-
-tq, nnq, nni, nniq, _LinearPackedParams = _ao()
 
 
 class _SilentPackedParams(_LinearPackedParams):
