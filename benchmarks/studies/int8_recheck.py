@@ -43,6 +43,7 @@ test images); torch uses one thread by default, as the study's Ray workers did.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -547,7 +548,8 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
 
         # the new model, built as the study's compress task builds it
         base_files = download_model_files(registered, bv.version, scratch)
-        result = execute_task(task, spec.resolved(), base_files)
+        with contextlib.redirect_stdout(sys.stderr):  # the task's progress lines, not the report
+            result = execute_task(task, spec.resolved(), base_files)
         new_record = json.loads(result.model_files["model_spec.json"])["quantization"]
         new_model = load_files(result.model_files)
         new = result.predictions.sort_values("example_id").reset_index(drop=True)
