@@ -178,6 +178,14 @@ def activation_scales(model) -> dict[str, float]:
     return out
 
 
+def last_output_scale(model) -> float:
+    """Output scale of the last int8_static torch.ao layer (the logits' quantum when it is the classifier); NaN if none."""
+    from compbias.jobs.quantize import Int8StaticLayer
+
+    layers = [m for m in model.modules() if isinstance(m, Int8StaticLayer)]
+    return float(layers[-1].layer.scale) if layers else float("nan")
+
+
 def grid_steps(record: dict[str, Any]) -> int:
     """Number of activation quantisation steps of a quantization record (255 for full uint8)."""
     act = record.get("activation") or {}
@@ -404,13 +412,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"- new (rebuilt now): {report['new_backend']}\n")
     lines.append("#### Per seed\n")
     lines.append("| seed | baseline version | int8 version | baseline acc % | old acc % | new acc % | old = new % | "
-                 "old = baseline % | new = baseline % | logged model reproduces its predictions | activation scale ratio new/old (expected) |")
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+                 "old = baseline % | new = baseline % | logged model reproduces its predictions | activation scale ratio new/old (expected) "
+                 "| new: output quantum of the last layer |")
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for s in report["seeds"]:
         lines.append(f"| {s['seed']} | {s['baseline_version']} | {s['compressed_version']} | {rt.fmt(s['acc_baseline'], pct=True)} "
                      f"| {rt.fmt(s['acc_old'], pct=True)} | {rt.fmt(s['acc_new'], pct=True)} | {rt.fmt(s['agree_old_new'], pct=True)} "
                      f"| {rt.fmt(s['agree_old_baseline'], pct=True)} | {rt.fmt(s['agree_new_baseline'], pct=True)} "
-                     f"| {s['logged_reproduced']} | {s['scale_ratio_range']} ({s['scale_ratio_expected']:.4f}) |")
+                     f"| {s['logged_reproduced']} | {s['scale_ratio_range']} ({s['scale_ratio_expected']:.4f}) "
+                     f"| {s['new_logit_quantum']:.4f} |")
     a, g = r["accuracy"], r["agreement"]
     lines.append("\n#### Pooled over seeds (95% bootstrap CI over test examples)\n")
     lines.append("| quantity | value |")
@@ -581,6 +591,7 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
             "scale_ratio_range": f"{ratios.min():.4f}-{ratios.max():.4f}",
             "scale_ratio_expected": expected,
             "scale_ratio_max_rel_dev": float(np.abs(ratios / expected - 1).max()),
+            "new_logit_quantum": last_output_scale(new_model),
             "new_quantization": new_record,
             "seconds_rebuild": result.seconds,
         })
