@@ -40,6 +40,12 @@ class Evaluation:
         ``(C, C)`` counts, rows true, columns predicted.
     logits : numpy.ndarray or None
         ``(N, C)`` float32 when requested.
+    n_ties : int
+        Test examples whose largest logit is shared by two or more classes
+        (``pred`` is then the lowest of those class indices). Float models
+        almost never tie; a model whose logits sit on a coarse grid (e.g.
+        requantized int8 outputs) can, and the lowest-index rule then favours
+        class 0, so a non-zero count is worth a look before reading its rates.
     """
 
     predictions: pd.DataFrame
@@ -48,6 +54,7 @@ class Evaluation:
     accuracy: float
     confusion: np.ndarray
     logits: np.ndarray | None = None
+    n_ties: int = 0
 
 
 @torch.no_grad()
@@ -93,6 +100,8 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
     Returns
     -------
     Evaluation
+        ``pred`` is the class of the largest logit; when several classes share
+        it, the lowest class index (counted in ``n_ties``).
 
     Raises
     ------
@@ -105,7 +114,9 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
         raise ValueError(f"model outputs {logits.shape[1:]} logits per example, the dataset has {bundle.n_classes} classes")
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    pred = probs.argmax(axis=1).astype(np.int64)
+    pred = probs.argmax(axis=1).astype(np.int64)  # ties: the lowest class index (numpy's argmax)
+    top = logits.max(axis=1, keepdims=True)
+    n_ties = int(((logits == top).sum(axis=1) > 1).sum())
     labels = bundle.test_frame["label"].to_numpy(np.int64)
 
     frame = bundle.test_frame
@@ -135,5 +146,5 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
     return Evaluation(
         predictions=predictions, per_class=per_class, per_group=per_group,
         accuracy=float((pred == labels).mean()), confusion=np.asarray(counts),
-        logits=logits if keep_logits else None,
+        logits=logits if keep_logits else None, n_ties=n_ties,
     )

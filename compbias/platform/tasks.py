@@ -198,6 +198,7 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
             log=_progress(task),
         )
     evaluation = jobs.evaluate(model, bundle)
+    info["pred_ties"] = evaluation.n_ties  # logged as a metric: examples whose top logits tie (see jobs.evaluate)
     with tempfile.TemporaryDirectory(prefix="compbias-save-") as tmp:
         jobs.save_model(model, _model_spec(spec, bundle, task), tmp)
         files = model_files_from_dir(tmp)

@@ -93,6 +93,7 @@ def test_metrics_reflect_the_compression(study):
         assert {f"fpr/class/{c}" for c in range(10)} <= set(base) and {f"fnr/class/{c}" for c in range(10)} <= set(base)
         assert any(k.startswith("fpr/group/ink_") for k in base)
         assert base["sparsity"] == pytest.approx(0.0, abs=1e-3)
+        assert base["pred_ties"] == 0  # float logits do not tie
         for level in (0.5, 0.9):
             m = by_key[(seed, "magnitude", str(level))].data.metrics
             assert m["sparsity"] == pytest.approx(level, abs=0.01)

@@ -33,6 +33,28 @@ def test_evaluation_tables(baseline, digits):
     assert sizes["ink=1"] == int(digits.test_frame["ink"].sum())
 
 
+def test_tied_top_logits_go_to_the_lowest_class_and_are_counted(baseline, digits):
+    """A model whose logits sit on a coarse grid ties; ``pred`` takes the lowest tied class and ``n_ties`` counts them."""
+    assert evaluate(baseline, digits).n_ties == 0  # a float model
+
+    class Coarse(torch.nn.Module):  # the baseline's logits rounded to a step of 4: many exact ties
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.round(self.inner(x) / 4.0) * 4.0
+
+    coarse = Coarse(baseline)
+    ev = evaluate(coarse, digits, keep_logits=True)
+    logits = ev.logits
+    top = logits.max(axis=1, keepdims=True)
+    tied = (logits == top).sum(axis=1) > 1
+    assert tied.any() and ev.n_ties == int(tied.sum())
+    first_top = (logits == top).argmax(axis=1)  # hand rule: the first (lowest) class holding the maximum
+    assert (ev.predictions["pred"].to_numpy() == first_top).all()
+
+
 def test_binary_task_reports_the_positive_class_per_group(celeba_root):
     b = load_dataset("celeba", root=celeba_root, target="Blond_Hair", groups=["Male", "Young"], image_size=8)
     model = build_model("smallcnn", 2, b.input_shape, seed=0)
