@@ -94,7 +94,10 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     ``torch.ao.quantization`` modules (the weights re-packed for the
     recorded engine), or, when the record has no ``backend`` (models saved
     before compbias used torch.ao), on the first version's simulated int8
-    modules. Either way the logits are bit-identical to the saved model's.
+    modules. An ``int8_static`` record's ``output_layer`` names the layer
+    rebuilt as a float-output int8 classifier; torch.ao records without it
+    (saved before that change) get the requantizing classifier they were
+    saved with. Either way the logits are bit-identical to the saved model's.
 
     Returns
     -------

@@ -28,6 +28,22 @@ safetensors.
     unfused ReLUs run in float32 between the quantized layers; each layer
     re-quantizes its own input. The module hierarchy is kept (each layer is
     replaced in place), so block outputs can still be hooked by name.
+
+    The exception is the model's output layer, the ``nn.Linear`` whose output
+    is the model's output (``fc`` of every architecture in
+    :mod:`compbias.jobs.models`; found by :func:`output_linear`). It becomes
+    an :class:`Int8LinearFloatOut`: the same calibrated quint8 input and
+    int8 per-channel weights, int32 accumulation, but its accumulator is
+    dequantized to float32 logits (torch's
+    ``quantized.linear_with_input_q_dq_qweight_dq_output_fp32`` kernel), not
+    requantized to uint8, as deployments keep the classifier's output.
+    Requantized logits (a step of ~0.1 on 7 bits) tie near the decision
+    boundary, and ``argmax`` gives ties to class 0. The spec's
+    ``quantization["output_layer"]`` records it (``{"name": "fc", "output":
+    "float32 ...", "kernel": ...}``; ``"name": None`` when the model's output
+    is not a linear layer's, which is then requantized like the others).
+    Models saved before this (no ``output_layer`` in the record) load with
+    their requantized classifier, as they were.
 ``int8_weight``
     Weight-only int8: the same per-channel symmetric grid, computed with
     torch's own observer and ``torch.quantize_per_channel``; each layer
@@ -74,11 +90,14 @@ __all__ = [
     "Int8ConvReLU2d",
     "Int8Linear",
     "Int8LinearReLU",
+    "Int8LinearFloatOut",
+    "FLOAT_OUTPUT_KERNEL",
     "Int8WeightOnlyConv2d",
     "Int8WeightOnlyLinear",
     "QuantizedConv2d",
     "QuantizedLinear",
     "quantize_model",
+    "output_linear",
     "simulate_int8",
     "select_engine",
     "fold_batchnorm",
@@ -293,6 +312,159 @@ class Int8StaticLayer(nn.Module):
             x = x.cpu()
         with _quiet():
             return self.dequant(self.layer(self.quant(x.float())))
+
+
+#: The torch kernel the output layer of ``int8_static`` runs on (int8 in, int32 accumulator, float32 out).
+FLOAT_OUTPUT_KERNEL = "torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def _float_output_kernel_available(packed, in_features: int) -> bool:
+    """Whether the engine that packed ``packed`` has the float-output int8 linear kernel (fbgemm / x86 do, qnnpack not)."""
+    try:
+        with _quiet():
+            torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.zeros(1, in_features), 1.0, 0, packed)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class Int8LinearFloatOut(nn.Module):
+    """The classifier of an ``int8_static`` model: int8 in, int8 weights, int32 accumulator, float32 logits.
+
+    Like the other int8 layers, the input is quantized to quint8 with the
+    scale and zero point its calibration observer gave (7 bits on x86 /
+    fbgemm), the weights are per-output-channel symmetric qint8 and the
+    products are summed in int32 by the engine's kernel. Unlike them, the
+    output is not requantized to uint8: the accumulator is dequantized to
+    float32 and the float bias added,
+    ``y = s_x * s_w[c] * sum_k (q_x[k] - z_x) * q_w[c, k] + b[c]``,
+    which is what int8 deployments do with the logits (an fp32-output int8
+    GEMM as the last op). On the x86 and fbgemm engines this is torch's
+    ``quantized.linear_with_input_q_dq_qweight_dq_output_fp32`` kernel;
+    engines without it (qnnpack) compute the same formula with an int64
+    matrix product (``kernel`` says which). Requantizing the logits (a
+    step of ~0.1 on 7 bits) made the two logits of a binary task exactly
+    equal near the decision boundary, and ``argmax`` gives ties to class 0.
+
+    The state dict holds plain tensors: ``weight_int8`` (int8),
+    ``weight_scale``, ``weight_zero_point`` (per output channel), ``bias``
+    (float32), ``input_scale`` (float64 scalar) and ``input_zero_point``
+    (int64 scalar); the packed weights are rebuilt from them, bit-exactly.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    engine : str, optional
+        The quantized engine to pack the weights for; default the current one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, engine: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.compbias_engine = engine or torch.backends.quantized.engine
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("input_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int64))
+        self._packed = None
+        self._use_kernel: bool | None = None
+
+    @classmethod
+    def from_static_layer(cls, wrapper: "Int8StaticLayer") -> "Int8LinearFloatOut":
+        """The float-output version of a converted :class:`Int8StaticLayer` around a (non-ReLU) linear layer.
+
+        Takes its input scale and zero point (from the calibration observer)
+        and its int8 weights and bias unchanged; only the output
+        requantization is dropped.
+
+        Raises
+        ------
+        TypeError
+            If ``wrapper`` does not hold a converted ``Int8Linear``.
+        """
+        layer = wrapper.layer
+        if not isinstance(layer, Int8Linear) or not isinstance(wrapper.quant, nnq.Quantize):
+            raise TypeError(f"expected a converted int8 linear layer (quant -> Int8Linear -> dequant), got {type(layer).__name__}")
+        weight, bias = layer._weight_bias()
+        engine = getattr(layer, "compbias_engine", None) or torch.backends.quantized.engine
+        m = cls(weight.shape[1], weight.shape[0], engine)
+        m.set_qparams(weight, bias, float(wrapper.quant.scale), int(wrapper.quant.zero_point))
+        return m
+
+    @torch.no_grad()
+    def set_qparams(self, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, input_zero_point: int) -> None:
+        """Set the per-channel qint8 ``weight``, float ``bias`` and the input's quint8 scale and zero point.
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not a per-output-channel quantized tensor of this layer's shape.
+        """
+        if not weight.is_quantized or weight.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) \
+                or weight.q_per_channel_axis() != 0:
+            raise ValueError("Int8LinearFloatOut needs per-output-channel quantized int8 weights")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for a {self.in_features} -> {self.out_features} layer")
+        self.weight_int8 = weight.int_repr().to(torch.int8).contiguous()
+        self.weight_scale = _store_scale(weight.q_per_channel_scales())
+        self.weight_zero_point = _store_zero_points(weight.q_per_channel_zero_points())
+        self.bias = (bias.detach().float() if bias is not None else torch.zeros(self.out_features)).clone()
+        self.input_scale = torch.tensor(float(input_scale), dtype=torch.float64)
+        self.input_zero_point = torch.tensor(int(input_zero_point), dtype=torch.int64)
+        self._packed = None
+
+    def weight(self) -> torch.Tensor:
+        """The weight as a per-channel ``torch.qint8`` tensor."""
+        return _per_channel_qweight(self.weight_int8, self.weight_scale, self.weight_zero_point)
+
+    @property
+    def kernel(self) -> str:
+        """What computes the layer: torch's float-output int8 kernel, or the int64 formula where the engine lacks it."""
+        self._pack()
+        return (f"{FLOAT_OUTPUT_KERNEL} ({self.compbias_engine})" if self._use_kernel
+                else f"int64 matrix product (the {self.compbias_engine} engine has no float-output int8 linear kernel)")
+
+    def _pack(self):
+        if self._packed is None:
+            with _use_engine(self.compbias_engine):
+                self._packed = torch.ops.quantized.linear_prepack(self.weight().cpu(), self.bias.float().cpu())
+            self._use_kernel = _float_output_kernel_available(self._packed, self.in_features)
+        return self._packed
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"], state["_use_kernel"] = None, None  # packed weights are engine objects: rebuilt on use
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # scales may be float32 or float64 and zero points int32 or int64 (see _store_scale): take them as stored
+        for name in ("weight_scale", "weight_zero_point"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            x = x.cpu()
+        x = x.float()
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
+        packed = self._pack()
+        s_x, z_x = float(self.input_scale), int(self.input_zero_point)
+        with _quiet():
+            if self._use_kernel:
+                out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, s_x, z_x, packed)
+            else:
+                qx = torch.quantize_per_tensor(x2, s_x, z_x, torch.quint8).int_repr().to(torch.int64) - z_x
+                acc = qx @ (self.weight_int8.to(torch.int64) - self.weight_zero_point.to(torch.int64).view(-1, 1)).T
+                out = (acc.to(torch.float64) * (s_x * self.weight_scale.to(torch.float64))).float() + self.bias.float()
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, "
+                f"input=quint8 (scale={float(self.input_scale):.6g}, zero_point={int(self.input_zero_point)}), output=float32")
 
 
 def _static_qconfig(engine: str):
@@ -592,6 +764,50 @@ def _fusable_relus(model: nn.Module) -> dict[str, str]:
     return fused
 
 
+def output_linear(model: nn.Module) -> str | None:
+    """Name of the ``nn.Linear`` whose output is the model's output (the classifier), or None.
+
+    Found by ``torch.fx`` tracing: the module called last before the graph's
+    output, skipping identities left by folded batch norms. None when the
+    output comes from anything else (a function, a ReLU, a tuple, ...).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A float model (batch norms folded or not).
+
+    Returns
+    -------
+    str or None
+    """
+    graph = torch.fx.Tracer().trace(model)
+    modules = dict(model.named_modules())
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    node = out.args[0]
+    while isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity):
+        node = node.args[0] if node.args else None
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" and type(modules.get(str(node.target))) is nn.Linear:
+        return str(node.target)
+    return None
+
+
+_FLOAT_OUT = "float32 (int32 accumulator dequantized, not requantized)"
+_REQUANT_OUT = "uint8 requantized like every layer (the model's output is not produced by a Linear layer)"
+
+
+def _output_layer_record(name: str | None, kernel: str | None) -> dict[str, Any]:
+    if name is None:
+        return {"name": None, "output": _REQUANT_OUT}
+    return {"name": name, "output": _FLOAT_OUT, "kernel": kernel}
+
+
+def _float_output(model: nn.Module, name: str) -> Int8LinearFloatOut:
+    """Replace the converted :class:`Int8StaticLayer` ``name`` of ``model`` by its :class:`Int8LinearFloatOut`."""
+    m = Int8LinearFloatOut.from_static_layer(model.get_submodule(name))
+    _set_submodule(model, name, m)
+    return m
+
+
 def _static_float_structure(folded: nn.Module, fused: dict[str, str]) -> list[tuple[str, Int8StaticLayer]]:
     """Wrap each conv/linear of a folded model in an :class:`Int8StaticLayer` (in place), fusing ReLUs."""
     wrapped = []
@@ -614,8 +830,11 @@ def _backend_name(engine: str) -> str:
     return f"{TORCH_AO_BACKEND} (eager, {engine})"
 
 
-def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: int) -> dict[str, Any]:
+def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: int,
+                 output_layer: dict[str, Any]) -> dict[str, Any]:
     reduce = engine in _REDUCE_RANGE_ENGINES
+    tail = ("each layer's output requantized to uint8" if output_layer["name"] is None else
+            f"each layer's output requantized to uint8, except the output layer's ({output_layer['name']}: float32)")
     return {
         "mode": "int8_static",
         "backend": _backend_name(engine),
@@ -624,7 +843,8 @@ def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: i
                    "observer": "PerChannelMinMaxObserver", "range": [-128, 127]},
         "activation": {"dtype": "uint8", "granularity": "per_tensor", "scheme": "affine", "observer": "minmax",
                        "range": [0, 127 if reduce else 255], "reduce_range": reduce},
-        "accumulation": f"int32 in torch.ao.nn.quantized kernels ({engine}); each layer's output requantized to uint8",
+        "accumulation": f"int32 in torch.ao.nn.quantized kernels ({engine}); {tail}",
+        "output_layer": output_layer,
         "batchnorm_folded": n_folded,
         "fused_relu": sorted(fused),
         "calibration_batches": n_batches,
@@ -667,7 +887,11 @@ def quantized_structure(model: nn.Module, mode: str | dict[str, Any]) -> nn.Modu
         "backend": ..., ...}``), or just its mode. A record without
         ``backend`` (models saved before compbias used torch.ao) or with
         :data:`SIMULATION_BACKEND` gives the simulated modules of the first
-        version; a bare mode string means the current torch.ao format.
+        version; a bare mode string means the current torch.ao format. For
+        ``int8_static`` the layer named in ``output_layer`` becomes an
+        :class:`Int8LinearFloatOut`; a torch.ao record without
+        ``output_layer`` (saved before the float-output classifier) keeps a
+        requantizing :class:`Int8StaticLayer` there, as it was saved.
 
     Returns
     -------
@@ -717,6 +941,15 @@ def quantized_structure(model: nn.Module, mode: str | dict[str, Any]) -> nn.Modu
             w.layer.compbias_engine = engine
             w.quant = nnq.Quantize(1.0, 0, torch.quint8)
             w.dequant = nnq.DeQuantize()
+    # models saved before the float-output classifier have no "output_layer": every layer requantizes, as they did
+    out_name = (record.get("output_layer") or {}).get("name")
+    if out_name is not None:
+        wrappers = dict(wrapped)
+        if out_name not in wrappers or not isinstance(wrappers[out_name].layer, Int8Linear):
+            raise ValueError(f"the quantization record's output layer {out_name!r} is not an unfused linear layer of this "
+                             "architecture; the saved spec does not match the model")
+        lin = wrappers[out_name].layer
+        _set_submodule(model, out_name, Int8LinearFloatOut(lin.in_features, lin.out_features, engine))
     model.compbias_engine = engine
     return _finish(model)
 
@@ -776,8 +1009,14 @@ def quantize_model(
         CPU kernels).
     info : dict
         ``quantization`` (the record stored in the model spec: mode, backend,
-        engine, weight and activation schemes, folded batch norms, fused
-        ReLUs) and ``n_layers``.
+        engine, weight and activation schemes, the output layer and what it
+        outputs, folded batch norms, fused ReLUs) and ``n_layers``.
+
+    Notes
+    -----
+    In ``int8_static`` the model's output layer (:func:`output_linear`)
+    outputs float32 logits from its int32 accumulator
+    (:class:`Int8LinearFloatOut`); every other layer requantizes its output.
 
     Raises
     ------
@@ -803,6 +1042,7 @@ def quantize_model(
         raise ValueError("int8_static needs calibration batches of training inputs (calibration=...)")
     engine = select_engine(engine)
     fused = _fusable_relus(folded)
+    out_name = output_linear(folded)
     wrapped = _static_float_structure(folded, fused)
     qconfig = _static_qconfig(engine)
     for _, w in wrapped:
@@ -815,8 +1055,10 @@ def quantize_model(
         if not isinstance(w.layer, _INT8_STATIC_TYPES) or not isinstance(w.quant, nnq.Quantize):
             raise RuntimeError(f"torch.ao.quantization.convert left {name} unquantized ({type(w.layer).__name__})")
         w.layer.compbias_engine = engine
+    kernel = _float_output(folded, out_name).kernel if out_name is not None else None
     folded.compbias_engine = engine
-    return _finish(folded), {"quantization": _static_info(engine, len(pairs), fused, n_batches), "n_layers": len(wrapped)}
+    info = _static_info(engine, len(pairs), fused, n_batches, _output_layer_record(out_name, kernel))
+    return _finish(folded), {"quantization": info, "n_layers": len(wrapped)}
 
 
 @torch.no_grad()
@@ -886,7 +1128,7 @@ def simulate_int8(model: nn.Module, level: str, *, calibration: Iterable[torch.T
     return _finish(folded), info
 
 
-_QUANT_TYPES = (_QuantizedLayer, _WeightOnly, *_INT8_STATIC_TYPES)
+_QUANT_TYPES = (_QuantizedLayer, _WeightOnly, Int8LinearFloatOut, *_INT8_STATIC_TYPES)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from compbias.jobs import build_model, compress_model, evaluate, measure_sparsit
 from compbias.jobs.distill import PerformanceWeighted, kd_loss
 from compbias.jobs.prune import Pruner, conv_bn_pairs, cubic_sparsity
 from compbias.jobs.quantize import (
+    Int8LinearFloatOut,
     Int8StaticLayer,
     Int8WeightOnlyConv2d,
     Int8WeightOnlyLinear,
@@ -116,11 +117,11 @@ def test_structured_levels_are_monotone_over_the_schedule():
 
 
 def _int8_weights(q):
-    """``name -> (int8 weight, per-channel scale)`` of every quantized layer (torch.ao or weight-only)."""
+    """``name -> (int8 weight, per-channel scale)`` of every quantized layer (torch.ao, its float-output classifier, or weight-only)."""
     out = {}
     for name, m in q.named_modules():
-        if isinstance(m, Int8StaticLayer):
-            w = m.layer.weight()
+        if isinstance(m, (Int8StaticLayer, Int8LinearFloatOut)):
+            w = m.layer.weight() if isinstance(m, Int8StaticLayer) else m.weight()
             out[name] = (w.int_repr(), w.q_per_channel_scales().float())
         elif isinstance(m, (Int8WeightOnlyConv2d, Int8WeightOnlyLinear)):
             out[name] = (m.weight_int8, m.weight_scale.float())
@@ -144,6 +145,8 @@ def test_int8_weights_lie_on_the_int8_grid(baseline, digits, level):
     assert info["size_bytes"] < 0.3 * info["baseline_size_bytes"]
     assert info["quantization"]["mode"] == level
     assert info["quantization"]["backend"].startswith("torch.ao.quantization")
+    if level == "int8_static":  # the classifier keeps int8 weights and outputs float32 logits
+        assert isinstance(q.fc, Int8LinearFloatOut) and info["quantization"]["output_layer"]["name"] == "fc"
     assert evaluate(q, digits).accuracy > evaluate(baseline, digits).accuracy - 0.03
 
 
