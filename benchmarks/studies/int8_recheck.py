@@ -3,8 +3,9 @@
 The int8 models of the studies in docs/results.md were built by compbias's
 first int8 implementation (an exact integer simulation, now
 ``compbias.jobs.quantize.simulate_int8``). ``int8_static`` now runs on
-``torch.ao.quantization`` (eager mode, real int8 kernels). This script, for
-every seed of a study:
+``torch.ao.quantization`` (eager mode, real int8 kernels; every layer
+requantizes its output except the classifier, whose int32 accumulator is
+dequantized to float32 logits). This script, for every seed of a study:
 
 1. downloads the registered baseline version and the logged int8 version of
    that seed from the MLflow store (read only: nothing is logged or changed),
@@ -20,6 +21,11 @@ every seed of a study:
    calibration ranges as the logged model's (their ratio must be the ratio of
    the two activation grids, e.g. 255/127 for the x86 engine's 7 bits).
 
+With ``--engine-variant ENGINE`` it also rebuilds every seed's model on
+another quantized engine (``qnnpack``: full 8-bit activations where x86
+uses 7) from the same baseline and calibration sample, and reports that
+population as a variant.
+
 It then compares the populations (all seeds pooled, as the audit and
 ``results_tables.py`` do): accuracy of the logged (old) and rebuilt (new) int8
 models, the share of predictions that agree, PIE counts, and the normalised
@@ -34,7 +40,7 @@ Usage::
     source /work/studies/env.sh
     MLFLOW_TRACKING_URI=sqlite:////work/studies/mlflow-celeba.db \\
       python benchmarks/studies/int8_recheck.py --study celeba-blond \\
-      --json /work/studies/int8-recheck-celeba-blond.json
+      --engine-variant qnnpack --json /work/studies/int8-recheck-celeba-blond.json
 
 Runs in well under a minute per seed on one core (ResNet-20 at 16x16, 2,500
 test images); torch uses one thread by default, as the study's Ray workers did.
@@ -167,23 +173,29 @@ def load_files(files: dict[str, bytes]):
 
 def activation_scales(model) -> dict[str, float]:
     """Input scale of every int8_static layer, by layer name (old simulated or torch.ao modules)."""
-    from compbias.jobs.quantize import Int8StaticLayer, QuantizedConv2d, QuantizedLinear
+    from compbias.jobs.quantize import Int8LinearFloatOut, Int8StaticLayer, QuantizedConv2d, QuantizedLinear
 
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, Int8StaticLayer):
             out[name] = float(m.quant.scale)
+        elif isinstance(m, Int8LinearFloatOut):
+            out[name] = float(m.input_scale)
         elif isinstance(m, (QuantizedConv2d, QuantizedLinear)) and getattr(m, "mode", None) == "int8_static":
             out[name] = float(m.input_scale)
     return out
 
 
-def last_output_scale(model) -> float:
-    """Output scale of the last int8_static torch.ao layer (the logits' quantum when it is the classifier); NaN if none."""
-    from compbias.jobs.quantize import Int8StaticLayer
+def logit_output(model) -> str:
+    """What the classifier outputs: ``float32`` (float-output int8 classifier), else the output quantum of the
+    last requantizing torch.ao layer (the logits' grid step when it is the classifier), else ``-``."""
+    from compbias.jobs.quantize import Int8LinearFloatOut, Int8StaticLayer
 
-    layers = [m for m in model.modules() if isinstance(m, Int8StaticLayer)]
-    return float(layers[-1].layer.scale) if layers else float("nan")
+    mods = [m for m in model.modules() if isinstance(m, (Int8StaticLayer, Int8LinearFloatOut))]
+    if not mods:
+        return "-"
+    last = mods[-1]
+    return "float32 (not requantized)" if isinstance(last, Int8LinearFloatOut) else f"uint8, quantum {float(last.layer.scale):.4f}"
 
 
 def grid_steps(record: dict[str, Any]) -> int:
@@ -401,6 +413,35 @@ def _ci(d: dict[str, float], digits=2, pct=False, sign=False) -> str:
     return rt.fmt_ci(d["value"], d["ci_low"], d["ci_high"], digits, pct=pct, sign=sign)
 
 
+def _variant_markdown(report: dict[str, Any]) -> list[str]:
+    """The section on the int8 models rebuilt on another engine (``--engine-variant``)."""
+    v = report["variant"]
+    r, lines = v["comparison"], []
+    lines.append(f"\n#### Variant: the same int8 models on the {v['engine']} engine\n")
+    lines.append(f"Rebuilt from the same baselines and calibration samples with `quantize_model(..., engine={v['engine']!r})`: "
+                 f"{v['description']}. The default-engine rebuild made the same way gave the study task's predictions "
+                 f"on every seed: {v['default_engine_matches_task']}. \"variant\" below replaces \"new\"; \"old\" is the logged model.\n")
+    a, c = r["accuracy"], r["changes_vs_baseline"]
+    lines.append("| quantity | value |")
+    lines.append("|---|---:|")
+    lines.append(f"| accuracy, variant % (per seed: {', '.join(rt.fmt(x, pct=True) for x in v['acc_per_seed'])}) | {_ci(a['new'], pct=True)} |")
+    lines.append(f"| accuracy, variant minus baselines (pp) | {_ci(a['new_minus_baseline'], pct=True, sign=True)} |")
+    lines.append(f"| same prediction as the baseline, variant % | {_ci(r['agreement']['new_vs_baseline'], pct=True)} |")
+    lines.append(f"| predictions changed from the baseline's, to positive / to negative class, variant | {c['new']['to_positive']} / {c['new']['to_negative']} |")
+    if "ties" in c["new"]:
+        lines.append(f"| exact ties of the two logits, variant | {c['new']['ties']} |")
+    lines.append(f"| PIE against the baselines, variant | {r['pie']['new']} |")
+    if "men_minus_women_fpr_change_pp" in r:
+        lines.append(f"| FPR change, men minus women (pp), variant | {_ci(r['men_minus_women_fpr_change_pp']['new'], 1, sign=True)} |")
+    lines.append("\n| group | FPR change variant | FNR change variant |")
+    lines.append("|---|---:|---:|")
+    for name, row in r["groups"].items():
+        lines.append(f"| {name} | {_ci(row['fpr']['new_change_pct'], 1, sign=True)} | {_ci(row['fnr']['new_change_pct'], 1, sign=True)} |")
+    hits = groups_excluding_zero(r, "new")
+    lines.append("\nGroup changes whose interval excludes zero, variant: " + ("; ".join(hits) if hits else "none") + ".")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables."""
     r, lines = report["comparison"], []
@@ -413,14 +454,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("#### Per seed\n")
     lines.append("| seed | baseline version | int8 version | baseline acc % | old acc % | new acc % | old = new % | "
                  "old = baseline % | new = baseline % | logged model reproduces its predictions | activation scale ratio new/old (expected) "
-                 "| new: output quantum of the last layer |")
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+                 "| new: logits | new: changed from the baseline to positive / negative |")
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     for s in report["seeds"]:
         lines.append(f"| {s['seed']} | {s['baseline_version']} | {s['compressed_version']} | {rt.fmt(s['acc_baseline'], pct=True)} "
                      f"| {rt.fmt(s['acc_old'], pct=True)} | {rt.fmt(s['acc_new'], pct=True)} | {rt.fmt(s['agree_old_new'], pct=True)} "
                      f"| {rt.fmt(s['agree_old_baseline'], pct=True)} | {rt.fmt(s['agree_new_baseline'], pct=True)} "
                      f"| {s['logged_reproduced']} | {s['scale_ratio_range']} ({s['scale_ratio_expected']:.4f}) "
-                     f"| {s['new_logit_quantum']:.4f} |")
+                     f"| {s['new_logits']} | {s['new_to_positive']} / {s['new_to_negative']} |")
     a, g = r["accuracy"], r["agreement"]
     lines.append("\n#### Pooled over seeds (95% bootstrap CI over test examples)\n")
     lines.append("| quantity | value |")
@@ -464,6 +505,8 @@ def markdown(report: dict[str, Any]) -> str:
     for which in ("old", "new"):
         hits = groups_excluding_zero(r, which)
         lines.append(f"\nGroup changes whose interval excludes zero, {which}: " + ("; ".join(hits) if hits else "none") + ".")
+    if report.get("variant"):
+        lines += _variant_markdown(report)
     lines.append(f"\nWall time {report['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
 
@@ -530,7 +573,9 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
         raise SystemExit(f"cannot load the study's dataset ({exc}); give --data-root with the extracted data") from None
     test_ids = bundle.test_frame["example_id"].to_numpy()
 
+    positive = int(bundle.positive_class if bundle.positive_class is not None else 1)
     seeds, base_p, old_p, new_p, old_q, new_q = [], [], [], [], [], []
+    var_p, var_q, var_acc, var_match, var_record = [], [], [], [], None
     frame0 = None
     old_backend = new_backend = None
     for seed, pair in pairs.items():
@@ -574,7 +619,13 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
         expected = grid_steps(old_record) / grid_steps(new_record)
         ratios = np.array([sn[n] / so[n] for n in so])
         old_backend = old_backend or f"{old_record.get('backend', 'compbias first version (exact integer simulation)')}; accumulation: {old_record.get('accumulation')}"
-        new_backend = new_backend or f"{new_record.get('backend')}; activations {new_record['activation']['range']} (reduce_range {new_record['activation'].get('reduce_range')}); accumulation: {new_record.get('accumulation')}; fused ReLUs: {len(new_record.get('fused_relu') or [])}"
+        out_layer = new_record.get("output_layer") or {}
+        new_backend = new_backend or (
+            f"{new_record.get('backend')}; activations {new_record['activation']['range']} (reduce_range "
+            f"{new_record['activation'].get('reduce_range')}); accumulation: {new_record.get('accumulation')}; "
+            f"output layer: {out_layer.get('name', 'none recorded')} -> {out_layer.get('output', 'uint8 requantized')}"
+            + (f" ({out_layer['kernel']})" if out_layer.get("kernel") else "")
+            + f"; fused ReLUs: {len(new_record.get('fused_relu') or [])}")
 
         y = logged["label"].to_numpy()
         seeds.append({
@@ -591,10 +642,22 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
             "scale_ratio_range": f"{ratios.min():.4f}-{ratios.max():.4f}",
             "scale_ratio_expected": expected,
             "scale_ratio_max_rel_dev": float(np.abs(ratios / expected - 1).max()),
-            "new_logit_quantum": last_output_scale(new_model),
+            "new_logits": logit_output(new_model),
+            "new_to_positive": int(((logged_base["pred"].to_numpy() != positive) & (new["pred"].to_numpy() == positive)).sum()),
+            "new_to_negative": int(((logged_base["pred"].to_numpy() == positive) & (new["pred"].to_numpy() != positive)).sum()),
             "new_quantization": new_record,
             "seconds_rebuild": result.seconds,
         })
+        if args.engine_variant:
+            base_model = load_files(base_files)
+            default = _rebuild_on_engine(jobs, base_model, bundle, task, None)[0]
+            default_pred = jobs.evaluate(default, bundle).predictions.sort_values("example_id")["pred"].to_numpy()
+            var_match.append(bool(np.array_equal(default_pred, new["pred"].to_numpy())))
+            variant, var_record = _rebuild_on_engine(jobs, base_model, bundle, task, args.engine_variant)
+            vp = jobs.evaluate(variant, bundle).predictions.sort_values("example_id").reset_index(drop=True)
+            var_p.append(vp["pred"].to_numpy())
+            var_q.append(vp["prob"].to_numpy())
+            var_acc.append(float((vp["pred"].to_numpy() == y).mean()))
         base_p.append(logged_base["pred"].to_numpy())
         old_p.append(logged["pred"].to_numpy())
         new_p.append(new["pred"].to_numpy())
@@ -605,15 +668,46 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
               f"(logged model reproduced: {seeds[-1]['logged_reproduced']}; rebuild {result.seconds:.1f}s)", file=sys.stderr, flush=True)
 
     attrs = [g for g in (spec.dataset.groups or []) if g in frame0.columns]
-    positive = int(bundle.positive_class if bundle.positive_class is not None else 1)
     comparison = compare(frame0["label"].to_numpy(), frame0, attrs, positive, bundle.n_classes,
                          np.stack(base_p), np.stack(old_p), np.stack(new_p), args.bootstrap, args.bootstrap_seed,
                          old_prob=np.stack(old_q), new_prob=np.stack(new_q))
-    return {
+    report = {
         "study": args.study, "registered_model": registered, "tracking_uri": client.tracking_uri,
         "method": args.method, "level": args.level, "old_backend": old_backend, "new_backend": new_backend,
         "torch_threads": args.threads, "seeds": seeds, "comparison": comparison,
     }
+    if args.engine_variant:
+        out_layer = var_record.get("output_layer") or {}
+        report["variant"] = {
+            "engine": args.engine_variant,
+            "description": (f"activations {var_record['activation']['range']}, every hidden layer's output requantized, "
+                            f"output layer {out_layer.get('name')} -> {out_layer.get('output')} ({out_layer.get('kernel')})"),
+            "default_engine_matches_task": "yes" if all(var_match) else f"NO (seeds {[s['seed'] for s, ok in zip(seeds, var_match) if not ok]})",
+            "acc_per_seed": var_acc,
+            "quantization": var_record,
+            "comparison": compare(frame0["label"].to_numpy(), frame0, attrs, positive, bundle.n_classes,
+                                  np.stack(base_p), np.stack(old_p), np.stack(var_p), args.bootstrap, args.bootstrap_seed,
+                                  old_prob=np.stack(old_q), new_prob=np.stack(var_q)),
+        }
+    return report
+
+
+def _rebuild_on_engine(jobs, base_model, bundle, task, engine: str | None):
+    """``quantize_model`` on ``engine`` with the calibration sample ``compress_model`` draws for ``task``.
+
+    The sample is ``compress_model``'s: 512 training images chosen by
+    ``numpy.random.default_rng(task.seed)``, sorted, in batches of 128 (the
+    default-engine rebuild is checked against the task's predictions).
+    """
+    import torch
+
+    from compbias.jobs.quantize import quantize_model
+
+    n = min(512, len(bundle.train))
+    idx = torch.from_numpy(np.sort(np.random.default_rng(task.seed).choice(len(bundle.train), n, replace=False)))
+    calibration = [bundle.train.batch(idx[i : i + 128])[0] for i in range(0, n, 128)]
+    model, info = quantize_model(base_model, task.level_value, calibration=calibration, engine=engine)
+    return model, info["quantization"]
 
 
 def main(argv=None) -> int:
@@ -628,6 +722,9 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=rt.B, help="bootstrap resamples (default %(default)s)")
     p.add_argument("--bootstrap-seed", type=int, default=rt.SEED)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the study's Ray workers)")
+    p.add_argument("--engine-variant", default=None, metavar="ENGINE",
+                   help="also rebuild every seed's int8 model on this quantized engine (e.g. qnnpack: 8-bit activations) "
+                        "and report it as a variant")
     p.add_argument("--json", default=None, help="also write the full report as JSON here")
     args = p.parse_args(argv)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
