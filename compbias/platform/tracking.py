@@ -689,10 +689,12 @@ def _pinned_requirements_trusted():
 
     ``mlflow.pyfunc.save_model`` maps every installed package to its modules
     (reading each distribution's file list: ~1 s here) to warn about
-    requirements the environment does not satisfy. Ours are read from this
-    very environment (:func:`_requirements`), so the check cannot find a
-    mismatch; it only warns, and the saved files are the same without it.
-    If MLflow moves the function, the check simply runs.
+    requirements the environment does not satisfy. Ours are the versions
+    installed in this very environment (:func:`_requirements`; a missing
+    package is listed without a version), so the most it could report is
+    that the driver lacks a package the served model will install. It only
+    warns: the saved files are the same without it. If MLflow moves the
+    function, the check simply runs.
     """
     import mlflow.utils.environment as env
 
