@@ -295,6 +295,7 @@ for task in plan_study(study):
     base[task.key] = fm
 tracking.finish_run(client, parent, True)
 print("logged", len(base))
+print("scratch", tracking._scratch_dir())
 """
 
 
@@ -320,6 +321,8 @@ def test_two_processes_logging_at_once_to_one_wal_store_lose_nothing(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "logged 6" in out, out[-3000:]
         assert "database is locked" not in out, out[-3000:]
+        scratch = Path(out.split("scratch ")[-1].strip())
+        assert scratch.name.startswith("compbias-pyfunc-") and not scratch.exists()  # removed when the process ended
     client = MlflowClient(uri, uri)
     for name in ("left", "right"):
         exp = client.get_experiment_by_name(f"compbias/{name}").experiment_id
@@ -328,3 +331,19 @@ def test_two_processes_logging_at_once_to_one_wal_store_lose_nothing(tmp_path):
         versions = list(client.search_model_versions(f"name = 'compbias-{name}'"))
         assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
         assert all(len(r.data.params) >= 5 and "acc" in r.data.metrics for r in runs)
+
+
+def test_models_are_still_saved_after_the_template_directory_is_removed(tmp_path):
+    """A temp cleaner may empty /tmp under a long-running driver: the template and code copy are made again."""
+    import shutil
+
+    from mlflow.models import Model
+
+    files = {"weights.safetensors": b"\x01" * 32, "model_spec.json": b"{}"}
+    weights = tracking.write_model_files(files, tmp_path / "w" / "weights")
+    tracking._save_pyfunc(tmp_path / "m0", weights, (1, 8, 8), {})
+    shutil.rmtree(tracking._scratch_dir())
+    tracking._save_pyfunc(tmp_path / "m1", weights, (1, 8, 8), {})
+    assert _tree(tmp_path / "m1").keys() == _tree(tmp_path / "m0").keys()
+    assert (tmp_path / "m1" / "code" / "compbias" / "jobs" / "__init__.py").is_file()
+    assert Model.load(str(tmp_path / "m1" / "MLmodel")).flavors["python_function"]["artifacts"]["weights"]["path"] == "artifacts/weights"
