@@ -49,7 +49,7 @@ def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) -
             break
         if proc.poll() is not None:
             pytest.fail(f"the process ended (exit {proc.returncode}) before the fault could be injected:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+        time.sleep(0.01)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the fault point was never reached")
@@ -98,7 +98,9 @@ def test_driver_killed_mid_study_then_rerun_completes_without_retraining(finishe
     assert all(now[k] == rid for k, rid in kept.items())
     first_new = [r for r in killed.model_runs("FINISHED") if r.info.run_id not in kept.values()]
     if kill_at == "run-finished":
-        assert len(first_new) == 1 and first_new[0].info.run_id in now.values()  # kept, not made again
+        # models ~50 ms apart: the kill lands after the first new one, sometimes the second, never all three
+        assert 1 <= len(first_new) < 3, [r.info.run_name for r in first_new]
+        assert all(r.info.run_id in now.values() for r in first_new)  # kept, not made again
     # a version whose run the kill left RUNNING was deleted, and its model made again
     for v in killed.versions:
         run = next(r for r in killed.runs if r.info.run_id == v.run_id)
