@@ -507,6 +507,13 @@ class _WeightOnly(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out, dtype=torch.float32))
 
+    @classmethod
+    def from_float(cls, layer: nn.Module) -> "_WeightOnly":
+        """Quantize a float ``Conv2d`` / ``Linear`` layer's weight (the subclass matching the layer)."""
+        m = cls(layer)
+        m.set_weight_bias(layer.weight, layer.bias)
+        return m
+
     @torch.no_grad()
     def set_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Quantize a float weight onto the per-channel symmetric int8 grid and keep the bias in float32."""
@@ -547,13 +554,6 @@ class Int8WeightOnlyConv2d(_WeightOnly):
         super().__init__(tuple(conv.weight.shape))
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d) -> "Int8WeightOnlyConv2d":
-        """Quantize a float convolution's weight."""
-        m = cls(conv)
-        m.set_weight_bias(conv.weight, conv.bias)
-        return m
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x.float(), self.dequantized_weight().to(x.device), self.bias.to(x.device), self.stride,
                         self.padding, self.dilation, self.groups)
@@ -573,13 +573,6 @@ class Int8WeightOnlyLinear(_WeightOnly):
 
     def __init__(self, linear: nn.Linear):
         super().__init__(tuple(linear.weight.shape))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        """Quantize a float linear layer's weight."""
-        m = cls(linear)
-        m.set_weight_bias(linear.weight, linear.bias)
-        return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.dequantized_weight().to(x.device), self.bias.to(x.device))
