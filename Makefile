@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/study.py
 	$(BIN)/python benchmarks/audit.py
+	$(BIN)/python benchmarks/quantize.py
 
 clean:
 	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db

@@ -125,30 +125,14 @@ def find_versions(client, registered_model: str, study: str, method: str, level:
     return complete
 
 
-def download_model_files(registered_model: str, version: str, dst: Path) -> dict[str, bytes]:
-    """The saved-model files (weights and ``model_spec.json``) of one registered version.
+def download_model_files(registered_model: str, version: str) -> dict[str, bytes]:
+    """The saved-model files of one registered version (``compbias.platform.tracking.version_model_files``)."""
+    from compbias.platform.tracking import version_model_files
 
-    Parameters
-    ----------
-    registered_model : str
-    version : str
-    dst : Path
-        Scratch directory.
-
-    Returns
-    -------
-    dict of str to bytes
-    """
-    import mlflow
-
-    from compbias.platform.tasks import model_files_from_dir
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}/{version}",
-                                                     dst_path=str(dst / f"v{version}")))
-    hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
-    if not hits:
-        raise SystemExit(f"version {version} of {registered_model} has no saved weights (model_spec.json)")
-    return model_files_from_dir(hits[0])
+    try:
+        return version_model_files(registered_model, version)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def run_artifact(run_id: str, path: str, dst: Path) -> Path:
@@ -594,7 +578,7 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
                 raise SystemExit(f"seed {seed}: the logged {name} predictions cover other example ids than the rebuilt test split")
 
         # the logged old model, loaded with today's code, on today's test split
-        old_files = download_model_files(registered, cv.version, scratch)
+        old_files = download_model_files(registered, cv.version)
         old_model = load_files(old_files)
         old_record = json.loads(old_files["model_spec.json"])["quantization"]
         old_eval = jobs.evaluate(old_model, bundle).predictions.sort_values("example_id").reset_index(drop=True)
@@ -602,7 +586,7 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
         max_prob = float(np.abs(old_eval["prob"].to_numpy() - logged["prob"].to_numpy()).max())
 
         # the new model, built as the study's compress task builds it
-        base_files = download_model_files(registered, bv.version, scratch)
+        base_files = download_model_files(registered, bv.version)
         with contextlib.redirect_stdout(sys.stderr):  # the task's progress lines, not the report
             result = execute_task(task, spec.resolved(), base_files)
         new_record = json.loads(result.model_files["model_spec.json"])["quantization"]

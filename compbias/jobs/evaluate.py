@@ -112,11 +112,11 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
     logits = predict_logits(model, test.images.float() * test.scale, batch_size=batch_size)
     if logits.shape != (len(test), bundle.n_classes):
         raise ValueError(f"model outputs {logits.shape[1:]} logits per example, the dataset has {bundle.n_classes} classes")
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    pred = probs.argmax(axis=1).astype(np.int64)  # ties: the lowest class index (numpy's argmax)
     top = logits.max(axis=1, keepdims=True)
     n_ties = int(((logits == top).sum(axis=1) > 1).sum())
+    shifted = logits - top
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    pred = logits.argmax(axis=1).astype(np.int64)  # ties: the lowest class index (numpy's argmax), as counted in n_ties
     labels = bundle.test_frame["label"].to_numpy(np.int64)
 
     frame = bundle.test_frame

@@ -62,6 +62,7 @@ __all__ = [
     "FinishedModel",
     "scan_study",
     "download_model_files",
+    "version_model_files",
     "metric_key",
     "Stopwatch",
     "TrackingUnavailableError",
@@ -1046,8 +1047,36 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
     return state
 
 
+def version_model_files(registered_model: str, version: str) -> dict[str, bytes]:
+    """The saved-model files (weights and ``model_spec.json``) of one registered version.
+
+    Parameters
+    ----------
+    registered_model : str
+    version : str
+
+    Returns
+    -------
+    dict of str to bytes
+
+    Raises
+    ------
+    FileNotFoundError
+        The version's artifacts hold no ``model_spec.json``.
+    """
+    from compbias.platform.tasks import model_files_from_dir
+
+    uri = f"models:/{registered_model}/{version}"
+    with tempfile.TemporaryDirectory(prefix="compbias-dl-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
+        if not hits:
+            raise FileNotFoundError(f"version {version} of {registered_model} has no saved weights (model_spec.json)")
+        return model_files_from_dir(hits[0])
+
+
 def download_model_files(client: MlflowClient, spec: StudySpec, model: FinishedModel) -> dict[str, bytes]:
-    """The saved-model files (weights and spec) of a registered version.
+    """The saved-model files (weights and spec) of a study's registered version (:func:`version_model_files`).
 
     Parameters
     ----------
@@ -1059,12 +1088,4 @@ def download_model_files(client: MlflowClient, spec: StudySpec, model: FinishedM
     -------
     dict of str to bytes
     """
-    from compbias.platform.tasks import model_files_from_dir
-
-    uri = f"models:/{spec.registered_model_name}/{model.version}"
-    with tempfile.TemporaryDirectory(prefix="compbias-dl-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
-        if not hits:
-            raise FileNotFoundError(f"version {model.version} of {spec.registered_model_name} has no saved weights (model_spec.json)")
-        return model_files_from_dir(hits[0])
+    return version_model_files(spec.registered_model_name, model.version)

@@ -112,6 +112,15 @@ class Census:
         return sorted((r.data.tags["compbias.seed"], r.data.tags["compbias.method"], r.data.tags["compbias.level"])
                       for r in self.model_runs("FINISHED"))
 
+    def assert_each_model_once(self, n_models: int) -> None:
+        """Exactly one FINISHED run per (seed, method, level), ``n_models`` of them, nothing RUNNING, and the
+        registered versions matching the finished runs one to one."""
+        keys = self.finished_keys()
+        assert len(keys) == n_models and len(set(keys)) == n_models, f"finished model runs {keys}"
+        assert "RUNNING" not in self.statuses(), self.statuses()
+        assert sorted(v.run_id for v in self.versions) == sorted(r.info.run_id for r in self.model_runs("FINISHED")), \
+            "registered versions do not match the finished runs one to one"
+
 
 def census(uri: str) -> Census:
     """Every run (all experiments) and every registered version of the store at ``uri``."""

@@ -109,12 +109,7 @@ def test_ray_worker_sigkill_is_retried(tmp_path):
             pass
         proc.wait(timeout=30)
 
-    c = census(uri)
-    keys = c.finished_keys()
-    assert len(keys) == 2 and len(set(keys)) == 2, f"finished model runs {keys}"
-    assert "RUNNING" not in c.statuses(), c.statuses()
-    assert sorted(v.run_id for v in c.versions) == sorted(r.info.run_id for r in c.model_runs("FINISHED")), \
-        "registered versions do not match the finished runs one to one"
+    census(uri).assert_each_model_once(2)
 
 
 def _server(work: Path, port: int, backend: str | None = None):
@@ -198,11 +193,7 @@ def test_tracking_server_restart_mid_study(tmp_path, restart_backend):
         assert code == 0, f"study exited {code} across a tracking outage; log:\n{log.read_text()[-5000:]}"
 
         c = census(url)
-        keys = c.finished_keys()
-        assert len(keys) == 2 and len(set(keys)) == 2, f"finished model runs {keys}"
-        assert "RUNNING" not in c.statuses(), c.statuses()
-        assert sorted(v.run_id for v in c.versions) == sorted(r.info.run_id for r in c.model_runs("FINISHED")), \
-            "versions do not match finished runs one to one"
+        c.assert_each_model_once(2)
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=url)

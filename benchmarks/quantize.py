@@ -1,0 +1,83 @@
+"""Inference speed of int8 models (torch.ao kernels) against named baselines in the same process.
+
+Baselines: the float32 model the int8 one was made from, and compbias's first
+int8 implementation (``simulate_int8``, an exact integer simulation in
+float64). Models: the digits small CNN (trained 3 epochs, so its weights are
+realistic) on the 449 digits test images, and an untrained ResNet-20 on 128
+random 32x32 images. All on one torch thread; best of ``--repeat`` runs.
+The int8 and simulated predictions are compared and printed (agreement), so
+a broken int8 path shows up as a number, not just a time.
+
+    .venv/bin/python benchmarks/quantize.py [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from compbias.jobs import build_model, load_dataset, quantize_model, train_model  # noqa: E402
+from compbias.jobs.quantize import simulate_int8  # noqa: E402
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@torch.no_grad()
+def compare(name: str, model: torch.nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], repeat: int) -> None:
+    model = model.eval()
+    q, _ = quantize_model(model, "int8_static", calibration=calibration)
+    sim, _ = simulate_int8(model, "int8_static", calibration=calibration)
+    agree = float((q(x).argmax(1) == sim(x).argmax(1)).float().mean())
+    t_float, t_int8 = best(lambda: model(x), repeat), best(lambda: q(x), repeat)
+    t_sim = best(lambda: sim(x), max(2, repeat // 5))
+    print(f"{name}: int8_static {t_int8 * 1e3:7.1f} ms | float32 {t_float * 1e3:7.1f} ms ({t_float / t_int8:4.2f}x) | "
+          f"float64 simulation {t_sim * 1e3:7.1f} ms ({t_sim / t_int8:5.1f}x) | int8 vs simulation: same prediction on {agree:.1%}")
+
+
+def main(argv=None) -> int:
+    """Run both comparisons and print the ratios.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+
+    Returns
+    -------
+    int
+        0.
+    """
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=20)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    digits = load_dataset("digits")
+    cnn = build_model("smallcnn", digits.n_classes, digits.input_shape, seed=0)
+    cnn, _ = train_model(cnn, digits, epochs=3, log=None)
+    x = digits.test.images.float() * digits.test.scale
+    calib = [digits.train.images[:256].float() * digits.train.scale]
+    compare(f"smallcnn, {len(x)} digits images", cnn, x, calib, args.repeat)
+    resnet = build_model("resnet20", 10, (3, 32, 32), seed=0)
+    xr = torch.rand(128, 3, 32, 32)
+    compare("resnet20, 128 random 32x32 images", resnet, xr, [torch.rand(128, 3, 32, 32)], max(3, args.repeat // 4))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
