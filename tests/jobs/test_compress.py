@@ -138,9 +138,14 @@ def test_int8_weights_lie_on_the_int8_grid(baseline, digits, level):
         assert qw.dtype == torch.int8
         w = folded.get_submodule(name).weight.detach()
         ratio = w / scale.view(-1, *([1] * (w.ndim - 1)))
-        # nearest point of the int8 grid (ties at +-x.5 may go either way in float32)
+        # Each weight is the nearest point of the int8 grid. Exact ties (x.5) may round either way: the
+        # symmetric per-channel scale max|w| / 127.5 puts every channel's extreme weight on +-127.5, and
+        # the quantize kernel multiplies by 1/scale in float32, whose last bit differs between the
+        # AVX2, AVX-512 and CUDA kernels. Off ties the grid point is exact on every engine.
         assert (qw.float() - ratio.clamp(-128, 127)).abs().max() <= 0.5 + 1e-4
-        assert ((qw.float() - ratio.round().clamp(-128, 127)) != 0).float().mean() < 1e-3
+        tie = (ratio - ratio.floor() - 0.5).abs() <= 1e-4
+        off_grid = qw.float() != ratio.round().clamp(-128, 127)
+        assert not (off_grid & ~tie).any(), f"{name}: {int((off_grid & ~tie).sum())} weights off the nearest grid point"
         assert set(qw.flatten(1).to(torch.int16).abs().amax(1).tolist()) <= {127, 128}  # symmetric per-channel scale uses the full range
     assert info["size_bytes"] < 0.3 * info["baseline_size_bytes"]
     assert info["quantization"]["mode"] == level
