@@ -22,9 +22,19 @@ safetensors.
     (``PerChannelMinMaxObserver``, ``scale = max|w_c| / 127.5``); activations
     are per-tensor affine quint8 from a min/max observer. On the x86 and
     fbgemm engines activations use 7 bits (``[0, 127]``, what
-    ``reduce_range=True`` means) because their AVX2 kernels sum pairs of
-    uint8 x int8 products in int16, which can saturate with 8-bit inputs;
-    qnnpack gets the full ``[0, 255]``. Residual additions, pooling and
+    ``reduce_range=True`` means) because their kernels on CPUs without
+    AVX-512 VNNI (AVX2-only CPUs, CUDA machines' hosts, older Xeons) sum
+    pairs of uint8 x int8 products in int16, which saturates with 8-bit
+    inputs; qnnpack gets the full ``[0, 255]``. The 7 bits are enforced at
+    run time too (:func:`activation_qmax`): each layer clamps its input to
+    the top of its grid before quantizing. ``reduce_range`` only narrows the
+    calibrated scale, and the quantizer itself clamps at 255, so an input
+    beyond the calibrated range used to reach the kernels as an 8-bit value:
+    measured on the AVX2 path (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+    ONEDNN_MAX_CPU_ISA=AVX2``), convolutions were then up to 17 output
+    quanta (x86 engine) or 79 (fbgemm) off the integer formula and the
+    float-output classifier 2% off, while AVX-512 VNNI CPUs were exact. With
+    the clamp every CPU computes the same integers (docs/methods.md). Residual additions, pooling and
     unfused ReLUs run in float32 between the quantized layers; each layer
     re-quantizes its own input. The module hierarchy is kept (each layer is
     replaced in place), so block outputs can still be hooked by name.
@@ -100,6 +110,7 @@ __all__ = [
     "output_linear",
     "simulate_int8",
     "select_engine",
+    "activation_qmax",
     "fold_batchnorm",
     "quantized_structure",
     "apply_half_precision",
@@ -115,6 +126,31 @@ TORCH_AO_BACKEND = "torch.ao.quantization"
 #: ``quantization["backend"]`` of models built by :func:`simulate_int8`.
 SIMULATION_BACKEND = "compbias.simulation"
 _REDUCE_RANGE_ENGINES = ("x86", "fbgemm")
+
+
+def activation_qmax(engine: str) -> int:
+    """The top of the quint8 activation grid of ``int8_static`` on ``engine``.
+
+    Returns
+    -------
+    int
+        127 (7-bit activations, ``reduce_range``) on the x86 and fbgemm
+        engines, whose int8 kernels sum pairs of uint8 x int8 products in
+        int16 on CPUs without AVX-512 VNNI (``2 * 127 * 128 = 32512`` fits,
+        ``2 * 255 * 128`` does not); 255 on the others (qnnpack).
+    """
+    return 127 if engine in _REDUCE_RANGE_ENGINES else 255
+
+
+def _clamp_to_grid(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """``x`` clamped to the largest value the quint8 grid ``(scale, zero_point)`` holds below ``qmax``.
+
+    The quantizer rounds ``x / scale + zero_point`` and clamps it to
+    ``[0, 255]``; clamping the float input at ``(qmax - zero_point) * scale``
+    first makes that ``[0, qmax]``, so an input beyond the calibrated range
+    saturates at ``qmax`` instead of reaching the kernel as an 8-bit value.
+    """
+    return x if qmax >= 255 else x.clamp(max=(qmax - zero_point) * scale)
 
 
 # -- torch.ao plumbing -----------------------------------------------------------------
@@ -310,8 +346,12 @@ class Int8StaticLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             x = x.cpu()
+        x = x.float()
+        if isinstance(self.quant, nnq.Quantize):  # converted (not while calibrating): enforce the activation grid
+            engine = getattr(self.layer, "compbias_engine", None) or torch.backends.quantized.engine
+            x = _clamp_to_grid(x, float(self.quant.scale), int(self.quant.zero_point), activation_qmax(engine))
         with _quiet():
-            return self.dequant(self.layer(self.quant(x.float())))
+            return self.dequant(self.layer(self.quant(x)))
 
 
 #: The torch kernel the output layer of ``int8_static`` runs on (int8 in, int32 accumulator, float32 out).
@@ -453,6 +493,7 @@ class Int8LinearFloatOut(nn.Module):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
         packed = self._pack()
         s_x, z_x = float(self.input_scale), int(self.input_zero_point)
+        x2 = _clamp_to_grid(x2, s_x, z_x, activation_qmax(self.compbias_engine))
         with _quiet():
             if self._use_kernel:
                 out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, s_x, z_x, packed)
@@ -468,9 +509,8 @@ class Int8LinearFloatOut(nn.Module):
 
 
 def _static_qconfig(engine: str):
-    reduce = engine in _REDUCE_RANGE_ENGINES
     activation = tq.MinMaxObserver.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                                             quant_min=0, quant_max=127 if reduce else 255)
+                                             quant_min=0, quant_max=activation_qmax(engine))
     weight = tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
     return tq.QConfig(activation=activation, weight=weight)
 
@@ -825,7 +865,7 @@ def _backend_name(engine: str) -> str:
 
 def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: int,
                  output_layer: dict[str, Any]) -> dict[str, Any]:
-    reduce = engine in _REDUCE_RANGE_ENGINES
+    qmax = activation_qmax(engine)
     tail = ("each layer's output requantized to uint8" if output_layer["name"] is None else
             f"each layer's output requantized to uint8, except the output layer's ({output_layer['name']}: float32)")
     return {
@@ -835,12 +875,14 @@ def _static_info(engine: str, n_folded: int, fused: dict[str, str], n_batches: i
         "weight": {"dtype": "int8", "granularity": "per_output_channel", "scheme": "symmetric",
                    "observer": "PerChannelMinMaxObserver", "range": [-128, 127]},
         "activation": {"dtype": "uint8", "granularity": "per_tensor", "scheme": "affine", "observer": "minmax",
-                       "range": [0, 127 if reduce else 255], "reduce_range": reduce},
+                       "range": [0, qmax], "reduce_range": qmax < 255, "clamped_at_run_time": True},
         "accumulation": f"int32 in torch.ao.nn.quantized kernels ({engine}); {tail}",
         "output_layer": output_layer,
         "batchnorm_folded": n_folded,
         "fused_relu": sorted(fused),
         "calibration_batches": n_batches,
+        # the CPU path the model was quantized on (torch's vector unit); its int8 arithmetic is the same on every path
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 

@@ -32,7 +32,8 @@ from compbias.jobs.quantize import (
     select_engine,
     simulate_int8,
 )
-from compbias.jobs.quantize import _convert_mapping, _static_qconfig, _use_engine
+from compbias.jobs.quantize import _convert_mapping, _static_qconfig, _use_engine, activation_qmax
+from tests.jobs import int8_reference
 
 
 @pytest.fixture(scope="module")
@@ -79,33 +80,6 @@ def test_int8_static_model_is_made_of_torch_ao_int8_modules(baseline, digits, st
         assert (q(x) - float_logits).abs().max() > 1e-2  # the quantization error is really there
 
 
-def _int64_layer(w: Int8StaticLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent integer computation of one int8 layer: (expected uint8 output, the module's uint8 output)."""
-    qx = w.quant(x)
-    s_x, z_x = qx.q_scale(), qx.q_zero_point()
-    xi = qx.int_repr().to(torch.int64) - z_x
-    weight = w.layer.weight()
-    wi = weight.int_repr().to(torch.int64)
-    s_w = weight.q_per_channel_scales().to(torch.float64)
-    bias = w.layer.bias().to(torch.float64)
-    if wi.ndim == 4:
-        conv = w.layer
-        cols = F.unfold(xi.to(torch.float64), conv.kernel_size, padding=conv.padding, stride=conv.stride)
-        acc = torch.einsum("ok,nkl->nol", wi.flatten(1), cols.round().to(torch.int64))  # int64 sums
-        out_h = (x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-        acc, shape = acc.view(acc.shape[0], acc.shape[1], out_h, -1), (1, -1, 1, 1)
-    else:
-        acc, shape = xi @ wi.T, (1, -1)
-    acc_scale = s_x * s_w
-    acc = acc + torch.round(bias / acc_scale).to(torch.int64).view(shape)
-    s_o, z_o = w.layer.scale, w.layer.zero_point
-    expected = torch.round(acc.to(torch.float64) * (acc_scale / s_o).view(shape)) + z_o
-    lo = z_o if "ReLU" in type(w.layer).__name__ else 0
-    expected = expected.clamp(lo, 255).to(torch.int64)
-    got = w.layer(qx).int_repr().to(torch.int64)
-    return expected, got
-
-
 def test_each_int8_layer_computes_the_integer_formula(digits, static):
     """Per layer: requantize(sum((q_x - z_x) * q_w) + round(b / (s_x s_w))) in int64, within one output quantum."""
     q, _ = static
@@ -119,7 +93,7 @@ def test_each_int8_layer_computes_the_integer_formula(digits, static):
         h.remove()
     assert sorted(inputs) == ["block1.conv", "block2.conv", "block3.conv"]  # fc: see the float-output test
     for name, layer_input in inputs.items():
-        expected, got = _int64_layer(q.get_submodule(name), layer_input)
+        expected, got = int8_reference.hidden_layer(q.get_submodule(name), layer_input, activation_qmax(select_engine()))
         diff = (expected - got).abs()
         assert diff.max() <= 1, name
         assert (diff == 0).float().mean() > 0.99, name  # off by one only where the kernel's float32 requantization rounds the other way
@@ -136,14 +110,6 @@ def _fc_inputs(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def _float_out_formula(fc: Int8LinearFloatOut, x: torch.Tensor) -> torch.Tensor:
-    """Independent int64 computation of the float-output classifier: s_x s_w sum((q_x - z_x) q_w) + b, in float64."""
-    s_x, z_x = float(fc.input_scale), int(fc.input_zero_point)
-    qx = torch.clamp(torch.round(x.double() / s_x) + z_x, 0, 255).to(torch.int64) - z_x
-    acc = qx @ fc.weight_int8.to(torch.int64).T  # exact int64 sums
-    return acc.double() * (s_x * fc.weight_scale.double()).view(1, -1) + fc.bias.double().view(1, -1)
-
-
 def test_output_layer_computes_int8_products_with_float32_output(baseline, digits, calibration, static):
     """fc: calibrated quint8 input, int8 weights, the int64 sum dequantized to float32 (not requantized)."""
     q, _ = static
@@ -151,7 +117,7 @@ def test_output_layer_computes_int8_products_with_float32_output(baseline, digit
     fc_in = _fc_inputs(q, x)
     with torch.no_grad():
         got = q.fc(fc_in)
-    expected = _float_out_formula(q.fc, fc_in)
+    expected = int8_reference.float_output_layer(q.fc, fc_in, activation_qmax(select_engine()))
     assert got.dtype == torch.float32 and got.shape == (len(x), 10)
     # equal within float32 rounding of the scale product and the sum (no output quantum anywhere)
     assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
@@ -401,7 +367,7 @@ def test_qnnpack_engine_full_range_and_round_trip(baseline, digits, calibration,
     assert isinstance(q.fc, Int8LinearFloatOut) and record["output_layer"]["kernel"].startswith("int64 matrix product")
     x, y = _test_inputs(digits)
     fc_in = _fc_inputs(q, x)
-    expected = _float_out_formula(q.fc, fc_in)
+    expected = int8_reference.float_output_layer(q.fc, fc_in, activation_qmax("qnnpack"))
     with torch.no_grad():
         assert (q.fc(fc_in).double() - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
     q.compbias_quantization = record
