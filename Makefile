@@ -11,10 +11,11 @@ export MPLBACKEND ?= Agg
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pyproject.toml has the supported ranges; constraints.txt pins the tested torch pair.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # The default study (configs/digits.yaml) and its audit as MLflow project runs,

@@ -853,7 +853,8 @@ _NODE_COUNT_PROBE = textwrap.dedent(
 
 def start_ray_cluster(
     *, workers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 200,
-    timeout: float = 120.0,
+    timeout: float = 120.0, ray_bin: Path | None = None, dashboard_port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RayCluster:
     """Start a head and ``workers`` worker nodes with ``ray start`` on 127.0.0.1.
 
@@ -873,6 +874,15 @@ def start_ray_cluster(
         Object store size of each node, in MiB.
     timeout : float
         Seconds to wait for all nodes to be alive.
+    ray_bin : pathlib.Path, optional
+        The ``ray`` command that starts the nodes (default: this venv's); its
+        Python runs the nodes' workers.
+    dashboard_port : int, optional
+        Start the head's dashboard (and with it Ray's job server, for ``ray
+        job submit``) on 127.0.0.1 at this port; needs ``ray[default]``.
+        Default: no dashboard.
+    env : mapping, optional
+        Environment of the nodes before the Ray settings (default: ours).
 
     Returns
     -------
@@ -888,7 +898,7 @@ def start_ray_cluster(
     token = secrets.token_hex(32)
     gcs_port = free_port()
     address = f"{LOOPBACK}:{gcs_port}"
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     env.update(
@@ -899,9 +909,10 @@ def start_ray_cluster(
     cluster = RayCluster(address, token, [], temp_dir)
 
     def node_argv(head: bool) -> list[str]:
-        argv = [str(VENV_BIN / "ray"), "start", "--block", f"--node-ip-address={LOOPBACK}"]
-        argv += ["--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
-                 "--include-dashboard=false"] \
+        argv = [str(ray_bin or VENV_BIN / "ray"), "start", "--block", f"--node-ip-address={LOOPBACK}"]
+        dashboard = ["--include-dashboard=false"] if dashboard_port is None else [
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}"]
+        argv += ["--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}", *dashboard] \
             if head else [f"--address={address}"]
         argv += [
             f"--num-cpus={cpus_per_node}", "--num-gpus=0",

@@ -6,11 +6,13 @@
     compbias train CONFIG [--data-root DIR] [--seeds ...]          # baselines only
     compbias compress CONFIG [--method M ...] [--level L ...]      # from finished baselines
     compbias audit ...                                              # see compbias.platform.audit.cli
+    compbias --version
 
-``CONFIG`` is a study file, or the name of one in the repository's
-``configs/`` directory (``digits`` means ``configs/digits.yaml``). Every
-default lives in the study file's schema (``compbias.platform.config``); the
-options here only override.
+``CONFIG`` is a study file, or the name of one: ``NAME`` or ``NAME.yaml`` in
+the current directory, else a study file shipped with compbias (``digits``
+means ``configs/digits.yaml``, which an installed package carries as
+``compbias/configs/digits.yaml``). Every default lives in the study file's
+schema (``compbias.platform.config``); the options here only override.
 
 Exit codes: 0 success, 1 some models failed, 2 bad usage or a bad study file.
 """
@@ -27,17 +29,16 @@ from typing import Sequence
 
 __all__ = ["main", "build_parser", "resolve_config_path", "drop_empty_options"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS_DIR = REPO_ROOT / "configs"
-
 
 def resolve_config_path(value: str) -> Path:
-    """A study file path, or a config name from ``configs/``.
+    """A study file: a path, or a name looked up in the current directory, then among the shipped ones.
 
     Parameters
     ----------
     value : str
-        ``configs/digits.yaml``, ``/abs/path.yaml`` or ``digits``.
+        ``my-study.yaml``, ``/abs/path.yaml``, ``my-study`` (``./my-study.yaml``),
+        ``digits`` or ``configs/digits.yaml`` (a study file shipped with
+        compbias, in a checkout or an installed package alike).
 
     Returns
     -------
@@ -48,15 +49,21 @@ def resolve_config_path(value: str) -> Path:
     FileNotFoundError
         Naming the places looked at and the available config names.
     """
+    from compbias._locations import configs_dir
+
+    shipped = configs_dir()
     p = Path(value).expanduser()
-    if p.is_file():
-        return p
-    for cand in (CONFIGS_DIR / value, CONFIGS_DIR / f"{value}.yaml"):
+    candidates = [p, p.with_name(p.name + ".yaml")] if p.name else []
+    if not p.is_absolute():
+        candidates += [shipped / p, shipped / f"{value}.yaml"]
+        if len(p.parts) == 2 and p.parts[0] == "configs":  # the repository's spelling, from anywhere
+            candidates += [shipped / p.name, shipped / f"{p.name}.yaml"]
+    for cand in candidates:
         if cand.is_file():
             return cand
-    names = sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    names = sorted(x.stem for x in shipped.glob("*.yaml")) if shipped.is_dir() else []
     raise FileNotFoundError(
-        f"no study file {value!r} (looked in {Path.cwd()} and {CONFIGS_DIR}); "
+        f"no study file {value!r} (looked in {Path.cwd()} and {shipped}); "
         f"give a path to a YAML file or one of: {', '.join(names) or '(none found)'}"
     )
 
@@ -88,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     -------
     argparse.ArgumentParser
     """
+    from compbias import __version__
+
     parser = argparse.ArgumentParser(prog="compbias", description="Measure the bias that compressing neural networks induces.")
+    parser.add_argument("--version", action="version", version=f"compbias {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{study,train,compress,audit}")
     p = sub.add_parser("study", help="train the population, compress every model, log everything (resumes)")
     _add_study_args(p)
@@ -255,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The exit code.
     """
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".cache" / "numba"))
+    from compbias._locations import cache_dir
+
+    # the checkout's .cache/numba, or the user's cache directory when installed (never site-packages)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir("numba")))
     # torch and numba's OpenMP layer slow each other down in one process
     # (see compbias.platform.orchestration.WORKER_ENV); the local executor runs here
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")

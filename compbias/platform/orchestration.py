@@ -109,7 +109,9 @@ def local_ray_is_loopback() -> bool:
 
 
 def _numba_cache_dir() -> str:
-    d = os.environ.get("NUMBA_CACHE_DIR") or str(REPO_ROOT / ".cache" / "numba")
+    from compbias._locations import cache_dir
+
+    d = os.environ.get("NUMBA_CACHE_DIR") or str(cache_dir("numba"))  # never into site-packages
     try:
         Path(d).mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -131,7 +133,8 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     cluster start it with ``ray start`` and set ``RAY_ADDRESS``
     (docs/operations.md). Workers get ``NUMBA_CACHE_DIR`` (a writable directory),
     ``NUMBA_THREADING_LAYER=workqueue`` (see :data:`WORKER_ENV`) and the
-    repository on ``PYTHONPATH`` so ``compbias`` imports there too.
+    source checkout on ``PYTHONPATH`` when compbias runs from one (an installed
+    compbias is imported from the workers' environment).
 
     Parameters
     ----------
@@ -148,9 +151,13 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     else:  # other nodes may not have this checkout: a per-node temporary directory
         cache = str(Path(tempfile.gettempdir()) / "compbias-numba")
     env_vars = {"NUMBA_CACHE_DIR": cache, **WORKER_ENV}
-    pythonpath = os.environ.get("PYTHONPATH", "")
-    repo = str(REPO_ROOT)
-    env_vars["PYTHONPATH"] = repo if not pythonpath else f"{repo}{os.pathsep}{pythonpath}"
+    from compbias._locations import source_checkout
+
+    # workers import the installed compbias; the checkout goes first only when this one is a checkout
+    checkout = source_checkout()
+    pythonpath = [p for p in (str(checkout) if checkout else "", os.environ.get("PYTHONPATH", "")) if p]
+    if pythonpath:
+        env_vars["PYTHONPATH"] = os.pathsep.join(pythonpath)
     kwargs: dict[str, Any] = dict(
         address=address,
         runtime_env={"env_vars": env_vars},

@@ -117,7 +117,9 @@ def _dataset(spec: StudySpec):
 
     opts = spec.dataset.loader_options()
     if spec.dataset.kind != "digits":
-        cache = os.environ.get("COMPBIAS_CACHE_DIR") or str(Path(__file__).resolve().parents[2] / ".cache" / "datasets")
+        from compbias._locations import cache_dir
+
+        cache = os.environ.get("COMPBIAS_CACHE_DIR") or str(cache_dir("datasets"))
         opts["cache_dir"] = cache
     key = repr((spec.dataset.kind, sorted(opts.items(), key=lambda kv: kv[0])))
     if key not in _DATASETS:

@@ -19,6 +19,39 @@ def test_config_names_resolve_to_the_shipped_files():
         cli.resolve_config_path("no-such-study")
 
 
+def test_study_names_look_in_the_cwd_first_then_at_the_shipped_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert cli.resolve_config_path("configs/digits.yaml") == REPO / "configs" / "digits.yaml"
+    (tmp_path / "digits.yaml").write_text("name: mine\n")
+    (tmp_path / "other.yaml").write_text("name: other\n")
+    assert cli.resolve_config_path("digits").resolve() == tmp_path / "digits.yaml"
+    assert cli.resolve_config_path("other").resolve() == tmp_path / "other.yaml"
+    with pytest.raises(FileNotFoundError, match="celeba"):  # the message lists the shipped names
+        cli.resolve_config_path(str(tmp_path / "missing.yaml"))
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"compbias {version('compbias')}"
+
+
+def test_caches_of_an_installed_package_go_to_the_user_cache(tmp_path, monkeypatch):
+    from compbias import _locations
+
+    assert _locations.source_checkout() == REPO and _locations.cache_dir("numba") == REPO / ".cache" / "numba"
+    monkeypatch.setattr(_locations, "PACKAGE_DIR", tmp_path / "lib" / "python3.11" / "site-packages" / "compbias")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _locations.source_checkout() is None
+    assert _locations.cache_dir("numba") == tmp_path / "xdg" / "compbias" / "numba"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _locations.cache_dir("datasets") == tmp_path / "home" / ".cache" / "compbias" / "datasets"
+
+
 def test_bad_study_file_exits_2_naming_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "compression": [{"method": "magnitude", "levels": [1.5]}]}))

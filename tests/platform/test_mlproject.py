@@ -1,9 +1,12 @@
 """The MLproject: its entry points render commands the compbias CLI accepts."""
 
 import argparse
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,11 @@ import yaml
 from mlflow.projects import _project_spec
 
 from compbias.platform import cli
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = ["PYTHONPATH=$(pwd)/..:$PYTHONPATH", "python", "-m", "compbias.platform.cli"]
@@ -58,3 +66,26 @@ def test_audit_parameters_reach_the_audit_cli(project):
     audit_cli.add_arguments(parser)
     args = parser.parse_args(cli.drop_empty_options(argv[1:]))
     assert args.study == "digits" and args.max_cev == 50.0 and args.max_sde is None
+
+
+def test_pythonpath_prefix_finds_the_checkout_and_shadows_nothing_when_installed(tmp_path):
+    """`..` on PYTHONPATH: the repository in a checkout; in a wheel (compbias/share/mlproject) no module."""
+    prefix = PREFIX[0]
+    probe = "import compbias, platform; print(compbias.__file__); print(platform.system())"
+
+    def run_in(project_dir: Path) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run(["bash", "-c", f"{prefix} {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"],
+                             cwd=project_dir, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    compbias_file, system = run_in(REPO / "mlproject")
+    assert Path(compbias_file).resolve() == REPO / "compbias" / "__init__.py" and system == "Linux"
+
+    # the installed layout: site-packages/compbias/{platform,...,share/mlproject}
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "compbias", site / "compbias", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "mlproject", site / "compbias" / "share" / "mlproject")
+    _, system = run_in(site / "compbias" / "share" / "mlproject")
+    assert system == "Linux"  # the standard library's platform, not compbias/platform
