@@ -154,6 +154,14 @@ def installed(tmp_path_factory):
     return {"root": root, "venv": venv, "python": python, "purelib": purelib, "work": work, "env": env, "wheel": wheel}
 
 
+# The job runs in the unpacked --working-dir. Both nodes of this one-machine cluster share Ray's
+# session directory, so when the worker node sets up the same working_dir for its tasks it unpacks
+# it again over the directory the job's driver runs in, and the driver's os.getcwd() (which MLflow's
+# save_model calls) fails with FileNotFoundError. On separate machines each node has its own
+# session directory; here the driver works from a copy of the working_dir.
+ENTRYPOINT = 'd=$(mktemp -d) && cp -R . "$d" && cd "$d" && exec compbias study wheel-job.yaml'
+
+
 def _versions(uri: str, name: str):
     from mlflow import MlflowClient
 
@@ -232,3 +240,39 @@ def test_the_installed_mlproject_runs_the_study_entry_point(installed):
           "-P", "study=wheel-tiny", "-P", "bootstrap=20"], env, work)
     _, versions = _versions(env["MLFLOW_TRACKING_URI"], "compbias-wheel-tiny")
     assert all(v.tags.get("compbias.audit.run_id") for v in versions)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_ray_job_submit_runs_the_installed_compbias_on_a_two_node_cluster(installed, tmp_path):
+    env, venv = installed["env"], installed["venv"]
+    # Ray's job server is part of the dashboard, which needs ray[default] (aiohttp-cors, grpcio,
+    # opencensus, prometheus_client, ...): installed into the new venv only, from the package index
+    _run([sys.executable, "-m", "pip", "--python", str(installed["python"]), "install", "--quiet",
+          f"ray[default]=={importlib.metadata.version('ray')}"], dict(os.environ), tmp_path)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    study = {**TINY_STUDY, "name": "wheel-job", "population": {"seeds": 2}}
+    (job_dir / "wheel-job.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/jobs.db"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri, "COMPBIAS_ARTIFACT_ROOT": str(tmp_path / "job-artifacts")}}
+    node_env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "COMPBIAS_"))}
+    dashboard = free_port()
+    with loopback_only_network():
+        cluster = start_ray_cluster(workers=1, cpus_per_node=1, ray_bin=venv / "bin" / "ray",
+                                    dashboard_port=dashboard, env=node_env)
+        try:
+            submit_env = cluster.driver_env(node_env)
+            submit_env.pop("RAY_ADDRESS")
+            submitted = _run(
+                ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(job_dir),
+                 "--runtime-env-json", json.dumps(runtime_env), "--", "sh", "-c", ENTRYPOINT],
+                submit_env, tmp_path, check=False,
+            )
+        finally:
+            cluster.stop()
+    assert submitted.returncode == 0 and "succeeded" in submitted.stdout, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    client, versions = _versions(uri, "compbias-wheel-job")
+    assert len(versions) == 4  # 2 seeds x (baseline, magnitude 0.5)
+    runs = [client.get_run(v.run_id) for v in versions]
+    assert {r.data.tags["compbias.ray_node"] for r in runs} == set(cluster.node_ids)  # both nodes worked
