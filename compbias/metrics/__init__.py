@@ -14,7 +14,7 @@ ambiguous, and the reference.
 # convention (ties, dropped classes, smoothing, ddof), default, or a numerical
 # change beyond 1e-9 relative. Pure speed-ups, new functions and new options
 # whose defaults keep old results do not bump it.
-METRICS_VERSION = "1"
+METRICS_VERSION = "2"  # 2: the default gate (excess_harm) decides verdicts when no threshold is set
 
 from compbias.metrics.bias import (  # noqa: E402
     BiasResult,
@@ -32,6 +32,7 @@ from compbias.metrics.confusion import (  # noqa: E402
     group_rates,
     population_rates,
 )
+from compbias.metrics.harm import ExcessHarm, excess_harm, paired_error_changes  # noqa: E402
 from compbias.metrics.exemplars import cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
 from compbias.metrics.similarity import SVCCAResult, cca_correlations, linear_cka, svcca  # noqa: E402
 from compbias.metrics.stats import (  # noqa: E402
@@ -48,6 +49,7 @@ __all__ = [
     "BiasResult",
     "BootstrapResult",
     "ClassRates",
+    "ExcessHarm",
     "GroupRates",
     "PopulationBias",
     "SVCCAResult",
@@ -60,11 +62,13 @@ __all__ = [
     "cie_scores",
     "class_rates",
     "confusion_counts",
+    "excess_harm",
     "group_rates",
     "linear_cka",
     "mean_rate_change",
     "modal_labels",
     "normalized_change",
+    "paired_error_changes",
     "pie_mask",
     "population_bias",
     "population_rates",

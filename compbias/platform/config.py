@@ -308,6 +308,23 @@ class ThresholdsSpec(_Strict):
     acc_drop: float | None = None
 
 
+class GateSpec(_Strict):
+    """The default gate, used when no threshold is set (docs/audit.md, "The default gate").
+
+    A compressed population fails when, for some class or group value with
+    at least ``min_count`` test examples, the lower end of the two-level
+    bootstrap interval of its *excess harm* (the cell's error-rate increase
+    minus the overall one, in percentage points, each model against its own
+    baseline: ``compbias.metrics.excess_harm``) lies above ``tolerance_pp``,
+    or when the lower end of the interval of the overall error-rate increase
+    lies above ``overall_tolerance_pp`` (compression costs everyone).
+    """
+
+    tolerance_pp: float = Field(default=2.0, ge=0)
+    overall_tolerance_pp: float = Field(default=2.0, ge=0)
+    min_count: int = Field(default=10, ge=1)
+
+
 class AuditSpec(_Strict):
     """Settings read by the audit service (``compbias.platform.audit``)."""
 
@@ -315,6 +332,7 @@ class AuditSpec(_Strict):
     bootstrap: int = Field(default=1000, ge=0)
     probe_size: int = Field(default=256, ge=1)
     thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
     alias: str = Field(default="audited", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -474,6 +492,7 @@ _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "mlflow": MlflowSpec,
     "audit": AuditSpec,
     "audit.thresholds": ThresholdsSpec,
+    "audit.gate": GateSpec,
 }
 
 

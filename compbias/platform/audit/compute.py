@@ -34,6 +34,7 @@ import compbias.metrics as M
 from compbias.platform.audit import tags as T
 from compbias.platform.audit.population import Population, StudyData
 from compbias.platform.audit.selection import VersionRecord
+from compbias.platform.config import GateSpec
 
 THRESHOLD_KEYS = ("cev", "sde", "worst_group_fpr_change", "acc_drop")
 
@@ -59,6 +60,8 @@ class AuditSettings:
     smoothing : float
         Additive smoothing of every rate (``compbias.metrics.class_rates``);
         0 drops classes whose baseline rate is 0 from CEV/SDE instead.
+    gate : GateSpec
+        The default gate, used when no threshold is set (:func:`gate_population`).
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -70,6 +73,11 @@ class AuditSettings:
     positive_class: int | None = None
     alias: str = "audited"
     smoothing: float = 0.0
+    gate: GateSpec = field(default_factory=GateSpec)
+
+    def thresholds_set(self) -> bool:
+        """Whether any threshold is configured (they then decide instead of the default gate)."""
+        return any(v is not None for v in self.thresholds.values())
 
     def fractions(self) -> list[float]:
         """CIE fractions, sorted, always including 1%."""
@@ -310,6 +318,8 @@ def audit_study(
     cie_rows: list[dict] = []
     comp_rows: list[dict] = []
     cie_lists: list[pd.DataFrame] = []
+    gate_rows: list[dict] = []
+    gate_status: dict[tuple[str, str], tuple[str, str | None]] = {}
     _rate_rows(rate_rows, "baseline", "none", data, brates, None, ci)
     for i, r in enumerate(base.records):
         model_rows.append({"version": r.key, "role": "baseline", "method": "baseline", "level": "none", "seed": r.seed, "acc": float(brates.acc[i])})
@@ -324,6 +334,8 @@ def audit_study(
             pb = None
             notes.append(f"{method} at {level}: {exc}")
         ci = _bootstrap_population(data, base, pop, settings)
+        gate_status[(method, level)], rows = gate_population(data, base, pop, settings)
+        gate_rows.extend(rows)
         acc = float(np.mean(crates.acc))
         row = {"method": method, "level": level, "n_models": pop.size, "acc": acc, "acc_drop": (base_acc - acc) * 100.0}
         metrics[f"acc/{pk}"] = acc
@@ -442,7 +454,10 @@ def audit_study(
         if r.is_baseline:
             versions[r.key] = VersionOutcome(T.STATUS_PASS, "baseline: the reference the compressed versions are compared with", values)
             continue
-        status, reason = verdict(mrow, settings.thresholds)
+        if settings.thresholds_set():
+            status, reason = verdict(mrow, settings.thresholds)
+        else:
+            status, reason = gate_status[r.population]
         versions[r.key] = VersionOutcome(status, reason, values)
     for k in errors:
         if k not in versions and k in target_keys:
@@ -455,6 +470,7 @@ def audit_study(
     tables["cie_composition"] = pd.DataFrame(comp_rows)
     tables["cie_list"] = pd.concat(cie_lists, ignore_index=True) if cie_lists else pd.DataFrame()
     tables["versions"] = _versions_table(targets, versions)
+    tables["gate"] = pd.DataFrame(gate_rows)
     counts = pd.Series([o.status for o in versions.values()]).value_counts()
     for s in T.STATUSES:
         metrics[f"audit/n_{s}"] = float(counts.get(s, 0))
@@ -501,6 +517,97 @@ def verdict(values: dict, thresholds: dict) -> tuple[str, str | None]:
     if broken:
         return T.STATUS_FAIL, "; ".join(broken)
     return T.STATUS_PASS, None
+
+
+def _gate_cells(data: StudyData) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """The cells the default gate checks: every true class, then every value of every group attribute."""
+    y = data.labels
+    names = [("class", str(c)) for c in range(data.n_classes)]
+    masks = [y == c for c in range(data.n_classes)]
+    for k, attr in enumerate(data.group_names):
+        for code, value in enumerate(data.group_levels[k]):
+            names.append(("group", f"{attr}={value}"))
+            masks.append(data.group_codes[:, k] == code)
+    return names, np.asarray(masks, dtype=bool).reshape(len(masks), y.size)
+
+
+def _baseline_pairs(base: Population, pop: Population) -> list[int] | None:
+    """Row of each compressed model's own baseline (``compbias.baseline_version``, else the same seed), or None."""
+    by_version = {r.version: i for i, r in enumerate(base.records)}
+    by_seed = {r.seed: i for i, r in enumerate(base.records) if r.seed is not None}
+    pairs = []
+    for r in pop.records:
+        j = by_version.get(r.baseline_version) if r.baseline_version is not None else None
+        if j is None:
+            j = by_seed.get(r.seed)
+        if j is None:
+            return None
+        pairs.append(j)
+    return pairs
+
+
+def gate_population(data: StudyData, base: Population, pop: Population,
+                    settings: AuditSettings) -> tuple[tuple[str, str | None], list[dict]]:
+    """The default gate's verdict on one compressed population, and its table rows.
+
+    Each compressed model is compared with its own baseline
+    (:func:`_baseline_pairs`; without lineage, with the baseline
+    population's mean error per example). For every class (true label) and
+    group value with at least ``settings.gate.min_count`` test examples,
+    :func:`compbias.metrics.excess_harm` gives the excess harm (the cell's
+    error-rate increase minus the overall one, in percentage points) with a
+    two-level bootstrap interval (pairs and examples). The population fails
+    when some cell's interval lies wholly above ``settings.gate.tolerance_pp``
+    (the reason names the cell with the largest lower bound and its
+    numbers), or when the interval of the overall error-rate increase lies
+    wholly above ``settings.gate.overall_tolerance_pp``.
+
+    Returns
+    -------
+    ((status, reason), rows)
+        ``status`` is ``pass`` or ``fail``; ``rows`` one dict per cell.
+    """
+    g = settings.gate
+    names, cells = _gate_cells(data)
+    pairs = _baseline_pairs(base, pop)
+    changes = M.paired_error_changes(data.labels, base.preds, pop.preds, pairs)
+    harm = M.excess_harm(changes, cells, min_count=g.min_count, n_resamples=max(settings.bootstrap, 200),
+                         confidence=settings.confidence, seed=settings.seed)
+    rows = []
+    for k, (kind, name) in enumerate(names):
+        est = bool(harm.estimable[k])
+        rows.append({
+            "method": pop.method, "level": pop.level, "cell": kind, "name": name, "n": int(harm.n[k]),
+            "error_change_pp": _finite(harm.cell_change[k]), "overall_change_pp": harm.overall_change,
+            "excess_pp": _finite(harm.excess[k]) if est else None,
+            "excess_ci_low": _finite(harm.ci_low[k]), "excess_ci_high": _finite(harm.ci_high[k]),
+            "estimable": est if est else f"not estimable (n={int(harm.n[k])})",
+            "fails": bool(est and harm.ci_low[k] > g.tolerance_pp),
+        })
+    lo, hi = harm.overall_ci
+    rows.append({
+        "method": pop.method, "level": pop.level, "cell": "overall", "name": "all test examples", "n": int(data.n_examples),
+        "error_change_pp": harm.overall_change, "overall_change_pp": harm.overall_change, "excess_pp": None,
+        "excess_ci_low": None, "excess_ci_high": None, "overall_ci_low": _finite(lo), "overall_ci_high": _finite(hi),
+        "estimable": True, "fails": bool(lo > g.overall_tolerance_pp),
+    })
+    levels = (f"{settings.confidence:.0%} over pairs of models ("
+              + ("each with its own baseline" if pairs is not None else "no lineage: against the baseline mean")
+              + f", {harm.n_pairs}) and test examples")
+    failing = [k for k, r in enumerate(rows[:-1]) if r["fails"]]
+    found = []
+    if failing:
+        k = max(failing, key=lambda j: harm.ci_low[j])
+        r = rows[k]
+        what = f"class {r['name']}" if r["cell"] == "class" else f"group {r['name']}"
+        found.append(f"{what} (n={r['n']}) error {r['error_change_pp']:+.1f} pp vs {harm.overall_change:+.1f} pp overall, "
+                     f"excess {r['excess_pp']:+.1f} pp [{r['excess_ci_low']:+.1f}, {r['excess_ci_high']:+.1f}] "
+                     f"> tolerance {g.tolerance_pp:g} pp" + (f"; {len(failing) - 1} more cell(s) fail" if len(failing) > 1 else ""))
+    if rows[-1]["fails"]:
+        found.append(f"overall error {harm.overall_change:+.1f} pp [{lo:+.1f}, {hi:+.1f}] > tolerance {g.overall_tolerance_pp:g} pp")
+    if not found:
+        return (T.STATUS_PASS, None), rows
+    return (T.STATUS_FAIL, "default gate: " + "; ".join(found) + f" ({levels})"), rows
 
 
 def _versions_table(targets, versions) -> pd.DataFrame:

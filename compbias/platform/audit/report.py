@@ -99,6 +99,10 @@ def render_report(
     parts.append("<p>" + " ".join(lines) + "</p>")
     if "versions" in tables:
         parts.append("<h2>Verdict per audited version</h2>" + table_html(tables["versions"]))
+    if "gate" in tables and not tables["gate"].empty and not any(v is not None for v in (settings.get("thresholds") or {}).values()):
+        gate = tables["gate"]
+        parts.append("<h2>Default gate: excess harm per class and group (pp; a row fails when its interval lies above the "
+                     "tolerance)</h2>" + table_html(gate.sort_values("excess_ci_low", ascending=False, na_position="last")))
     parts.append("<h2>Settings</h2><pre>" + html.escape(json.dumps(settings, indent=1, default=str)) + "</pre>")
     captions = {
         "class_changes": "Per-class normalised change of FPR and FNR (Blakeney et al., Fig. 3)",

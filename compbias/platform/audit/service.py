@@ -147,6 +147,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         smoothing=options.smoothing,
         positive_class=dataset.get("positive_class"),
         alias=options.alias or spec.alias,
+        gate=spec.gate,
     )
 
 

@@ -159,6 +159,7 @@ def write_audit_run(
             "alias": settings.alias,
             "probe_size": settings.probe_size,
             "smoothing": settings.smoothing,
+            "gate": json.dumps(settings.gate.model_dump()),
             "n_targets": len(outcome.versions),
         }
         mlist = _metric_list({**outcome.metrics, **{f"audit/seconds_{k}": v for k, v in (timings or {}).items() if k != "log"}})

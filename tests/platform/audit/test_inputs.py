@@ -72,7 +72,8 @@ def test_versions_that_do_not_line_up_are_errors_and_no_baseline_is_fatal():
     assert "same test examples" in data.errors["m/3"] and "labels disagree" in data.errors["m/4"]
     assert data.compressed[("magnitude", "0.9")].size == 1
     out = audit_study(data, [ok.record, short.record], AuditSettings(bootstrap=0), errors=data.errors)
-    assert out.versions["m/3"].status == "error" and out.versions["m/2"].status == "pass"
+    assert out.versions["m/3"].status == "error" and out.versions["m/2"].status == "fail"  # the default gate (victim class 3)
+    assert out.versions["m/2"].reason.startswith("default gate: class 3 ")
     # one baseline on 200 examples: every class has a zero baseline FPR or FNR, so CEV is undefined;
     # the audit says so (and a CEV threshold cannot be checked) instead of crashing ...
     assert "CEV is undefined" in " ".join(out.notes) and "cev" not in out.versions["m/2"].values
