@@ -135,7 +135,7 @@ def _load(args):
 
 def _run_study_command(args) -> int:
     from compbias.platform.config import StudyConfigError
-    from compbias.platform.study import StudyConflictError, run_study
+    from compbias.platform.study import RayClusterLostError, StudyConflictError, run_study
 
     try:
         path, spec = _load(args)
@@ -162,6 +162,9 @@ def _run_study_command(args) -> int:
             step=args.command,
             **kwargs,
         )
+    except RayClusterLostError as exc:  # the cluster died mid-study: the message says what and that a re-run resumes
+        print(f"compbias {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (StudyConflictError, ValueError) as exc:
         print(f"compbias {args.command}: {exc}", file=sys.stderr)
         return 2

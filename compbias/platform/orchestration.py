@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from compbias.platform.config import StudySpec
 from compbias.platform.plan import ModelTask
 from compbias.platform.tasks import ModelFiles, TaskResult, execute_task
 
-__all__ = ["WORKER_ENV", "RAY_BIND_ENV", "init_ray", "local_ray_is_loopback", "ray_bind_mode", "task_options", "RayExecutor", "LocalExecutor", "make_executor"]
+__all__ = ["WORKER_ENV", "RAY_BIND_ENV", "EXIT_RAY_LOST", "RayUnavailableError", "RayClusterLostError", "check_ray_address", "init_ray", "local_ray_is_loopback", "ray_bind_mode", "task_options", "RayExecutor", "LocalExecutor", "make_executor"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,158 @@ def _numba_cache_dir() -> str:
     return d
 
 
+#: Exit code of ``compbias study/train/compress`` when the Ray cluster goes away mid-study.
+EXIT_RAY_LOST = 3
+
+
+class RayUnavailableError(RuntimeError):
+    """No Ray cluster answers at ``RAY_ADDRESS`` (or a local one cannot be started); nothing was run."""
+
+
+class RayClusterLostError(RuntimeError):
+    """The Ray cluster went away mid-study: its GCS (the head) or this machine's node died.
+
+    Models already logged are complete in MLflow; running the same command
+    again resumes the study. The CLI exits with :data:`EXIT_RAY_LOST`.
+    """
+
+    exit_code = EXIT_RAY_LOST
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port``, ``ray://host:port`` or ``[v6]:port``; None for anything else."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _answers(host: str, port: int, timeout: float) -> OSError | None:
+    """None when a TCP connection to ``host:port`` opens within ``timeout`` seconds, else the error."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc
+
+
+def check_ray_address(address: str | None = None, *, tries: int = 3, timeout: float = 3.0) -> None:
+    """Fail fast when ``RAY_ADDRESS`` names a Ray cluster that does not answer.
+
+    ``ray.init`` on a dead address retries for minutes ("Failed to connect
+    to GCS"); this opens a plain TCP connection to the GCS port first
+    (``tries`` times, ``timeout`` seconds each, 1 s apart).
+
+    Parameters
+    ----------
+    address : str, optional
+        Defaults to ``RAY_ADDRESS``. Unset, empty, ``auto``, ``local`` and
+        anything that is not ``host:port`` (or ``ray://host:port``) are left
+        to Ray.
+
+    Raises
+    ------
+    RayUnavailableError
+        Nothing accepts connections there, naming the address and the way out.
+    """
+    address = os.environ.get("RAY_ADDRESS", "") if address is None else address
+    parsed = _split_address(address.strip()) if address and address.strip() not in ("auto", "local") else None
+    if parsed is None:
+        return
+    error = None
+    for attempt in range(tries):
+        error = _answers(*parsed, timeout)
+        if error is None:
+            return
+        if attempt + 1 < tries:
+            time.sleep(1.0)
+    reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__).lower()
+    raise RayUnavailableError(
+        f"no Ray cluster answers at RAY_ADDRESS={address} ({reason}, {tries} tries); start the cluster "
+        f"(`ray start --head` on its head), fix RAY_ADDRESS, or unset it to run on a local Ray of this machine"
+    )
+
+
+def _lost_after_s() -> float:
+    """Seconds the GCS or the local raylet may refuse connections before the study gives up on the cluster.
+
+    Ray's own driver exits (status 1, no cleanup) once its GCS has been gone
+    for ``RAY_gcs_rpc_server_reconnect_timeout_s`` (60 s by default): the
+    study must stop well before that to end its MLflow runs itself. A sixth of
+    that timeout (10 s by default), so a longer timeout set for a
+    fault-tolerant GCS that restarts also gives it longer here.
+    """
+    try:
+        reconnect = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s") or 60)
+    except ValueError:
+        reconnect = 60.0
+    return max(2.0, reconnect / 6)
+
+
+class _ClusterWatch:
+    """Notices that the Ray this driver is connected to has gone away, before Ray kills the driver.
+
+    Probes, with plain TCP connections, the GCS (the head node) and the
+    raylet of this machine's node. A refused or timed-out connection that
+    lasts :func:`_lost_after_s` is taken as the cluster lost.
+    """
+
+    def __init__(self, ray_module, local: bool):
+        self.local = local
+        self.where = "the Ray cluster"
+        self.targets: list[tuple[str, tuple[str, int]]] = []
+        self.grace = _lost_after_s()
+        self._failing_since: float | None = None
+        self._probed = float("-inf")
+        try:
+            gcs = _split_address(ray_module.get_runtime_context().gcs_address)
+            node = ray_module._private.worker.global_worker.node
+            raylet = (node.node_ip_address, int(node.node_manager_port))
+        except Exception:  # pragma: no cover - a Ray release without these: no watch, Ray's errors only
+            log.warning("cannot watch the Ray cluster's GCS and raylet; a lost cluster is noticed by Ray's errors only")
+            return
+        self.where = "the local Ray this study started" if local else f"the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+        if gcs is not None:
+            self.targets.append((f"its GCS at {gcs[0]}:{gcs[1]}{'' if local else ' (the head node)'}", gcs))
+        self.targets.append((f"this machine's Ray node (raylet at {raylet[0]}:{raylet[1]})", raylet))
+
+    def dead(self) -> str | None:
+        """What does not answer right now, e.g. "its GCS at 127.0.0.1:6379 (the head node)"; None when everything does."""
+        down = [name for name, addr in self.targets if _answers(*addr, 2.0) is not None]
+        return " and ".join(down) if down else None
+
+    def check(self, *, wait: bool = False) -> None:
+        """Raise :class:`RayClusterLostError` once something has not answered for the grace period.
+
+        Probes at most every ``_WATCH_EVERY_S`` seconds unless ``wait``.
+
+        Parameters
+        ----------
+        wait : bool
+            Probe now, and keep probing (1 s apart) until it answers again or
+            the grace period is over, instead of returning at once.
+        """
+        if not wait and time.monotonic() - self._probed < _WATCH_EVERY_S:
+            return
+        while True:
+            down = self.dead()
+            now = self._probed = time.monotonic()
+            if down is None:
+                self._failing_since = None
+                return
+            if self._failing_since is None:
+                self._failing_since = now
+            if now - self._failing_since >= self.grace:
+                raise RayClusterLostError(
+                    f"the Ray cluster went away mid-study: {down} of {self.where} stopped answering "
+                    f"(no connection for {now - self._failing_since:.0f} s)"
+                )
+            if not wait:
+                return
+            time.sleep(1.0)
+
+
 def init_ray(*, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
@@ -136,16 +290,32 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     source checkout on ``PYTHONPATH`` when compbias runs from one (an installed
     compbias is imported from the workers' environment).
 
+    Without ``RAY_ADDRESS`` this always starts a new, private Ray
+    (``ray.init(address="local")``): it never joins a Ray found on the
+    machine, and never the address that a crashed Ray or ``ray start`` left
+    in ``ray_current_cluster`` in Ray's temporary directory (``RAY_TMPDIR``,
+    ``TMPDIR`` or ``/tmp``, then ``ray/``), which ``ray.init()`` would
+    otherwise try to join and hang on. With ``RAY_ADDRESS`` set, the address
+    is probed first (:func:`check_ray_address`), so a dead one fails within
+    seconds instead of Ray's minutes of retries.
+
     Parameters
     ----------
     num_cpus : int, optional
         CPUs of a local cluster (ignored when joining one).
+
+    Raises
+    ------
+    RayUnavailableError
+        Nothing answers at ``RAY_ADDRESS``, or Ray cannot connect to it.
     """
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_ray_address(address)
     if address is None or os.environ.get("NUMBA_CACHE_DIR"):
         cache = _numba_cache_dir()
     else:  # other nodes may not have this checkout: a per-node temporary directory
@@ -159,7 +329,8 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     if pythonpath:
         env_vars["PYTHONPATH"] = os.pathsep.join(pythonpath)
     kwargs: dict[str, Any] = dict(
-        address=address,
+        # "local": a new Ray, never the one named in <Ray's temp dir>/ray_current_cluster
+        address=address or "local",
         runtime_env={"env_vars": env_vars},
         include_dashboard=False,
         ignore_reinit_error=True,
@@ -171,7 +342,11 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
     loopback = address is None and ray_bind_mode() == "loopback"
     with _single_machine_ray(loopback):
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:  # e.g. a port that answers but is no Ray GCS
+            where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+            raise RayUnavailableError(f"cannot connect to {where}: {exc}") from exc
     if loopback and not local_ray_is_loopback():  # pragma: no cover - a Ray release that changed the switch
         log.warning(
             "the local Ray cluster advertises %s, not loopback: this Ray release ignores %s; "
@@ -236,6 +411,13 @@ class RayExecutor:
         Supplies the resources (:func:`task_options`): ``num_cpus`` and,
         when the cluster has GPUs (``gpus_per_task: auto``) or the study asks
         for them, ``num_gpus``; ``max_retries`` for workers that die.
+
+    Notes
+    -----
+    A worker that dies is Ray's to retry (``max_retries``). The cluster itself
+    going away (its GCS, the head, or this machine's raylet) is raised as
+    :class:`RayClusterLostError` by :meth:`wait` and :meth:`result`, within
+    :func:`_lost_after_s` and before Ray ends the driver on its own.
     """
 
     name = "ray"
@@ -249,6 +431,7 @@ class RayExecutor:
         self.options = task_options(spec, ray.cluster_resources().get("GPU", 0.0))
         self._remote = ray.remote(_remote_body)
         self._spec_ref = ray.put(self.spec_data)
+        self._watch = _ClusterWatch(ray, local=not os.environ.get("RAY_ADDRESS"))
 
     def submit(self, task: ModelTask, baseline: Any = None):
         """Start a task; ``baseline`` is model files, a handle of a baseline task, or None.
@@ -287,8 +470,21 @@ class RayExecutor:
         Returns
         -------
         (ready, pending) : tuple of lists
+
+        Raises
+        ------
+        RayClusterLostError
+            The cluster went away while waiting.
         """
-        return self._ray.wait(handles, num_returns=1)
+        while True:
+            try:
+                ready, pending = self._ray.wait(handles, num_returns=1, timeout=_WATCH_EVERY_S)
+            except (self._ray.exceptions.RayError, ConnectionError) as exc:
+                self._lost(exc)
+                raise
+            self._watch.check()  # also while results keep coming: Ray ends a driver 60 s after its GCS is gone
+            if ready:
+                return ready, pending
 
     def result(self, handle) -> TaskResult:
         """The task's result, or its exception re-raised.
@@ -300,8 +496,39 @@ class RayExecutor:
         Returns
         -------
         TaskResult
+
+        Raises
+        ------
+        RayClusterLostError
+            The task's error says that this machine's node is gone
+            (``LocalRayletDiedError``, ``RaySystemError``), or any other Ray
+            error (``NodeDiedError``, ``WorkerCrashedError`` after the
+            retries, ``ObjectLostError``...) comes while the GCS or the local
+            raylet does not answer. A task's own exception, or a worker or
+            node failure on a cluster still there, is re-raised as it is (that
+            model fails; the study goes on).
         """
-        return self._ray.get(handle)
+        try:
+            return self._ray.get(handle)
+        except (self._ray.exceptions.RayError, ConnectionError) as exc:
+            self._lost(exc)
+            raise
+
+    def _lost(self, exc: BaseException) -> None:
+        """Raise :class:`RayClusterLostError` from ``exc`` when it means the cluster is gone."""
+        errors = self._ray.exceptions
+        if isinstance(exc, errors.RayTaskError):  # the task's own exception
+            return
+        if isinstance(exc, (errors.LocalRayletDiedError, errors.RaySystemError)):
+            down = self._watch.dead() or "this machine's Ray node"
+            raise RayClusterLostError(
+                f"the Ray cluster went away mid-study: {down} of {self._watch.where} died ({type(exc).__name__})"
+            ) from exc
+        self._watch.check(wait=True)  # raises once the GCS or the raylet stays silent for the grace period
+
+
+#: Seconds between checks of the cluster while waiting for tasks.
+_WATCH_EVERY_S = 2.0
 
 
 class _Done:

@@ -20,10 +20,10 @@ from mlflow.entities import Metric
 
 from compbias.platform import tracking
 from compbias.platform.config import StudySpec
-from compbias.platform.orchestration import make_executor
+from compbias.platform.orchestration import RayClusterLostError, check_ray_address, make_executor
 from compbias.platform.plan import ModelTask, plan_study
 
-__all__ = ["StudyOutcome", "StudyConflictError", "ArtifactStorageError", "run_study"]
+__all__ = ["StudyOutcome", "StudyConflictError", "ArtifactStorageError", "RayClusterLostError", "run_study"]
 
 
 class ArtifactStorageError(OSError):
@@ -194,12 +194,26 @@ def run_study(
     RuntimeError
         If compressed tasks are requested whose baselines are neither finished
         nor planned (run ``compbias train`` first).
+    RayUnavailableError
+        ``RAY_ADDRESS`` names a Ray cluster that does not answer (checked
+        before anything is logged).
+    RayClusterLostError
+        The Ray cluster (its head, or this machine's node) went away
+        mid-study. Every model logged so far is complete; the parent run is
+        ended FAILED with ``compbias.error``; running the study again resumes it.
+    ArtifactStorageError
+        The artifact location filled up or turned read-only.
+
+    Any error that ends the study ends its parent run FAILED with the error
+    in its ``compbias.error`` tag.
     """
     t_start = time.perf_counter()
     watch = tracking.Stopwatch()
     study_text = study_text if study_text is not None else spec.to_yaml()
     roles = tuple(roles)
     tasks = plan_study(spec, roles=roles, methods=methods, levels=levels)
+    if executor == "ray":
+        check_ray_address()  # a dead RAY_ADDRESS fails here, before anything is logged
 
     with watch:
         client = tracking.configure_tracking(tracking_uri)
@@ -266,12 +280,28 @@ def run_study(
     )
 
     ok = False
+    error: BaseException | None = None
     try:
         if todo:
             _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, executor, watch, log)
         ok = outcome.ok
+    except RayClusterLostError as exc:
+        error = RayClusterLostError(
+            f"{exc}; the {len(outcome.trained)} model(s) finished in this execution (and {len(outcome.resumed)} "
+            f"before it) are safe in MLflow, the study's parent run {parent_id} ended FAILED; "
+            "re-run the same command to resume (finished models are not made again)"
+        )
+        raise error from exc
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         with watch:
+            if error is not None:
+                try:
+                    client.set_tag(parent_id, f"{tracking.TAG}error", f"{type(error).__name__}: {error}"[:5000])
+                except Exception:  # pragma: no cover - the store itself is gone; the run still ends below
+                    pass
             now = int(time.time() * 1000)
             client.log_batch(
                 parent_id,
@@ -375,6 +405,8 @@ def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, 
             task = task_of[h]
             try:
                 result = ex.result(h)
+            except RayClusterLostError:  # nothing more will run: stop (the parent run ends FAILED)
+                raise
             except Exception as exc:
                 fail(task, exc)
                 continue
