@@ -33,7 +33,7 @@ from compbias.metrics.confusion import (  # noqa: E402
     population_rates,
 )
 from compbias.metrics.harm import ExcessHarm, excess_harm, paired_error_changes  # noqa: E402
-from compbias.metrics.exemplars import cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
+from compbias.metrics.exemplars import CIECut, cie_cut, cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
 from compbias.metrics.similarity import SVCCAResult, cca_correlations, linear_cka, svcca  # noqa: E402
 from compbias.metrics.stats import (  # noqa: E402
     BootstrapResult,
@@ -48,6 +48,7 @@ __all__ = [
     "METRICS_VERSION",
     "BiasResult",
     "BootstrapResult",
+    "CIECut",
     "ClassRates",
     "ExcessHarm",
     "GroupRates",
@@ -58,6 +59,7 @@ __all__ = [
     "bootstrap_indices",
     "cca_correlations",
     "cev",
+    "cie_cut",
     "cie_mask",
     "cie_scores",
     "class_rates",

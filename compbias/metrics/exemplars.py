@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import kernel, threads_for
 
-__all__ = ["cie_mask", "cie_scores", "modal_labels", "pie_mask"]
+__all__ = ["CIECut", "cie_cut", "cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
 ERR_POPULATION = (
     "{name} must have shape (n_models, n_examples) with at least one model; "
@@ -236,7 +237,80 @@ def cie_scores(base_preds, comp_preds, n_classes):
     return num / float(base.shape[0] * comp.shape[0])
 
 
-def cie_mask(scores, top_fraction=0.01):
+@dataclass(frozen=True)
+class CIECut:
+    """Where the CIE set's cut falls, and how many tied scores it splits.
+
+    Attributes
+    ----------
+    k : int
+        Size of the CIE set, ``ceil(q * N)``.
+    score_at_cut : float
+        The ``k``-th largest score (the lowest score in the set).
+    n_above : int
+        Examples scoring strictly above ``score_at_cut`` (all in the set).
+    tied_block : int
+        Examples scoring exactly ``score_at_cut``; ``k - n_above`` of them
+        are in the set. The set is determined by the scores alone only when
+        ``tied_block == k - n_above``.
+    """
+
+    k: int
+    score_at_cut: float
+    n_above: int
+    tied_block: int
+
+    @property
+    def taken_from_block(self) -> int:
+        """How many of the tied examples the set takes (``k - n_above``)."""
+        return self.k - self.n_above
+
+    @property
+    def ambiguous(self) -> bool:
+        """True when the cut splits a block of equal scores (which members are chosen is then a tie-break)."""
+        return self.tied_block > self.taken_from_block
+
+
+def _cie_size(n: int, q: float) -> int:
+    return min(n, math.ceil(round(q * n, 9)))
+
+
+def cie_cut(scores, top_fraction=0.01) -> CIECut:
+    r"""The score at the CIE set's cut and the size of the block of equal scores there.
+
+    Parameters
+    ----------
+    scores : array-like of float, shape (n_examples,)
+    top_fraction : float, default=0.01
+
+    Returns
+    -------
+    CIECut
+
+    Notes
+    -----
+    CIE scores take few distinct values when populations are small (two
+    populations of 5 binary classifiers give 6), so the cut of the top
+    ``q`` often falls inside a block of tied scores; which tied examples
+    enter the set is then a tie-break, not a property of the models.
+    Report ``score_at_cut`` and ``tied_block`` beside any statistic of the
+    set, and prefer ``cie_mask(..., tie_break="random")`` over several seeds
+    to the order tie-break.
+
+    Examples
+    --------
+    >>> c = cie_cut([0.5, 1.0, 1.0, 0.0, 0.5, 0.5], top_fraction=0.5)
+    >>> c.k, c.score_at_cut, c.n_above, c.tied_block, c.ambiguous
+    (3, 0.5, 2, 3, True)
+    """
+    s = v.check_float(scores, "scores", allow_nan=False, ndims=(1,))
+    q = v.check_fraction(top_fraction, "top_fraction")
+    k = _cie_size(s.shape[0], q)
+    cut = float(np.sort(s)[::-1][k - 1]) if k else float("nan")
+    return CIECut(k=k, score_at_cut=cut, n_above=int((s > cut).sum()), tied_block=int((s == cut).sum()))
+
+
+def cie_mask(scores, top_fraction=0.01, *, tie_break="order", seed=None):
     r"""The CIE set: the ``ceil(q * N)`` examples with the highest scores.
 
     Parameters
@@ -245,6 +319,12 @@ def cie_mask(scores, top_fraction=0.01):
         Scores from :func:`cie_scores` (any finite values work).
     top_fraction : float, default=0.01
         The fraction ``q`` in ``(0, 1]`` of examples to select.
+    tie_break : {"order", "random"}, default="order"
+        How examples tied at the cut are chosen: the earlier examples first
+        (the default, as Hooker et al.'s code ranks a stable sort), or a
+        uniform random draw among the tied block seeded by ``seed``.
+    seed : int, optional
+        Seed of the ``random`` tie-break (required with it).
 
     Returns
     -------
@@ -278,9 +358,19 @@ def cie_mask(scores, top_fraction=0.01):
     """
     s = v.check_float(scores, "scores", allow_nan=False, ndims=(1,))
     q = v.check_fraction(top_fraction, "top_fraction")
+    if tie_break not in ("order", "random"):
+        raise ValueError(f"tie_break must be 'order' or 'random', got {tie_break!r}")
     n = s.shape[0]
-    k = min(n, math.ceil(round(q * n, 9)))
+    k = _cie_size(n, q)
     order = np.argsort(-s, kind="stable")
     mask = np.zeros(n, dtype=bool)
     mask[order[:k]] = True
+    if tie_break == "random" and k:
+        if seed is None:
+            raise ValueError("tie_break='random' needs a seed (an int), so that the set can be reproduced")
+        cut = s[order[k - 1]]
+        block = np.flatnonzero(s == cut)
+        take = k - int((s > cut).sum())
+        mask[block] = False
+        mask[np.random.default_rng(seed).choice(block, size=take, replace=False)] = True
     return mask

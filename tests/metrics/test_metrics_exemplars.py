@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import compbias.metrics as metrics
 from compbias.metrics import cie_mask, cie_scores, modal_labels, pie_mask
 from compbias.metrics import exemplars as ex_mod
 from compbias.metrics import _validation as v
@@ -79,3 +80,31 @@ def test_bad_inputs():
         cie_mask([0.1, 0.2], top_fraction=0)
     with pytest.raises(ValueError, match=re.escape(v.ERR_NAN.format(name="scores", index=1))):
         cie_mask([0.1, np.nan])
+
+
+# -- the cut of the CIE set and ties there --------------------------------------------------------
+
+
+def test_cie_cut_names_the_score_at_the_cut_and_the_tied_block():
+    # 5 vs 5 binary voters give 6 score values: the cut of the top 30% of 10 examples falls inside a block of 0.4s
+    scores = [0.0, 0.4, 1.2, 0.4, 0.0, 0.4, 2.0, 0.4, 0.0, 0.0]
+    c = metrics.cie_cut(scores, top_fraction=0.3)
+    assert (c.k, c.score_at_cut, c.n_above, c.tied_block, c.taken_from_block) == (3, 0.4, 2, 4, 1)
+    assert c.ambiguous
+    clean = metrics.cie_cut(scores, top_fraction=0.2)  # the top two are unique: no tie-break involved
+    assert (clean.k, clean.score_at_cut, clean.n_above, clean.tied_block, clean.ambiguous) == (2, 1.2, 1, 1, False)
+
+
+def test_random_tie_break_draws_only_inside_the_tied_block_and_is_seeded():
+    scores = np.array([0.0, 0.4, 1.2, 0.4, 0.0, 0.4, 2.0, 0.4, 0.0, 0.0])
+    order = metrics.cie_mask(scores, 0.3)
+    assert np.flatnonzero(order).tolist() == [1, 2, 6]  # the earliest tied example
+    drawn = {tuple(np.flatnonzero(metrics.cie_mask(scores, 0.3, tie_break="random", seed=s))) for s in range(40)}
+    assert all(len(m) == 3 and {2, 6} <= set(m) and len(set(m) & {1, 3, 5, 7}) == 1 for m in drawn)
+    assert len(drawn) == 4  # every member of the block can be drawn
+    a = metrics.cie_mask(scores, 0.3, tie_break="random", seed=5)
+    assert np.array_equal(a, metrics.cie_mask(scores, 0.3, tie_break="random", seed=5))
+    with pytest.raises(ValueError, match="needs a seed"):
+        metrics.cie_mask(scores, 0.3, tie_break="random")
+    with pytest.raises(ValueError, match="tie_break"):
+        metrics.cie_mask(scores, 0.3, tie_break="first")
