@@ -149,8 +149,8 @@ def modal_labels(preds, n_classes):
         return _modal_kernel(arr, n_classes)
 
 
-def pie_mask(base_preds, comp_preds, n_classes):
-    r"""Pruning (compression) identified exemplars: modal labels that differ.
+def pie_mask(base_preds, comp_preds, n_classes, *, definition="modal", pairs=None):
+    r"""Pruning (compression) identified exemplars.
 
     Parameters
     ----------
@@ -160,6 +160,14 @@ def pie_mask(base_preds, comp_preds, n_classes):
         Predictions of the compressed population on the same examples.
     n_classes : int
         Number of classes.
+    definition : {"modal", "unanimous"}, default="modal"
+        ``modal`` (Hooker et al. 2019): the two populations' modal labels
+        differ. ``unanimous``: every compressed model disagrees with its
+        teacher, the baseline it was compressed from (``pairs``), or, without
+        lineage, with the baseline population's modal label.
+    pairs : sequence of int, optional
+        For ``unanimous``: the row of each compressed model's own baseline in
+        ``base_preds``.
 
     Returns
     -------
@@ -170,11 +178,17 @@ def pie_mask(base_preds, comp_preds, n_classes):
     -----
     .. math::
 
-        \mathrm{PIE}_i = [\hat y^{M}_{i,\mathrm{base}} \neq
-                          \hat y^{M'}_{i,\mathrm{comp}}]
+        \mathrm{PIE}^{modal}_i = [\hat y^{M}_{i,\mathrm{base}} \neq
+                          \hat y^{M'}_{i,\mathrm{comp}}], \qquad
+        \mathrm{PIE}^{unan}_i = \prod_{s} [\hat y_{i,s} \neq \hat y_{i,b(s)}]
 
     with the modal labels of :func:`modal_labels` (ties to the largest
-    class id). The true label plays no part.
+    class id). The true label plays no part. ``unanimous`` counts the
+    examples on which compression changed the answer of every model, the
+    reading of "pruning changes the behaviour" that compares each pruned
+    model with its own original, as Blakeney et al. (Simon Says) compare
+    each pruned student with its teacher. With one pair it is simply the
+    examples whose prediction changed.
 
     References
     ----------
@@ -186,8 +200,20 @@ def pie_mask(base_preds, comp_preds, n_classes):
     array([ True,  True])
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
-    with threads_for(base.size + comp.size):
-        return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
+    if definition == "modal":
+        with threads_for(base.size + comp.size):
+            return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
+    if definition != "unanimous":
+        raise ValueError(f"definition must be 'modal' or 'unanimous', got {definition!r}")
+    if pairs is None:
+        with threads_for(base.size):
+            teacher = np.broadcast_to(_modal_kernel(base, n_classes), comp.shape)
+    else:
+        idx = np.asarray(pairs)
+        if idx.shape != (comp.shape[0],) or not np.issubdtype(idx.dtype, np.integer) or (idx < 0).any() or (idx >= base.shape[0]).any():
+            raise ValueError(f"pairs must give, for every compressed model, the row of its baseline in base_preds (an int in [0, {base.shape[0]}))")
+        teacher = base[idx]
+    return (comp != teacher).all(axis=0)
 
 
 def cie_scores(base_preds, comp_preds, n_classes):

@@ -108,3 +108,20 @@ def test_random_tie_break_draws_only_inside_the_tied_block_and_is_seeded():
         metrics.cie_mask(scores, 0.3, tie_break="random")
     with pytest.raises(ValueError, match="tie_break"):
         metrics.cie_mask(scores, 0.3, tie_break="first")
+
+
+def test_unanimous_pie_hand_computed():
+    base = [[0, 1, 2, 1], [0, 1, 1, 1]]
+    comp = [[1, 1, 2, 2], [2, 0, 1, 1]]
+    # modal: base modal [0, 1, 2 (tie 1/2 -> largest), 1]; comp modal [2 (tie 1/2), 1 (tie 0/1), 2 (tie), 2 (tie 1/2)]
+    assert pie_mask(base, comp, 3).tolist() == [True, False, False, True]
+    # unanimous, each with its own teacher: ex 0 both differ; ex 1 model 0 agrees; ex 2 model 0 agrees (2 == 2)
+    assert pie_mask(base, comp, 3, definition="unanimous", pairs=[0, 1]).tolist() == [True, False, False, False]
+    # crossed lineage changes the answer: example 2 now differs for both models (2 vs 1, 1 vs 2)
+    assert pie_mask(base, comp, 3, definition="unanimous", pairs=[1, 0]).tolist() == [True, False, True, False]
+    # without lineage: against the baseline modal label [0, 1, 2, 1]
+    assert pie_mask(base, comp, 3, definition="unanimous").tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="definition"):
+        pie_mask(base, comp, 3, definition="any")
+    with pytest.raises(ValueError, match="row of its baseline"):
+        pie_mask(base, comp, 3, definition="unanimous", pairs=[0, 5])
