@@ -34,6 +34,13 @@ from compbias.metrics.confusion import (  # noqa: E402
 )
 from compbias.metrics.harm import ExcessHarm, excess_harm, paired_error_changes  # noqa: E402
 from compbias.metrics.exemplars import CIECut, cie_cut, cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
+from compbias.metrics.measures import (  # noqa: E402
+    Intensification,
+    margin_auroc,
+    recall_intensification,
+    vote_margin,
+    worst_group_accuracy_change,
+)
 from compbias.metrics.similarity import SVCCAResult, cca_correlations, linear_cka, svcca  # noqa: E402
 from compbias.metrics.stats import (  # noqa: E402
     BootstrapResult,
@@ -52,6 +59,7 @@ __all__ = [
     "ClassRates",
     "ExcessHarm",
     "GroupRates",
+    "Intensification",
     "PopulationBias",
     "SVCCAResult",
     "WelchResult",
@@ -67,6 +75,7 @@ __all__ = [
     "excess_harm",
     "group_rates",
     "linear_cka",
+    "margin_auroc",
     "mean_rate_change",
     "modal_labels",
     "normalized_change",
@@ -74,7 +83,10 @@ __all__ = [
     "pie_mask",
     "population_bias",
     "population_rates",
+    "recall_intensification",
     "sde",
     "svcca",
+    "vote_margin",
     "welch_ttest",
+    "worst_group_accuracy_change",
 ]
