@@ -48,6 +48,12 @@ class TaskResult:
         Wall time of the task body.
     input_shape : tuple of int
     n_classes : int
+    extra : dict
+        Timing facts (``pid``, ``started``, ``ended``).
+    train_split : pandas.DataFrame or None
+        The training split as the driver logs it (an MLflow dataset input):
+        ``example_id``, ``label`` and the group columns, one row per training
+        example; no images. None for results made without it.
     """
 
     task: ModelTask
@@ -61,6 +67,7 @@ class TaskResult:
     input_shape: tuple[int, ...] = ()
     n_classes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    train_split: pd.DataFrame | None = None
 
 
 def model_files_from_dir(directory: str | Path) -> ModelFiles:
@@ -216,7 +223,14 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         input_shape=tuple(int(x) for x in bundle.input_shape),
         n_classes=int(bundle.n_classes),
         extra={"pid": os.getpid(), "started": started, "ended": time.time()},
+        train_split=_split_frame(bundle.train_frame, bundle.group_columns),
     )
+
+
+def _split_frame(frame: pd.DataFrame, group_columns: list[str]) -> pd.DataFrame:
+    """``example_id``, ``label`` and the group columns of a split (ids and codes only: small to ship)."""
+    cols = ["example_id", "label", *[g for g in group_columns if g in frame.columns]]
+    return frame[cols].reset_index(drop=True)
 
 
 def _progress(task: ModelTask):

@@ -8,19 +8,22 @@ store has a single writer. Conventions (``docs/architecture.md``):
 - child runs carry params, metrics (``acc``, ``fpr/class/<c>``,
   ``fnr/class/<c>``, ``fpr/group/<g>``, ``fnr/group/<g>``, ``sparsity``,
   ``size_bytes``), artifacts (``predictions.parquet``, ``rates/*.parquet``,
-  ``study.yaml``) and the pyfunc model ``model``;
-- every model is registered as a version of the study's registered model,
-  with the run's ``compbias.*`` tags, only after all its artifacts are logged.
+  their CSV twins, ``study.yaml``), the train and test splits as dataset
+  inputs (contexts ``training`` / ``evaluation``) and one MLflow LoggedModel
+  (a models-from-code pyfunc) as output; the metrics are linked to that model
+  and the evaluation metrics to the test split;
+- every model is registered as a version of the study's registered model
+  (source ``models:/<model_id>``), with the run's ``compbias.*`` tags, only
+  after all its artifacts are logged.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
-import datetime
 import functools
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -28,7 +31,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -684,118 +686,168 @@ def _signature(input_shape: tuple[int, ...]):
     )
 
 
-@contextlib.contextmanager
-def _pinned_requirements_trusted():
-    """Skip MLflow's check of the model's requirements against this environment.
+#: tag MLflow itself puts on a LoggedModel registered through ``mlflow.register_model``
+_MODEL_VERSIONS_TAG = "mlflow.modelVersions"
+#: tag MLflow puts on a dataset input: what the run did with it
+_DATASET_CONTEXT_TAG = "mlflow.data.context"
 
-    ``mlflow.pyfunc.save_model`` maps every installed package to its modules
-    (reading each distribution's file list: ~1 s here) to warn about
-    requirements the environment does not satisfy. Ours are the versions
-    installed in this very environment (:func:`_requirements`; a missing
-    package is listed without a version), so the most it could report is
-    that the driver lacks a package the served model will install. It only
-    warns: the saved files are the same without it. If MLflow moves the
-    function, the check simply runs.
+
+def logged_model_name(task: ModelTask) -> str:
+    """The name of a model's LoggedModel: the run name without the characters MLflow refuses there.
+
+    MLflow refuses ``/ : . % " '`` in LoggedModel names, so ``magnitude@0.9-s2``
+    becomes ``magnitude@0_9-s2``.
+
+    Parameters
+    ----------
+    task : ModelTask
+
+    Returns
+    -------
+    str
     """
-    import mlflow.utils.environment as env
-
-    real = getattr(env, "warn_dependency_requirement_mismatches", None)
-    if real is None:
-        yield
-        return
-    env.warn_dependency_requirement_mismatches = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        env.warn_dependency_requirement_mismatches = real
+    return re.sub(r"[/:.%\"']", "_", task.label) or "model"
 
 
-@dataclass
-class _Template:
-    """A pyfunc model saved by MLflow once per input shape, cloned for every model."""
+def _save_pyfunc(model_dir: Path, weights: Path, input_shape: tuple[int, ...], mlflow_model) -> None:
+    """Save one set of weights as a models-from-code pyfunc with MLflow's own ``save_model``.
 
-    directory: Path
-    mlmodel: dict[str, Any]  # its MLmodel, parsed
-    weights_path: str  # the ``weights`` artifact's directory inside the model, posix
-    weights_bytes: int  # size of the template's own weights (model_size_bytes counts them)
-
-
-_TEMPLATES: dict[tuple[int, ...], _Template] = {}
-
-
-def _tree_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
-def _template(input_shape: tuple[int, ...], weights: Path) -> _Template:
-    from mlflow.models import Model
-
-    key = tuple(int(x) for x in input_shape)
-    tpl = _TEMPLATES.get(key)
-    if tpl is not None and (tpl.directory / "MLmodel").is_file():
-        return tpl
-    directory = Path(tempfile.mkdtemp(prefix="template-", dir=_scratch_dir())) / "model"
-    with warnings.catch_warnings(), _pinned_requirements_trusted():
-        # the signature is given explicitly; an input example would make
-        # MLflow load the model here just to validate it
+    ``python_model`` is :mod:`compbias.platform.pyfunc_model` (nothing
+    pickled), the weights directory is the artifact ``weights``, the
+    signature and pip requirements are given (MLflow neither infers them
+    nor loads the model to validate an example), and ``compbias.jobs`` and
+    ``compbias.metrics`` ship as ``code/``. ``mlflow_model`` carries the
+    LoggedModel's id, run and metadata into the ``MLmodel`` file.
+    """
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input[ _]example.*", category=UserWarning)
         mlflow.pyfunc.save_model(
-            str(directory),
+            str(model_dir),
             python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(weights)},
             code_paths=[str(_package_copy())],
-            signature=_signature(key),
+            signature=_signature(tuple(int(x) for x in input_shape)),
             pip_requirements=_requirements(),
+            mlflow_model=mlflow_model,
         )
-    mlmodel = Model.load(str(directory / "MLmodel")).to_dict()
-    weights_path = mlmodel["flavors"]["python_function"]["artifacts"]["weights"]["path"]
-    tpl = _Template(directory, mlmodel, weights_path, _tree_bytes(directory / weights_path))
-    _TEMPLATES[key] = tpl
-    return tpl
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # the template's files are never written to again
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
+def _log_pyfunc_model(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    name: str,
+    weights: Path,
+    input_shape: tuple[int, ...],
+    tags: dict[str, str],
+    params: dict[str, str],
+    work_dir: Path,
+) -> str:
+    """Log one model as an MLflow LoggedModel produced by ``run_id``; returns its ``model_id``.
 
-
-def _save_pyfunc(model_dir: Path, weights: Path, input_shape: tuple[int, ...], metadata: dict[str, Any]) -> None:
-    """Write the pyfunc model of one set of weights into ``model_dir``.
-
-    The first model of an input shape in a process is saved by
-    ``mlflow.pyfunc.save_model`` (models from code, explicit signature and
-    requirements); it becomes a template. Every model is a clone of the
-    template: its files (code, environment files, ``pyfunc_model.py``) hard
-    linked, the model's own weights as the ``weights`` artifact, and a fresh
-    ``MLmodel`` (new ``model_uuid``, creation time, metadata, weights location
-    and ``model_size_bytes``). These are the files MLflow would write, without
-    re-resolving the requirements and re-copying the code for every model.
+    The client-level steps of ``mlflow.pyfunc.log_model`` with an explicit
+    client (``log_model`` takes the process's tracking URI and active run):
+    ``create_logged_model`` (source run, ``compbias.*`` tags, the run's
+    params), the run's output link (``log_outputs``), ``mlflow.pyfunc.save_model``,
+    ``log_model_artifacts`` into the model's own artifact location, then the
+    model is finalized READY. Unlike ``log_model`` it does not copy the
+    run's metrics onto the model (one query per metric): the caller logs
+    them once, with the ``model_id``. If a step fails the model is
+    finalized FAILED and the error raised.
     """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    tpl = _template(input_shape, weights)
-    skip = {"MLmodel", tpl.weights_path}
-    for dirpath, dirnames, filenames in os.walk(tpl.directory):
-        rel = Path(dirpath).relative_to(tpl.directory)
-        dirnames[:] = [d for d in dirnames if (rel / d).as_posix() not in skip]
-        (model_dir / rel).mkdir(parents=True, exist_ok=True)
-        for name in filenames:
-            if (rel / name).as_posix() not in skip:
-                _link_or_copy(Path(dirpath) / name, model_dir / rel / name)
-    target = model_dir / tpl.weights_path
-    target.mkdir(parents=True)
-    for f in sorted(weights.iterdir()):
-        _link_or_copy(f, target / f.name)
-    mlmodel = Model.from_dict(copy.deepcopy(tpl.mlmodel))
-    mlmodel.flavors["python_function"]["artifacts"]["weights"]["uri"] = str(weights)
-    mlmodel.model_uuid = uuid.uuid4().hex
-    mlmodel.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
-    mlmodel.metadata = metadata
-    if tpl.mlmodel.get("model_size_bytes") is not None:
-        mlmodel.model_size_bytes = tpl.mlmodel["model_size_bytes"] - tpl.weights_bytes + _tree_bytes(target)
-    mlmodel.save(str(model_dir / "MLmodel"))
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags, params=params, model_type="compbias")
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        local = work_dir / "model"
+        metadata = {"compbias": {k[len(TAG):]: v for k, v in tags.items() if k.startswith(TAG)}}
+        _save_pyfunc(
+            local,
+            weights,
+            input_shape,
+            Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id, model_id=model.model_id, metadata=metadata),
+        )
+        client.log_model_artifacts(model.model_id, str(local))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        _finalize_failed(client, model.model_id)
+        raise
+    return model.model_id
+
+
+def _finalize_failed(client: MlflowClient, model_id: str | None) -> None:
+    if not model_id:
+        return
+    from mlflow.entities import LoggedModelStatus
+
+    try:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    except MlflowException:  # pragma: no cover - the store itself is gone
+        log.exception("could not mark logged model %s as failed", model_id)
+
+
+def _dataset_source(spec: StudySpec):
+    """Where a study's dataset comes from, as an MLflow dataset source."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    root = getattr(spec.dataset, "root", None)
+    if spec.dataset.kind == "digits" or not root:
+        loader = "sklearn.datasets.load_digits" if spec.dataset.kind == "digits" else f"compbias.jobs.load_dataset({spec.dataset.kind!r})"
+        return CodeDatasetSource({"dataset": "sklearn digits" if spec.dataset.kind == "digits" else spec.dataset.kind, "loader": loader})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "can be interpreted in multiple ways": a local directory
+        return resolve_dataset_source(str(Path(str(root)).expanduser().resolve()))
+
+
+_DATASETS_LOGGED: dict[tuple, Any] = {}
+
+
+def _dataset_entity(frame: pd.DataFrame, name: str, spec: StudySpec):
+    """An MLflow dataset entity (name, digest, source, schema, profile) of one split's frame.
+
+    ``mlflow.data.from_pandas`` with the label as target; its digest hashes
+    the frame (MLflow's own digest: the first 10,000 rows and the shape).
+    The entities of the last few splits are kept: every model of a study
+    logs the same two.
+    """
+    key = (name, len(frame), tuple(frame.columns), pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    entity = _DATASETS_LOGGED.get(key)
+    if entity is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # schema hints about integer columns
+            ds = mlflow.data.from_pandas(frame, source=_dataset_source(spec), name=name, targets="label")
+            entity = ds._to_mlflow_entity()
+        if len(_DATASETS_LOGGED) >= 8:
+            _DATASETS_LOGGED.pop(next(iter(_DATASETS_LOGGED)))
+        _DATASETS_LOGGED[key] = entity
+    return entity
+
+
+def _split_datasets(spec: StudySpec, result: TaskResult) -> dict[str, Any]:
+    """The dataset entities of a result's splits: ``training`` (when shipped) and ``evaluation``."""
+    test = result.predictions.drop(columns=[c for c in ("pred", "prob") if c in result.predictions.columns])
+    out = {"evaluation": _dataset_entity(test.reset_index(drop=True), f"{spec.dataset.kind}-test", spec)}
+    if result.train_split is not None:
+        out["training"] = _dataset_entity(result.train_split.reset_index(drop=True), f"{spec.dataset.kind}-train", spec)
+    return out
+
+
+def _is_evaluation_metric(key: str) -> bool:
+    """Whether a metric was computed on the test split (it is linked to the evaluation dataset)."""
+    return key == "acc" or key == "pred_ties" or key.startswith(("acc/", "fpr/", "fnr/"))
+
+
+def _write_tables(out: Path, result: TaskResult, study_text: str) -> None:
+    """The run's tables: parquet (what the audit reads) and CSV twins MLflow's artifact viewer shows."""
+    (out / "rates").mkdir(parents=True)
+    tables = {"predictions": result.predictions, "rates/per_class": result.per_class, "rates/per_group": result.per_group}
+    for stem, frame in tables.items():
+        frame.to_parquet(out / f"{stem}.parquet", index=False)
+        frame.to_csv(out / f"{stem}.csv", index=False)
+    (out / "study.yaml").write_text(study_text)
 
 
 @dataclass
@@ -812,6 +864,9 @@ class FinishedModel:
     spec_hash : str
     resumed : bool
         True when found from an earlier execution.
+    model_id : str
+        The MLflow LoggedModel the version was registered from (empty for
+        versions registered before compbias logged LoggedModels).
     """
 
     key: tuple[int, str, str]
@@ -820,6 +875,7 @@ class FinishedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     spec_hash: str = ""
     resumed: bool = False
+    model_id: str = ""
 
 
 def log_model_run(
@@ -832,10 +888,18 @@ def log_model_run(
     *,
     baseline: FinishedModel | None = None,
 ) -> FinishedModel:
-    """Log one finished task as a nested run and register its model version.
+    """Log one finished task as a nested run with its LoggedModel, and register the model version.
 
-    The version is created only after every artifact is logged; if anything
-    fails the run is marked FAILED and any version created is deleted.
+    In order: the run (tags, nested under the parent); its tables and
+    ``study.yaml`` in one upload; the LoggedModel (``source_run_id`` = the
+    run, a run output; models-from-code pyfunc in the model's own artifact
+    location); the train and test splits as dataset inputs (and a
+    compressed model's baseline LoggedModel as a model input); params and
+    metrics in one batch, every metric linked to the model and the
+    evaluation metrics to the test split; then the registered version,
+    from ``models:/<model_id>``; then the run ends FINISHED. The version is
+    created only after every artifact is logged; if anything fails the run
+    is marked FAILED, the model FAILED, and any version created is deleted.
 
     Parameters
     ----------
@@ -855,6 +919,8 @@ def log_model_run(
     -------
     FinishedModel
     """
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+
     task = result.task
     if task.role == "compressed" and baseline is None:
         raise ValueError(f"{task.label}: a compressed model needs its baseline's run and version")
@@ -866,35 +932,45 @@ def log_model_run(
     )
     run_id = run.info.run_id
     version = None
+    model_id = None
     reg_name = spec.registered_model_name
     try:
         metrics = model_metrics(result)
-        params = [Param(k, v) for k, v in _model_params(spec, task).items()]
+        param_values = _model_params(spec, task)
+        params = [Param(k, v) for k, v in param_values.items()]
+        datasets = _split_datasets(spec, result)
         with tempfile.TemporaryDirectory(prefix="compbias-log-") as tmp:
             out = Path(tmp) / "run"
-            (out / "rates").mkdir(parents=True)
-            result.predictions.to_parquet(out / "predictions.parquet", index=False)
-            result.per_class.to_parquet(out / "rates" / "per_class.parquet", index=False)
-            result.per_group.to_parquet(out / "rates" / "per_group.parquet", index=False)
-            (out / "study.yaml").write_text(study_text)
+            _write_tables(out, result, study_text)
+            client.log_artifacts(run_id, str(out))  # one upload: parquet tables, CSV twins, study.yaml
             weights = write_model_files(result.model_files, Path(tmp) / "weights")
-            # The pyfunc model is saved locally and logged as the run's `model/`
-            # directory (no LoggedModel entity: fewer store writes per model);
-            # the registered version points at that directory. One upload for
-            # the tables and the model.
-            _save_pyfunc(out / "model", weights, result.input_shape, {"compbias": {k[len(TAG):]: v for k, v in tags.items()}})
-            client.log_artifacts(run_id, str(out))
-            now = int(time.time() * 1000)
-            mlist = [Metric(k, v, now, 0) for k, v in metrics.items()]
-            for k, series in _series(result.info).items():
-                mlist += [Metric(k, v, now, i) for i, v in enumerate(series)]
-            for i in range(0, max(len(mlist), 1), 1000):
-                client.log_batch(run_id, metrics=mlist[i : i + 1000], params=params if i == 0 else [])
-            # registered last: a version exists only once every artifact is logged
-            mv = client.create_model_version(
-                reg_name, source=f"{run.info.artifact_uri.rstrip('/')}/model", run_id=run_id, tags=tags, await_creation_for=60
+            model_id = _log_pyfunc_model(
+                client, experiment_id, run_id, logged_model_name(task), weights, result.input_shape, tags, param_values, Path(tmp)
             )
-            version = mv.version
+        inputs = [DatasetInput(ds, [InputTag(_DATASET_CONTEXT_TAG, context)]) for context, ds in sorted(datasets.items(), reverse=True)]
+        models = [LoggedModelInput(baseline.model_id)] if baseline is not None and baseline.model_id else None
+        client.log_inputs(run_id, datasets=inputs, models=models)
+        now = int(time.time() * 1000)
+        test, train = datasets["evaluation"], datasets.get("training")
+
+        def metric(key: str, value: float, step: int, ds) -> Metric:
+            if ds is None:
+                return Metric(key, value, now, step, model_id=model_id, run_id=run_id)
+            return Metric(key, value, now, step, model_id=model_id, dataset_name=ds.name, dataset_digest=ds.digest, run_id=run_id)
+
+        mlist = [metric(k, v, 0, test if _is_evaluation_metric(k) else None) for k, v in metrics.items()]
+        for k, series in _series(result.info).items():  # per-epoch training history: the training split
+            mlist += [metric(k, v, i, train) for i, v in enumerate(series)]
+        for i in range(0, max(len(mlist), 1), 1000):
+            client.log_batch(run_id, metrics=mlist[i : i + 1000], params=params if i == 0 else [])
+        # registered last: a version exists only once every artifact is logged
+        with _registry_uri_of(client):
+            mv = client.create_model_version(
+                reg_name, source=f"models:/{model_id}", run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
+            )
+        version = mv.version
+        # what mlflow.register_model records on the model: its versions
+        client.set_logged_model_tags(model_id, {_MODEL_VERSIONS_TAG: json.dumps([{"name": reg_name, "version": str(version)}])})
         finish_run(client, run_id, True)
     except BaseException as exc:
         if version is not None:
@@ -902,13 +978,38 @@ def log_model_run(
                 client.delete_model_version(reg_name, version)
             except MlflowException:  # pragma: no cover
                 log.exception("could not delete version %s of %s", version, reg_name)
+        _finalize_failed(client, model_id)
         try:
             client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
             finish_run(client, run_id, False)
         except MlflowException:  # pragma: no cover
             log.exception("could not mark run %s as failed", run_id)
         raise
-    return FinishedModel(key=task.key, run_id=run_id, version=str(version), metrics=metrics, spec_hash=tags[f"{TAG}spec_hash"])
+    return FinishedModel(
+        key=task.key, run_id=run_id, version=str(version), metrics=metrics, spec_hash=tags[f"{TAG}spec_hash"], model_id=model_id
+    )
+
+
+@contextlib.contextmanager
+def _registry_uri_of(client: MlflowClient):
+    """MLflow's process-wide tracking URI set to the client's while the block runs.
+
+    A SQL registry store resolves a ``models:/<model_id>`` source with a
+    fresh ``MlflowClient()`` (the process's tracking URI, an MLflow TODO),
+    not with the client that asked; for a client of another store the
+    lookup would miss. :func:`configure_tracking` already sets the URI, so
+    this changes nothing there.
+    """
+    uri = getattr(client, "tracking_uri", None) or getattr(client._tracking_client, "tracking_uri", None)
+    current = mlflow.get_tracking_uri()
+    if not uri or uri == current:
+        yield
+        return
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(current)
 
 
 def log_failed_run(
@@ -1039,12 +1140,29 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
             metrics=dict(run.data.metrics),
             spec_hash=t.get(f"{TAG}spec_hash", ""),
             resumed=True,
+            model_id=_version_model_id(v),
         )
     for v in versions:
         if v.run_id not in finished_ids:
             client.delete_model_version(reg, v.version)
             state.deleted_versions.append(str(v.version))
+    # the LoggedModels of runs just marked FAILED: FAILED too (a killed driver leaves them PENDING)
+    for run in runs:
+        if run.info.run_id in state.interrupted or run.info.run_id in state.incomplete:
+            outputs = getattr(getattr(run, "outputs", None), "model_outputs", None) or []
+            for out in outputs:
+                _finalize_failed(client, out.model_id)
     return state
+
+
+def _version_model_id(version) -> str:
+    """The LoggedModel a registered version was made from (``models:/<model_id>`` source), else ''."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    m = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", source)
+    return m.group(1) if m else ""
 
 
 def version_model_files(registered_model: str, version: str) -> dict[str, bytes]:

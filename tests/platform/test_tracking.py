@@ -10,7 +10,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
 from compbias.platform import tracking
 from compbias.platform.config import parse_study
@@ -58,6 +60,7 @@ def _result(task, *, acc_pred=None, nan_class=None):
         seconds=1.5,
         input_shape=(1, 8, 8),
         n_classes=4,
+        train_split=pd.DataFrame({"example_id": np.arange(60, dtype=np.int64), "label": np.arange(60) % 4, "ink": np.arange(60) % 2}),
     )
 
 
@@ -104,7 +107,7 @@ def _log_pair(client, spec, parent):
     return exp, base, comp
 
 
-def test_logged_run_has_tags_metrics_artifacts_and_a_registered_version(store):
+def test_logged_run_has_tags_metrics_artifacts_and_a_registered_version(store, tmp_path):
     spec = parse_study(STUDY)
     exp = tracking.ensure_experiment(store, spec.experiment_name)
     parent = tracking.start_parent_run(store, exp, spec, "name: trk\n")
@@ -122,6 +125,8 @@ def test_logged_run_has_tags_metrics_artifacts_and_a_registered_version(store):
     assert [m.value for m in store.get_metric_history(comp.run_id, "loss")] == [2.0, 1.0, 0.5]
     names = {a.path for a in store.list_artifacts(comp.run_id)} | {a.path for a in store.list_artifacts(comp.run_id, "rates")}
     assert {"predictions.parquet", "study.yaml", "rates/per_class.parquet", "rates/per_group.parquet"} <= names
+    assert {"predictions.csv", "rates/per_class.csv", "rates/per_group.csv"} <= names  # what MLflow's viewer previews
+    assert "model" not in names  # the model lives in its LoggedModel's own artifact location
     back = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=comp.run_id, artifact_path="predictions.parquet"))
     assert list(back.columns[:4]) == ["example_id", "label", "pred", "prob"] and len(back) == 40
 
@@ -129,6 +134,25 @@ def test_logged_run_has_tags_metrics_artifacts_and_a_registered_version(store):
     for key in ("compbias.study", "compbias.role", "compbias.method", "compbias.level", "compbias.seed", "compbias.baseline_version", "compbias.ray_node"):
         assert mv.tags[key] == t[key]
     assert mv.run_id == comp.run_id
+    # registered from the run's LoggedModel, whose MLmodel records the model, the run and the lineage tags
+    lm = store.get_logged_model(comp.model_id)
+    assert mv.source == f"models:/{comp.model_id}" and lm.source_run_id == comp.run_id and lm.status == LoggedModelStatus.READY
+    assert lm.tags["compbias.baseline_version"] == base.version
+    assert {m.key for m in lm.metrics} >= {"acc", "sparsity", "fpr/class/0", "loss"}
+    mlmodel = yaml.safe_load(open(mlflow.artifacts.download_artifacts(f"{lm.artifact_location}/MLmodel", dst_path=str(tmp_path))))
+    assert (mlmodel["model_id"], mlmodel["run_id"]) == (comp.model_id, comp.run_id)
+    assert mlmodel["metadata"]["compbias"]["role"] == "compressed" and mlmodel["metadata"]["compbias"]["seed"] == "0"
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model" and pyfunc["model_code_path"].endswith("pyfunc_model.py")
+    assert "python_model.pkl" not in json.dumps(mlmodel)  # models from code: nothing pickled
+    assert json.loads(mlmodel["signature"]["inputs"])[0]["tensor-spec"]["shape"] == [-1, 1, 8, 8]
+    req_file = mlflow.artifacts.download_artifacts(f"{lm.artifact_location}/requirements.txt", dst_path=str(tmp_path / "r"))
+    pinned = open(req_file).read().splitlines()
+    assert any(line.startswith("torch==") for line in pinned) and any(line.startswith("safetensors==") for line in pinned)
+    # the run's inputs: the two splits; the compressed model's baseline as a model input
+    inputs = store.get_run(comp.run_id).inputs
+    assert sorted(t.value for i in inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context") == ["evaluation", "training"]
+    assert [i.model_id for i in inputs.model_inputs] == [base.model_id]
 
     parent_run = store.get_run(parent)
     assert parent_run.data.tags["compbias.run_kind"] == "study"
@@ -160,6 +184,8 @@ def test_a_failure_after_registration_deletes_the_version_and_fails_the_run(stor
     runs = store.search_runs([exp], "tags.`compbias.run_kind` = 'model'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "store went away" in runs[0].data.tags["compbias.error"]
+    models = store.search_logged_models(experiment_ids=[exp])
+    assert [(m.source_run_id, m.status) for m in models] == [(runs[0].info.run_id, LoggedModelStatus.FAILED)]
 
 
 def test_compressed_run_without_baseline_is_refused(store):
@@ -178,6 +204,8 @@ def test_scan_finds_finished_models_and_cleans_up_half_done_state(store):
     # an interrupted execution: a model run left RUNNING and a parent left RUNNING
     task1 = next(t for t in plan_study(spec) if t.seed == 1 and t.role == "baseline")
     dangling = store.create_run(exp, tags={**tracking.model_tags(spec, task1, node_id="n"), "mlflow.parentRunId": parent})
+    half_logged = store.create_logged_model(exp, name="baseline@0-s1", source_run_id=dangling.info.run_id)  # killed mid-upload
+    store.log_outputs(dangling.info.run_id, [LoggedModelOutput(half_logged.model_id, 0)])
     # a version whose run failed (registration raced a crash)
     failed_run = store.create_run(exp, tags=tracking.model_tags(spec, task1, node_id="n"))
     store.set_terminated(failed_run.info.run_id, "FAILED")
@@ -186,6 +214,9 @@ def test_scan_finds_finished_models_and_cleans_up_half_done_state(store):
     state = tracking.scan_study(store, exp, spec)
     assert set(state.done) == {base.key, comp.key}
     assert state.done[comp.key].version == comp.version and state.done[comp.key].resumed
+    assert state.done[comp.key].model_id == comp.model_id and state.done[base.key].model_id == base.model_id
+    assert store.get_logged_model(half_logged.model_id).status == LoggedModelStatus.FAILED
+    assert store.get_logged_model(comp.model_id).status == LoggedModelStatus.READY
     assert dangling.info.run_id in state.interrupted and parent in state.interrupted
     assert store.get_run(dangling.info.run_id).info.status == "FAILED"
     assert state.deleted_versions == [str(orphan.version)]
@@ -198,46 +229,6 @@ def test_scan_finds_finished_models_and_cleans_up_half_done_state(store):
 
 def _tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.filterwarnings("ignore:.*input example:UserWarning")
-def test_every_logged_model_is_what_mlflow_save_model_writes_for_its_weights(tmp_path):
-    """Models are cloned from a per-process template; a clone must equal MLflow's own save of the same weights."""
-    from mlflow.models import Model
-
-    spec = parse_study(STUDY)
-    tasks = plan_study(spec)
-    shape = (1, 8, 8)
-    dirs = []
-    for i, size in enumerate((16, 4000)):  # two models whose weights differ in content and size
-        files = {"weights.safetensors": bytes([i + 1]) * size, "model_spec.json": json.dumps({"arch": "smallcnn", "i": i}).encode()}
-        weights = tracking.write_model_files(files, tmp_path / f"w{i}" / "weights")
-        tracking._save_pyfunc(tmp_path / f"model{i}", weights, shape, {"compbias": {"seed": str(tasks[i].seed)}})
-        dirs.append((tmp_path / f"model{i}", weights, files))
-
-    # the reference: MLflow itself saving the second model's weights
-    model_dir, weights, files = dirs[1]
-    ref = tmp_path / "reference"
-    mlflow.pyfunc.save_model(str(ref), python_model=str(tracking.PYFUNC_CODE), artifacts={"weights": str(weights)},
-                             code_paths=[str(tracking._package_copy())], signature=tracking._signature(shape),
-                             pip_requirements=tracking._requirements())
-    ours, theirs = _tree(model_dir), _tree(ref)
-    assert sorted(ours) == sorted(theirs)
-    assert {k for k in ours if ours[k] != theirs[k]} == {"MLmodel"}
-    assert ours["artifacts/weights/weights.safetensors"] == files["weights.safetensors"]
-
-    mine, ref_ml = Model.load(str(model_dir / "MLmodel")).to_dict(), Model.load(str(ref / "MLmodel")).to_dict()
-    first = Model.load(str(dirs[0][0] / "MLmodel")).to_dict()
-    assert mine["model_size_bytes"] == ref_ml["model_size_bytes"] == first["model_size_bytes"] + 4000 - 16  # its own weights
-    assert mine["metadata"] == {"compbias": {"seed": str(tasks[1].seed)}}
-    assert len({first["model_uuid"], mine["model_uuid"], ref_ml["model_uuid"]}) == 3
-    for d in (mine, ref_ml):
-        for key in ("model_uuid", "utc_time_created", "metadata"):
-            d.pop(key, None)
-        d["flavors"]["python_function"]["artifacts"]["weights"].pop("uri")
-    assert mine == ref_ml
-    # the first model kept its own weights: cloning shares no written file with later models
-    assert (dirs[0][0] / "artifacts/weights/weights.safetensors").read_bytes() == dirs[0][2]["weights.safetensors"]
 
 
 def test_a_sqlite_store_configured_by_compbias_is_in_wal_mode(tmp_path):
@@ -331,19 +322,23 @@ def test_two_processes_logging_at_once_to_one_wal_store_lose_nothing(tmp_path):
         versions = list(client.search_model_versions(f"name = 'compbias-{name}'"))
         assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
         assert all(len(r.data.params) >= 5 and "acc" in r.data.metrics for r in runs)
+        models = client.search_logged_models(experiment_ids=[exp])
+        assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
+        assert sorted(v.source for v in versions) == sorted(f"models:/{m.model_id}" for m in models)
 
 
-def test_models_are_still_saved_after_the_template_directory_is_removed(tmp_path):
-    """A temp cleaner may empty /tmp under a long-running driver: the template and code copy are made again."""
+def test_models_are_still_saved_after_the_code_copy_directory_is_removed(tmp_path):
+    """A temp cleaner may empty /tmp under a long-running driver: the code copy shipped with each model is made again."""
     import shutil
 
     from mlflow.models import Model
 
     files = {"weights.safetensors": b"\x01" * 32, "model_spec.json": b"{}"}
     weights = tracking.write_model_files(files, tmp_path / "w" / "weights")
-    tracking._save_pyfunc(tmp_path / "m0", weights, (1, 8, 8), {})
+    tracking._save_pyfunc(tmp_path / "m0", weights, (1, 8, 8), Model())
     shutil.rmtree(tracking._scratch_dir())
-    tracking._save_pyfunc(tmp_path / "m1", weights, (1, 8, 8), {})
+    tracking._save_pyfunc(tmp_path / "m1", weights, (1, 8, 8), Model())
     assert _tree(tmp_path / "m1").keys() == _tree(tmp_path / "m0").keys()
     assert (tmp_path / "m1" / "code" / "compbias" / "jobs" / "__init__.py").is_file()
+    assert (tmp_path / "m1" / "artifacts" / "weights" / "weights.safetensors").read_bytes() == files["weights.safetensors"]
     assert Model.load(str(tmp_path / "m1" / "MLmodel")).flavors["python_function"]["artifacts"]["weights"]["path"] == "artifacts/weights"
