@@ -14,7 +14,11 @@ means ``configs/digits.yaml``, which an installed package carries as
 ``compbias/configs/digits.yaml``). Every default lives in the study file's
 schema (``compbias.platform.config``); the options here only override.
 
-Exit codes: 0 success, 1 some models failed, 2 bad usage or a bad study file.
+Exit codes: 0 success, 1 some models failed, 2 bad usage or a bad study file
+(or a Ray cluster at ``RAY_ADDRESS`` that does not answer), 3 the Ray cluster
+went away mid-study (its head, or this machine's node): the models logged so
+far are complete, the study's parent run is ended FAILED, and running the same
+command again resumes the study.
 """
 
 from __future__ import annotations
@@ -97,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from compbias import __version__
 
-    parser = argparse.ArgumentParser(prog="compbias", description="Measure the bias that compressing neural networks induces.")
+    parser = argparse.ArgumentParser(
+        prog="compbias", description="Measure the bias that compressing neural networks induces.",
+        epilog="exit codes of study/train/compress: 0 success; 1 some models failed; 2 bad usage, a bad study file or "
+               "no Ray at RAY_ADDRESS; 3 the Ray cluster went away mid-study (finished models are safe: re-run the same "
+               "command to resume)")
     parser.add_argument("--version", action="version", version=f"compbias {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{study,train,compress,audit}")
     p = sub.add_parser("study", help="train the population, compress every model, log everything (resumes)")
@@ -276,11 +284,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (see compbias.platform.orchestration.WORKER_ENV); the local executor runs here
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "audit":
         return _run_audit(argparse.Namespace(command="audit", audit_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    return _run_study_command(args)
+    code = _run_study_command(args)
+    if as_command:
+        from compbias.platform.orchestration import EXIT_RAY_LOST
+
+        if code == EXIT_RAY_LOST:
+            _exit_after_ray_loss(code)
+    return code
+
+
+def _exit_after_ray_loss(code: int, *, timeout: float = 15.0) -> None:
+    """End the process with ``code`` once the Ray cluster is lost, whatever Ray does at interpreter exit.
+
+    Ray's driver can end the interpreter with its own status while it
+    disconnects from a dead raylet at exit (seen once in 13 head kills:
+    status 1 after the message and the FAILED parent run). The MLflow state
+    is final by now, so: stop the Ray processes this driver started (bounded
+    by ``timeout``, in a thread, since ``ray.shutdown`` may wait on the dead
+    node), flush, and leave with the documented code.
+    """
+    import threading
+
+    def _shutdown():
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:  # pragma: no cover - the cluster is gone; nothing more to stop
+            pass
+
+    t = threading.Thread(target=_shutdown, daemon=True)
+    t.start()
+    t.join(timeout)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pragma: no cover
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
