@@ -286,7 +286,7 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     close_abandoned_runs(client, exp_id, options.claim_ttl)
     run_id, report_path = write_audit_run(
         client, exp_id, name, study, outcome, settings, mv, figures=options.figures, output_dir=options.output_dir,
-        timings=timings, study_file=study_file if options.gallery else None,
+        timings=timings, study_file=study_file if options.gallery else None, dataset=study_file.get("dataset") or {},
     )
     statuses, reasons = {}, {}
     still = set(claims.still_held([r.key for r in targets]))
@@ -330,12 +330,15 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
 
 
 def close_abandoned_runs(client: MlflowClient, experiment_id: str, ttl: float) -> list[str]:
-    """Mark audit runs left RUNNING by killed auditors as KILLED.
+    """Mark audit runs (and their per-population children) left RUNNING by killed auditors as KILLED.
 
     An audit run is created only after the computation, and its logging takes
     seconds; one still RUNNING after ``ttl`` seconds belongs to an auditor
     that died.  No version's status tag points at it (the status is written
-    after the run is finished), so closing it loses nothing.
+    after the run is finished), so closing it loses nothing.  Its child runs
+    (``compbias.run_kind=audit_population``) are closed with it, also those
+    that finished: they belong to an audit that did not.  A child still
+    RUNNING after ``ttl`` is closed too, whatever its parent's state.
 
     Parameters
     ----------
@@ -347,22 +350,36 @@ def close_abandoned_runs(client: MlflowClient, experiment_id: str, ttl: float) -
     Returns
     -------
     list of str
-        The run ids closed.
+        The run ids closed (audit runs, then children).
     """
+    from compbias.platform.audit.writer import PARENT_RUN_TAG, RUN_KIND_AUDIT_POPULATION
+
     now_ms = time.time() * 1000
-    closed = []
-    try:
-        runs = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{T.RUN_KIND}` = '{T.RUN_KIND_AUDIT}' and attributes.status = 'RUNNING'",
-            max_results=200,
-        )
-    except Exception:  # pragma: no cover - a search failure must not stop the audit
-        return closed
-    for run in runs:
+    closed: list[str] = []
+    why = "its auditor stopped before finishing; a later audit redid the work"
+
+    def search(flt: str) -> list:
+        try:
+            return client.search_runs([experiment_id], filter_string=flt, max_results=1000)
+        except Exception:  # pragma: no cover - a search failure must not stop the audit
+            log.warning("could not search for abandoned audit runs (%s)", flt, exc_info=True)
+            return []
+
+    def close(run) -> None:
+        client.set_tag(run.info.run_id, "compbias.audit.abandoned", why)
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+
+    running = "attributes.status = 'RUNNING'"
+    for run in search(f"tags.`{T.RUN_KIND}` = '{T.RUN_KIND_AUDIT}' and {running}"):
         if now_ms - run.info.start_time > ttl * 1000:
-            client.set_tag(run.info.run_id, "compbias.audit.abandoned", "its auditor stopped before finishing; a later audit redid the work")
-            client.set_terminated(run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
+            close(run)
+            for child in search(f"tags.`{PARENT_RUN_TAG}` = '{run.info.run_id}'"):
+                if child.info.status in ("RUNNING", "FINISHED", "SCHEDULED"):
+                    close(child)
+    for child in search(f"tags.`{T.RUN_KIND}` = '{RUN_KIND_AUDIT_POPULATION}' and {running}"):
+        if child.info.run_id not in closed and now_ms - child.info.start_time > ttl * 1000:
+            close(child)
     return closed
 
 
