@@ -11,6 +11,14 @@
   confidence bars (Hooker et al. 2020).
 * :func:`cie_gallery` -- the top CIE images with the label and both
   populations' modal predictions.
+
+Written to be read by a reviewer: every level on an axis is labelled by its
+name (sparsities at their values, named modes such as ``int8_static`` at
+evenly spaced positions, in a row of their own), a quantity whose values span
+orders of magnitude (CEV goes from 0 to about 1e5) is drawn on a log or
+symmetric-log axis with a note saying where zero is, colour bars name the
+populations, and no text overlaps another (``tests/platform/audit/
+test_figures_readable.py`` checks the drawn text boxes).
 """
 
 from __future__ import annotations
@@ -24,17 +32,107 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 from compbias.platform.audit.population import level_sort_key  # noqa: E402
 
 CHI2_2DOF_95 = 5.991464547107979  # 95% quantile of chi-square with 2 degrees of freedom
+SPAN_FOR_LOG = 10.0  # largest/smallest non-zero magnitude from which an axis goes logarithmic
+MAX_DECADES = 3  # a symlog axis shows at most this many decades above its linear part
 
 
 def _method_colors(methods) -> dict[str, str]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {m: cycle[i % len(cycle)] for i, m in enumerate(sorted(set(methods)))}
+
+
+def _is_number(level: str) -> bool:
+    try:
+        float(level)
+    except ValueError:
+        return False
+    return True
+
+
+def value_scale(values) -> tuple[str, float | None]:
+    """The y scale for values that may span orders of magnitude.
+
+    Parameters
+    ----------
+    values : array-like
+        Every value the axis shows (NaN and inf are ignored).
+
+    Returns
+    -------
+    (scale, linthresh)
+        ``("linear", None)`` when the non-zero magnitudes span less than
+        :data:`SPAN_FOR_LOG`; ``("log", None)`` when they do and every value
+        is positive; else ``("symlog", t)`` with ``t`` a power of ten at or
+        below the smallest non-zero magnitude (at most :data:`MAX_DECADES`
+        below the largest), so zero and negative values stay on the axis.
+    """
+    v = np.asarray(values, float).ravel()
+    v = v[np.isfinite(v)]
+    a = np.abs(v[v != 0])
+    if a.size == 0 or a.max() / a.min() < SPAN_FOR_LOG:
+        return "linear", None
+    if (v > 0).all():
+        return "log", None
+    floor = max(a.min(), a.max() / 10 ** MAX_DECADES)
+    return "symlog", float(10 ** math.floor(math.log10(floor)))
+
+
+def _plain_number(v: float, _pos=None) -> str:
+    """Short tick text a reader need not decode: 0, 10, 1k, 100k, 1M, -100, 0.1."""
+    a = abs(v)
+    text = f"{a / 1e6:g}M" if a >= 1e6 else f"{a / 1e3:g}k" if a >= 1e3 else f"{a:g}"
+    return ("\u2212" if v < 0 else "") + text
+
+
+def _apply_scale(ax, scale: tuple[str, float | None], values=None) -> None:
+    """Set the y scale; a symlog axis gets ticks at 0 and at whole decades only, so none collide."""
+    kind, thresh = scale
+    if kind == "log":
+        ax.set_yscale("log")
+        v = np.asarray(values if values is not None else [], float).ravel()
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size:
+            lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+            ax.yaxis.set_major_locator(FixedLocator([10.0 ** k for k in range(lo, hi + 1)]))
+            ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylim(10.0 ** lo / 1.3, 10.0 ** hi * 1.3)  # whole decades: at least two labelled ticks
+    elif kind == "symlog":
+        ax.set_yscale("symlog", linthresh=thresh, linscale=1.0)
+        v = np.asarray(values if values is not None else [], float).ravel()
+        v = v[np.isfinite(v)]
+        lo = int(round(math.log10(thresh)))
+        ticks = [0.0]
+        for sign in (1, -1):
+            side = v[v * sign > 0] * sign
+            if side.size:
+                top = max(lo, math.ceil(math.log10(side.max())))
+                ticks += [sign * 10.0 ** k for k in range(lo, top + 1)]
+        ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+
+
+def scale_note(name: str, scale: tuple[str, float | None]) -> str | None:
+    """One line saying how to read a log or symlog axis (None for linear)."""
+    kind, thresh = scale
+    if kind == "log":
+        return f"{name}: log axis."
+    if kind == "symlog":
+        return f"{name}: symmetric log axis, linear within ±{thresh:g}; a value of 0 (no change) is drawn at 0."
+    return None
+
+
+def _scale_label(label: str, scale: tuple[str, float | None]) -> str:
+    return label if scale[0] == "linear" else f"{label} ({scale[0]})"
 
 
 def confidence_ellipse(x: np.ndarray, y: np.ndarray, *, coverage_chi2: float = CHI2_2DOF_95, **kwargs) -> Ellipse | None:
@@ -67,6 +165,17 @@ def confidence_ellipse(x: np.ndarray, y: np.ndarray, *, coverage_chi2: float = C
     return Ellipse((x[ok].mean(), y[ok].mean()), width, height, angle=angle, **kwargs)
 
 
+def _figure_legend(fig: Figure, top_in: float) -> None:
+    """One legend for the whole figure, in a band under the title (labels deduplicated, in order)."""
+    handles: dict[str, object] = {}
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 1 - top_in / fig.get_figheight()))
+
+
 def class_change_scatter(class_changes: dict) -> Figure:
     """Per-class normalised change of FPR and FNR, one panel per level.
 
@@ -82,14 +191,17 @@ def class_change_scatter(class_changes: dict) -> Figure:
         Each panel has one scatter per method with one point per class whose
         change is defined (label ``<method>``), its 95% ellipse and its
         centroid (a star, label ``<method> centroid``), and the diagonal of
-        balanced change.
+        balanced change. One legend for the figure, above the panels, so
+        that no legend hides a point.
     """
     levels = sorted({lv for _, lv in class_changes}, key=level_sort_key)
     colors = _method_colors(m for m, _ in class_changes)
     n = max(1, len(levels))
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(5 * cols, 4.5 * rows))
+    head = 0.95  # inches for the title and the legend
+    height = 4.2 * rows + head
+    fig = Figure(figsize=(5 * cols, height))
     for i, level in enumerate(levels or ["none"]):
         ax = fig.add_subplot(rows, cols, i + 1)
         lim = [np.inf, -np.inf]
@@ -113,9 +225,10 @@ def class_change_scatter(class_changes: dict) -> Figure:
         ax.set_title(f"level {level}")
         ax.set_xlabel("normalised FPR change (%)")
         ax.set_ylabel("normalised FNR change (%)")
-        ax.legend(fontsize=7)
-    fig.suptitle("Per-class change of FPR and FNR (ellipses hold 95% of classes; stars: method centroid)")
-    _adjust(fig)
+    fig.suptitle("Per-class change of FPR and FNR (ellipses hold 95% of classes; stars: method centroid; dotted: equal change)",
+                 y=1 - 0.08 / height, fontsize=11)
+    _figure_legend(fig, 0.38)
+    _adjust(fig, top=1 - head / height, bottom=0.55 / height, hspace=0.35 * 4.2 / 3.6, wspace=0.28)
     return fig
 
 
@@ -126,6 +239,41 @@ def _level_positions(levels: list[str]) -> tuple[list[float], bool]:
         return list(range(len(levels))), False
 
 
+def _use_logit(values: list[float]) -> bool:
+    """Sparsity-like levels in (0, 1) reaching 0.9 or more: a logit axis keeps 0.9, 0.95, 0.99 apart."""
+    return bool(values) and all(0 < v < 1 for v in values) and max(values) >= 0.9 and len(set(values)) > 1
+
+
+def _level_axis(ax, levels: list[str]) -> dict[str, float]:
+    """Place and label every level on the x axis; return each level's position.
+
+    Numeric levels sit at their values (on a logit axis when they are
+    sparsities up to 0.9 or more), named levels at 0, 1, 2...; every level
+    gets a tick with its name.
+    """
+    levels = sorted(set(levels), key=level_sort_key)
+    pos, numeric = _level_positions(levels)
+    where = dict(zip(levels, pos))
+    if numeric and _use_logit(pos):
+        ax.set_xscale("logit")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lg = [math.log(p / (1 - p)) for p in pos]
+        pad = 0.25 * max(max(lg) - min(lg), 1.0)
+        lo, hi = min(lg) - pad, max(lg) + pad
+        ax.set_xlim(1 / (1 + math.exp(-lo)), 1 / (1 + math.exp(-hi)))
+        ax.set_xlabel("level (logit axis)")
+    elif numeric:
+        span = (max(pos) - min(pos)) or 1.0
+        ax.set_xlim(min(pos) - 0.12 * span, max(pos) + 0.12 * span)
+        ax.set_xlabel("level")
+    else:
+        ax.set_xlim(-0.5, len(pos) - 0.5)
+        ax.set_xlabel("level")
+    ax.set_xticks(pos, levels)
+    return where
+
+
 def level_curves(bias: pd.DataFrame) -> Figure:
     """Accuracy, PIE count, CEV and SDE against compression level, one line per method.
 
@@ -133,31 +281,64 @@ def level_curves(bias: pd.DataFrame) -> Figure:
     ----------
     bias : pandas.DataFrame
         The audit's ``bias`` table (``method``, ``level``, ``acc``, ``pie``,
-        ``cev``, ``sde``).
+        ``cev``, ``sde``; with ``acc_drop`` the baseline accuracy is drawn
+        as a dashed line).
 
     Returns
     -------
     matplotlib.figure.Figure
-        Four panels; each has one line per method with one point per level.
+        Four panels per row; each has one line per method with one point
+        per level. Methods with numeric levels (sparsities) and methods with
+        named levels (``int8_static``) get a row each, with the same y axes.
+        CEV and SDE go to a log or symmetric-log axis when their values
+        span an order of magnitude (the figure says how to read it).
     """
-    fig = Figure(figsize=(14, 3.8))
     panels = [("acc", "accuracy"), ("pie", "PIE count"), ("cev", "CEV"), ("sde", "SDE")]
     colors = _method_colors(bias["method"]) if len(bias) else {}
-    for i, (col, title) in enumerate(panels):
-        ax = fig.add_subplot(1, 4, i + 1)
-        for method, part in bias.groupby("method", sort=True):
-            part = part.iloc[sorted(range(len(part)), key=lambda j: level_sort_key(str(part["level"].iloc[j])))]
-            levels = [str(v) for v in part["level"]]
-            xs, numeric = _level_positions(levels)
-            ax.plot(xs, part[col].to_numpy(float), marker="o", color=colors[method], label=method)
-            if not numeric:
-                ax.set_xticks(xs, levels)
-        ax.set_title(title)
-        ax.set_xlabel("level")
-        if i == 0:
-            ax.legend(fontsize=7)
-    _adjust(fig, wspace=0.35)
+    kinds: list[list[str]] = [[], []]  # methods with numeric levels, methods with named levels
+    for method, part in bias.groupby("method", sort=True):
+        kinds[0 if all(_is_number(str(v)) for v in part["level"]) else 1].append(method)
+    rows = [ms for ms in kinds if ms] or [[]]
+    scales = {col: value_scale(bias[col]) if col in ("cev", "sde") and col in bias else ("linear", None) for col, _ in panels}
+    notes = [n for n in (scale_note(t, scales[c]) for c, t in panels) if n]
+    row_h = 3.5
+    foot = 0.3 + 0.2 * len(notes)
+    height = row_h * len(rows) + foot + 0.3
+    fig = Figure(figsize=(14, height))
+    base_acc = None
+    if len(bias) and "acc_drop" in bias:
+        b = (bias["acc"] + bias["acc_drop"] / 100.0).to_numpy(float)
+        base_acc = float(np.nanmean(b)) if np.isfinite(b).any() else None
+    first: dict[str, object] = {}
+    for r, methods in enumerate(rows):
+        part_r = bias[bias["method"].isin(methods)]
+        for i, (col, title) in enumerate(panels):
+            ax = fig.add_subplot(len(rows), 4, r * 4 + i + 1, sharey=first.get(col))
+            first.setdefault(col, ax)
+            where = _level_axis(ax, [str(v) for v in part_r["level"]]) if len(part_r) else {}
+            for method in methods:
+                part = part_r[part_r["method"] == method]
+                part = part.iloc[sorted(range(len(part)), key=lambda j: level_sort_key(str(part["level"].iloc[j])))]
+                xs = [where[str(v)] for v in part["level"]]
+                ax.plot(xs, part[col].to_numpy(float), marker="o", color=colors[method], label=method)
+            if col == "acc" and base_acc is not None:
+                ax.axhline(base_acc, color="grey", linestyle="--", linewidth=1, label="baseline")
+            if r == 0:
+                _apply_scale(ax, scales[col], bias[col] if col in bias else None)
+                ax.set_title(title)
+            ax.set_ylabel(_scale_label(title, scales[col]), fontsize=9)
+            if i == 0 and methods:
+                ax.legend(fontsize=7)
+    for k, note in enumerate(notes):
+        fig.text(0.01, (0.08 + 0.2 * (len(notes) - 1 - k)) / height, note, fontsize=8, color="#444")
+    _adjust(fig, wspace=0.4, top=1 - 0.3 / height, bottom=(foot + 0.35) / height, hspace=0.42)
     return fig
+
+
+def _population_colors(names: list[str]) -> tuple[ListedColormap, BoundaryNorm]:
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = [cmap(i % cmap.N) for i in range(len(names))]
+    return ListedColormap(colors), BoundaryNorm(np.arange(len(names) + 1) - 0.5, len(names))
 
 
 def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
@@ -167,40 +348,69 @@ def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
     ----------
     similarity : pandas.DataFrame
         Per compressed version and layer: ``layer``, ``svcca_distance``,
-        ``cev``, ``level``.
+        ``cev``, ``level`` (and ``method``, when there).
 
     Returns
     -------
     matplotlib.figure.Figure
-        One panel per layer: one point per version (coloured by level) and,
-        with at least two points, the regression line (label ``fit r=...``).
+        One panel per layer: one point per version, coloured by its
+        population (``method/level``; one colour bar names them) and, with
+        at least two points, the regression line (label ``fit r=...``,
+        Pearson's r of the values). CEV is on a log or symmetric-log axis
+        when it spans an order of magnitude.
     """
     layers = list(dict.fromkeys(similarity["layer"])) if len(similarity) else []
     n = max(1, len(layers))
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4 * cols, 3.6 * rows))
+    ok_all = similarity[np.isfinite(similarity["svcca_distance"].to_numpy(float)) & np.isfinite(similarity["cev"].to_numpy(float))] \
+        if len(similarity) else similarity
+    scale = value_scale(ok_all["cev"]) if len(ok_all) else ("linear", None)
+    note = scale_note("CEV", scale)
+    foot = 0.35 if note else 0.0
+    height = 3.4 * rows + 0.5 + foot
+    fig = Figure(figsize=(4 * cols + 2.2, height))
+
+    def pop_name(r) -> str:
+        return f"{r['method']}/{r['level']}" if "method" in r else str(r["level"])
+
+    pops = sorted({pop_name(r) for _, r in ok_all.iterrows()},
+                  key=lambda s: (s.rsplit("/", 1)[0] if "/" in s else "", level_sort_key(s.rsplit("/", 1)[-1])))
+    code = {p: k for k, p in enumerate(pops)}
+    cmap, norm = _population_colors(pops) if pops else (None, None)
+    sc = None
+    first = None
     for i, layer in enumerate(layers or ["(none)"]):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        part = similarity[similarity["layer"] == layer] if layers else similarity
-        part = part[np.isfinite(part["svcca_distance"].to_numpy(float)) & np.isfinite(part["cev"].to_numpy(float))] if len(part) else part
+        ax = fig.add_subplot(rows, cols, i + 1, sharey=first)
+        first = first or ax
+        part = ok_all[ok_all["layer"] == layer] if layers else ok_all
         if len(part):
-            lv = [str(v) for v in part["level"]]
-            pos, _ = _level_positions(sorted(set(lv), key=level_sort_key))
-            order = {v: p for v, p in zip(sorted(set(lv), key=level_sort_key), pos)}
-            sc = ax.scatter(part["svcca_distance"], part["cev"], c=[order[v] for v in lv], cmap="viridis", s=22)
-            fig.colorbar(sc, ax=ax, label="level")
+            sc = ax.scatter(part["svcca_distance"], part["cev"], c=[code[pop_name(r)] for _, r in part.iterrows()],
+                            cmap=cmap, norm=norm, s=24, edgecolor="black", linewidth=0.3)
             x, y = part["svcca_distance"].to_numpy(float), part["cev"].to_numpy(float)
             if len(part) >= 2 and np.ptp(x) > 0:
                 slope, icpt = np.polyfit(x, y, 1)
                 r = np.corrcoef(x, y)[0, 1]
                 xx = np.linspace(x.min(), x.max(), 50)
-                ax.plot(xx, slope * xx + icpt, color="black", label=f"fit r={r:.2f}")
-                ax.legend(fontsize=7)
+                ax.plot(xx, slope * xx + icpt, color="black", linewidth=1, label=f"fit r={r:.2f}")
+                ax.legend(fontsize=7, loc="upper left")
+        if i == 0:
+            _apply_scale(ax, scale, ok_all["cev"])
         ax.set_title(str(layer))
         ax.set_xlabel("SVCCA distance")
-        ax.set_ylabel("CEV")
-    _adjust(fig, wspace=0.5)
+        ax.set_ylabel(_scale_label("CEV", scale) if i % cols == 0 else "")
+    if note:
+        fig.text(0.01, 0.1 / height, note, fontsize=8, color="#444")
+    right = 1 - 2.2 / fig.get_figwidth()
+    _adjust(fig, left=1.2 / fig.get_figwidth(), right=right, wspace=0.3,
+            top=1 - 0.35 / height, bottom=(0.5 + foot) / height, hspace=0.5)
+    if sc is not None:
+        top, bottom = 1 - 0.35 / height, (0.5 + foot) / height
+        cax = fig.add_axes((right + 0.15 / fig.get_figwidth(), bottom, 0.14 / fig.get_figwidth(), top - bottom))
+        cbar = fig.colorbar(sc, cax=cax, ticks=range(len(pops)))
+        cbar.ax.set_yticklabels(pops, fontsize=8)
+        cbar.ax.tick_params(length=0)
+        cbar.set_label("population (method/level)")
     return fig
 
 
@@ -216,17 +426,32 @@ def group_changes(groups: dict) -> Figure:
     Returns
     -------
     matplotlib.figure.Figure
-        Two panels (FPR, FNR); each has one bar container per population with
-        one bar per group.
+        Two panels (FPR, FNR); each has one bar container per population
+        (label ``method/level``) with one bar per group, and the figure one
+        legend to the right. The y axis is symmetric-log when the changes
+        and their intervals span an order of magnitude.
     """
-    fig = Figure(figsize=(13, 4.2))
     keys = sorted(groups, key=lambda k: (k[0], level_sort_key(k[1])))
+    names = list(groups[keys[0]]["names"]) if keys else []
+    rotate = len(names) > 6 or max((len(str(s)) for s in names), default=0) > 14
+    foot = 0.3
+    height = 4.2 + (0.6 if rotate else 0) + foot
+    fig = Figure(figsize=(14, height))
+    vals_all = []
+    for d in groups.values():
+        for rate in ("fpr", "fnr"):
+            vals_all.append(np.asarray(d[f"{rate}_change"], float).ravel())
+            if d.get(f"{rate}_ci") is not None:
+                vals_all += [np.asarray(c, float).ravel() for c in d[f"{rate}_ci"]]
+    scale = value_scale(np.concatenate(vals_all)) if vals_all else ("linear", None)
+    note = scale_note("normalised change", scale)
+    first = None
     for p, rate in enumerate(("fpr", "fnr")):
-        ax = fig.add_subplot(1, 2, p + 1)
+        ax = fig.add_subplot(1, 2, p + 1, sharey=first)
+        first = first or ax
         if not keys:
             ax.set_title(f"group {rate.upper()} change (no groups)")
             continue
-        names = groups[keys[0]]["names"]
         width = 0.8 / len(keys)
         for k, key in enumerate(keys):
             d = groups[key]
@@ -239,12 +464,21 @@ def group_changes(groups: dict) -> Figure:
                 err = np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
                 err = np.where(np.isfinite(err), err, 0)
             ax.bar(xs, np.nan_to_num(vals), width=width, yerr=err, capsize=2, label=f"{key[0]}/{key[1]}")
-        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30 if rotate else 0,
+                      ha="right" if rotate else "center", fontsize=8)
+        ax.set_xlabel("group")
         ax.axhline(0, color="grey", linewidth=0.5)
-        ax.set_ylabel("normalised change (%)")
+        if p == 0:
+            _apply_scale(ax, scale, np.concatenate(vals_all))
+            ax.set_ylabel(_scale_label("normalised change (%)", scale))
         ax.set_title(f"group {rate.upper()} change vs baseline (95% CI)")
-        ax.legend(fontsize=7)
-    _adjust(fig, bottom=0.22)
+    if keys:
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8, title="population", title_fontsize=8, frameon=False)
+    if note:
+        fig.text(0.01, 0.1 / height, note, fontsize=8, color="#444")
+    _adjust(fig, left=0.06, right=1 - 1.9 / 14, wspace=0.18, top=1 - 0.4 / height,
+            bottom=(foot + (1.0 if rotate else 0.5)) / height)
     return fig
 
 
@@ -256,19 +490,26 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
     images : list of numpy.ndarray
         ``(C, H, W)`` or ``(H, W)`` arrays in [0, 1].
     captions : list of str
-        One per image (label and both populations' predictions).
+        One per image (label and both populations' predictions); a caption
+        may have several lines.
     columns : int
     title : str
 
     Returns
     -------
     matplotlib.figure.Figure
-        One image axes per example.
+        One image axes per example; the title sits in a band of its own
+        above the first row's captions.
     """
     n = len(images)
     cols = max(1, min(columns, n))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(1.8 * cols, 2.1 * rows))
+    cap_lines = max((str(c).count("\n") + 1 for c in captions), default=1)
+    cap_in = cap_lines * 7 * 1.3 / 72 + 0.15  # caption height in inches (7 pt)
+    title_in = 0.4 if title else 0.05
+    cell_w, img_in = 1.8, 1.45
+    height = title_in + rows * (img_in + cap_in) + 0.1
+    fig = Figure(figsize=(cell_w * cols, height))
     for i, (img, cap) in enumerate(zip(images, captions)):
         ax = fig.add_subplot(rows, cols, i + 1)
         arr = np.asarray(img, float)
@@ -278,8 +519,9 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
         ax.set_title(cap, fontsize=7)
         ax.axis("off")
     if title:
-        fig.suptitle(title, y=1 - 0.05 / fig.get_figheight())
-    _adjust(fig, left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / fig.get_figheight(), wspace=0.1, hspace=0.5)
+        fig.suptitle(title, y=1 - 0.06 / height, fontsize=11)
+    top = 1 - (title_in + cap_in) / height
+    _adjust(fig, left=0.02, right=0.98, bottom=0.1 / height, top=top, wspace=0.1, hspace=cap_in / img_in)
     return fig
 
 

@@ -93,7 +93,7 @@ def make_figures(outcome: StudyAudit, study_file: dict | None = None) -> tuple[d
             except GalleryUnavailable as exc:
                 notes.append(f"CIE gallery left out: {exc}")
                 break
-            caps = [f"#{r.example_id} y={r.label}\nbase {r.baseline_modal_pred} / comp {r.compressed_modal_pred}" for r in part.itertuples()]
+            caps = [f"#{r.example_id}  label {r.label}\nbaseline {r.baseline_modal_pred}, compressed {r.compressed_modal_pred}" for r in part.itertuples()]
             figs[f"gallery_{method}__{level}"] = F.cie_gallery(images, caps, title=f"top CIE examples, {method} at {level}")
     return figs, notes
 
