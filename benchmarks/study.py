@@ -24,10 +24,10 @@ Each repetition runs 3, 1, 2 back to back. Printed:
   is smaller than (a) when the machine has a core to spare;
 - the per-model logging cost in isolation: the untracked run's results
   logged into a fresh store one after another with nothing else running in
-  this process (the first one building the pyfunc template). This is the
-  most stable number on a shared machine;
-- what the first model of a fresh ``compbias study`` process pays once to
-  build its pyfunc template (measured in a child process).
+  this process. This is the most stable number on a shared machine;
+- what the first model of a fresh ``compbias study`` process pays once for
+  its pyfunc model (``mlflow.pyfunc.save_model``: MLflow maps the installed
+  packages to their modules once per process; measured in a child process).
 
     .venv/bin/python benchmarks/study.py [--config configs/digits.yaml] [--seeds 3] [--repeat 1]
         [--epochs N] [--finetune-epochs N] [--seq-threads 1]
@@ -135,12 +135,12 @@ def _ray_without_tracking(spec) -> tuple[float, list]:
 def _logging_alone(spec, results: list) -> dict:
     """Log finished results into a fresh store one after another, as the driver does, timing each model.
 
-    The pyfunc template cache is emptied first, so the first model pays what
-    the first model of a ``compbias study`` process pays.
+    This process saved pyfunc models before (the warm-up), so the first
+    model here does not pay what the first model of a fresh process pays
+    (:func:`_first_pyfunc_in_fresh_process` measures that).
     """
     with tempfile.TemporaryDirectory(prefix="compbias-bench-log-") as tmp:
         uri = _fresh_store(tmp)
-        tracking._TEMPLATES.clear()
         t0 = time.perf_counter()
         client = tracking.configure_tracking(uri)
         exp = tracking.ensure_experiment(client, spec.experiment_name)
@@ -157,19 +157,20 @@ def _logging_alone(spec, results: list) -> dict:
     return {"setup": setup, "first": per_model[0], "rest": per_model[1:]}
 
 
-_TEMPLATE_PROBE = """
+_FIRST_PYFUNC_PROBE = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
+from mlflow.models import Model
 from compbias.platform import tracking
 t0 = time.perf_counter()
-tracking._save_pyfunc(Path(sys.argv[3]), Path(sys.argv[2]), tuple(int(x) for x in sys.argv[4:]), {})
+tracking._save_pyfunc(Path(sys.argv[3]), Path(sys.argv[2]), tuple(int(x) for x in sys.argv[4:]), Model())
 print(time.perf_counter() - t0)
 """
 
 
-def _template_in_fresh_process(result) -> float:
-    """Seconds the first model of a new process spends building its pyfunc model (MLflow's ``save_model``).
+def _first_pyfunc_in_fresh_process(result) -> float:
+    """Seconds the first model of a new process spends saving its pyfunc model (MLflow's ``save_model``).
 
     Measured in a child process: MLflow caches what it reads about installed
     packages per process, so this process (which logged models already)
@@ -182,7 +183,7 @@ def _template_in_fresh_process(result) -> float:
     with tempfile.TemporaryDirectory(prefix="compbias-bench-tpl-") as tmp:
         weights = write_model_files(result.model_files, Path(tmp) / "weights")
         out = subprocess.run(
-            [sys.executable, "-c", _TEMPLATE_PROBE, str(REPO), str(weights), str(Path(tmp) / "model"), *map(str, result.input_shape)],
+            [sys.executable, "-c", _FIRST_PYFUNC_PROBE, str(REPO), str(weights), str(Path(tmp) / "model"), *map(str, result.input_shape)],
             capture_output=True, text=True, check=True,
         )
     return float(out.stdout.strip().splitlines()[-1])
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
         ray_.append(_one(spec, "ray", "ray"))
         print(f"  ray run {i + 1}:        {ray_[-1]['wall']:.1f}s ({ray_[-1]['models']} models, tracking {ray_[-1]['tracking']:.1f}s)")
     alone = [_logging_alone(spec, results) for _ in range(args.repeat)]
-    fresh = statistics.median(_template_in_fresh_process(results[0]) for _ in range(args.repeat))
+    fresh = statistics.median(_first_pyfunc_in_fresh_process(results[0]) for _ in range(args.repeat))
 
     ratios = [s_["wall"] / r["wall"] for s_, r in zip(seq, ray_)]
     overheads = [(r["wall"] - b) / r["wall"] for r, b in zip(ray_, bare)]
@@ -279,9 +280,9 @@ def main(argv=None) -> int:
     print(f"(b) wall overhead      {statistics.median(overheads):8.1%}     (tracked Ray wall - untracked Ray wall) / tracked Ray wall, "
           f"median over the back-to-back pairs: {pairs}")
     print(f"per-model logging, alone in this process (fresh SQLite store, {n} models x {args.repeat}): "
-          f"{per_model_alone:.3f} s per model (median); the first model {first_alone:.2f} s (builds the pyfunc template); "
+          f"{per_model_alone:.3f} s per model (median); the first model {first_alone:.2f} s; "
           f"experiment, registered model and parent run {setup_alone:.2f} s")
-    print(f"pyfunc template of the first model in a fresh process (once per `compbias study`): {fresh:.2f} s")
+    print(f"pyfunc model of the first model in a fresh process (once per `compbias study`): {fresh:.2f} s")
     return 0
 
 

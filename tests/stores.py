@@ -14,6 +14,7 @@ PATH_COLUMNS = {
     "experiments": ["artifact_location"],
     "runs": ["artifact_uri"],
     "model_versions": ["source", "storage_location"],
+    "logged_models": ["artifact_location"],
 }
 
 

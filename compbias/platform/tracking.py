@@ -964,7 +964,7 @@ def log_model_run(
         for i in range(0, max(len(mlist), 1), 1000):
             client.log_batch(run_id, metrics=mlist[i : i + 1000], params=params if i == 0 else [])
         # registered last: a version exists only once every artifact is logged
-        with _registry_uri_of(client):
+        with _tracking_uri_of(client):
             mv = client.create_model_version(
                 reg_name, source=f"models:/{model_id}", run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
             )
@@ -991,7 +991,7 @@ def log_model_run(
 
 
 @contextlib.contextmanager
-def _registry_uri_of(client: MlflowClient):
+def _tracking_uri_of(client: MlflowClient):
     """MLflow's process-wide tracking URI set to the client's while the block runs.
 
     A SQL registry store resolves a ``models:/<model_id>`` source with a
@@ -1000,7 +1000,7 @@ def _registry_uri_of(client: MlflowClient):
     lookup would miss. :func:`configure_tracking` already sets the URI, so
     this changes nothing there.
     """
-    uri = getattr(client, "tracking_uri", None) or getattr(client._tracking_client, "tracking_uri", None)
+    uri = client.tracking_uri
     current = mlflow.get_tracking_uri()
     if not uri or uri == current:
         yield

@@ -153,7 +153,10 @@ def test_registered_model_loads_with_pyfunc_and_predicts_what_was_logged(study):
     logged = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="predictions.parquet", tracking_uri=study["uri"]))
     assert np.array_equal(out["pred"].to_numpy(), logged["pred"].to_numpy()[:64])
     assert np.allclose(out["prob"].to_numpy(), logged["prob"].to_numpy()[:64], atol=1e-5)
-    assert "model" in {a.path for a in client.list_artifacts(v.run_id)}
+    # the version was registered from the run's LoggedModel (MLflow 3), whose artifacts hold the model
+    exp = client.get_experiment_by_name("compbias/e2e-digits").experiment_id
+    lm = next(m for m in client.search_logged_models(experiment_ids=[exp]) if m.source_run_id == v.run_id)
+    assert v.source == f"models:/{lm.model_id}" and "MLmodel" in {a.path for a in client.list_logged_model_artifacts(lm.model_id)}
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/compbias-e2e-digits/{v.version}", tracking_uri=study["uri"]))
     assert list(local.rglob("weights.safetensors")) and not list(local.rglob("*.pkl"))
 

@@ -188,6 +188,25 @@ def test_a_failure_after_registration_deletes_the_version_and_fails_the_run(stor
     assert [(m.source_run_id, m.status) for m in models] == [(runs[0].info.run_id, LoggedModelStatus.FAILED)]
 
 
+def test_logging_uses_the_given_client_not_the_process_tracking_uri(store, tmp_path):
+    """MLflow's SQL registry resolves a models:/<model_id> source with the process's URI; the client's store must still be used."""
+    spec = parse_study({**STUDY, "name": "trk-uri"})
+    other = f"sqlite:///{tmp_path}/other.db"
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(other)
+    try:
+        exp = tracking.ensure_experiment(store, spec.experiment_name)
+        tracking.ensure_registered_model(store, spec)
+        parent = tracking.start_parent_run(store, exp, spec, "x")
+        fm = tracking.log_model_run(store, exp, parent, spec, "x", _result(plan_study(spec)[0]))
+        assert mlflow.get_tracking_uri() == other  # left as it was
+    finally:
+        mlflow.set_tracking_uri(old)
+    mv = store.get_model_version(spec.registered_model_name, fm.version)
+    assert mv.source == f"models:/{fm.model_id}" and store.get_logged_model(fm.model_id).source_run_id == fm.run_id
+    assert store.get_run(fm.run_id).info.status == "FINISHED"
+
+
 def test_compressed_run_without_baseline_is_refused(store):
     spec = parse_study({**STUDY, "name": "trk-nobase"})
     exp = tracking.ensure_experiment(store, spec.experiment_name)
