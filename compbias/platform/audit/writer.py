@@ -312,6 +312,21 @@ def evaluation_dataset(outcome: StudyAudit, study: str, dataset: dict | None = N
         return ds._to_mlflow_entity()
 
 
+def _end_run_quietly(client: MlflowClient, run_id: str, status: str) -> None:
+    """Set a child run's status and end time without MLflow's two "View run ... at" console lines per run.
+
+    ``MlflowClient.set_terminated`` prints them (and reads the run again) on
+    tracking servers; an audit with many populations would print a screenful.
+    """
+    from mlflow.entities import RunStatus
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if store is None or not hasattr(store, "update_run_info"):  # pragma: no cover - another MLflow layout
+        client.set_terminated(run_id, status)
+        return
+    store.update_run_info(run_id, RunStatus.from_string(status), int(time.time() * 1000), None)
+
+
 def _log_population_runs(client: MlflowClient, experiment_id: str, parent_id: str, pops: list[PopulationRun],
                          created: list[str]) -> None:
     """Create, fill (one ``log_batch``) and finish each child run; ``created`` collects their ids as they appear."""
@@ -322,7 +337,7 @@ def _log_population_runs(client: MlflowClient, experiment_id: str, parent_id: st
         created.append(cid)
         client.log_batch(cid, metrics=[Metric(k, v, now, 0) for k, v in sorted(pop.metrics.items())],
                          params=[Param(k, str(v)) for k, v in pop.params.items()])
-        client.set_terminated(cid, "FINISHED")
+        _end_run_quietly(client, cid, "FINISHED")
 
 
 def _fail_children(client: MlflowClient, run_ids: list[str], why: str) -> None:
@@ -330,7 +345,7 @@ def _fail_children(client: MlflowClient, run_ids: list[str], why: str) -> None:
     for cid in run_ids:
         try:
             client.set_tag(cid, "compbias.audit.incomplete", why)
-            client.set_terminated(cid, "FAILED")
+            _end_run_quietly(client, cid, "FAILED")
         except Exception:  # the store may be what failed; the next audit closes what is left RUNNING
             log.warning("could not mark audit child run %s as failed", cid, exc_info=True)
 

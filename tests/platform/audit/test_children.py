@@ -68,7 +68,7 @@ def test_one_child_per_population_with_the_same_keys_as_the_parent_values(client
     kids = {r.info.run_name: r for r in children_of(client, res.run_id)}
     assert set(kids) == {"magnitude@0.5", "magnitude@0.9", "magnitude+kd@0.9", "quantize@int8_static"}
     for name, kid in kids.items():
-        assert kid.info.status == "FINISHED", name
+        assert kid.info.status == "FINISHED" and kid.info.end_time >= kid.info.start_time, name
         assert kid.info.experiment_id == parent.info.experiment_id  # the UI nests only within an experiment
         assert kid.data.tags[T.RUN_KIND] == RUN_KIND_AUDIT_POPULATION and kid.data.tags[T.STUDY] == spec.name
         assert kid.data.params["method"] + "@" + kid.data.params["level"] == name
