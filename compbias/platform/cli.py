@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch and numba's OpenMP layer slow each other down in one process
     # (see compbias.platform.orchestration.WORKER_ENV); the local executor runs here
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    # MLflow prints "View run ... at <url>" to stdout when a run ends on a tracking server, which would break
+    # `compbias audit --json` (stdout is the JSON document); compbias prints its own summary
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -301,20 +304,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_after_ray_loss(code: int, *, timeout: float = 15.0) -> None:
     """End the process with ``code`` once the Ray cluster is lost, whatever Ray does at interpreter exit.
 
-    Ray's driver can end the interpreter with its own status while it
-    disconnects from a dead raylet at exit (seen once in 13 head kills:
-    status 1 after the message and the FAILED parent run). The MLflow state
-    is final by now, so: stop the Ray processes this driver started (bounded
-    by ``timeout``, in a thread, since ``ray.shutdown`` may wait on the dead
-    node), flush, and leave with the documented code.
+    Ray's driver ends the process with status 1 when it disconnects from a
+    dead raylet (``ray.shutdown``, or its exit hook: seen in 1 of 13 head
+    kills, and every time ``ray.shutdown`` was called here). The MLflow state
+    is final by now, so: kill the Ray processes this driver started, without
+    disconnecting from them (bounded by ``timeout``, in a thread), flush, and
+    leave with the documented code. A driver that joined a cluster started
+    none, and kills nothing.
     """
     import threading
 
     def _shutdown():
         try:
-            import ray
+            from ray._private import worker  # the node this driver started, if any (what ray.shutdown kills)
 
-            ray.shutdown()
+            node = getattr(worker, "_global_node", None)
+            if node is not None:
+                node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
         except Exception:  # pragma: no cover - the cluster is gone; nothing more to stop
             pass
 
