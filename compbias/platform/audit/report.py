@@ -31,6 +31,7 @@ th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after
 .pass{color:#176117;font-weight:bold}.fail{color:#a01818;font-weight:bold}.error{color:#8a5a00;font-weight:bold}
 .counts span{margin-right:1.2em}.reason{font-size:13px;color:#333}
 ul.failing li{margin:.3em 0}
+table.harms td,table.harms th{text-align:left}
 img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:13px}
 nav#contents ol{columns:2;font-size:14px}
 details{margin:.6em 0;border-top:1px solid #ddd;padding-top:.3em}
@@ -236,7 +237,7 @@ def harms_html(harms: pd.DataFrame, settings: dict) -> str:
     for h in harms.itertuples(index=False):
         ci = f"[{_pp(h.ci_low)}, {_pp(h.ci_high)}]" if math.isfinite(_num(h.ci_low)) else ""
         sig = ("" if h.significant is None else
-               "<span class='fail'>yes</span>" if h.significant else "no: the interval reaches the tolerance")
+               "<span class='fail'>yes</span>" if h.significant else "no")
         rows.append(f"<tr><td>{html.escape(h.population)}</td><td>{html.escape(h.who)}</td>"
                     f"<td>{'' if h.n is None else int(h.n)}</td><td>{html.escape(h.what)}</td>"
                     f"<td><b>{_pp(h.value)}</b> {html.escape(ci)}</td><td>{sig}</td></tr>")
