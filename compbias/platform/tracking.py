@@ -59,6 +59,7 @@ __all__ = [
     "model_tags",
     "model_metrics",
     "log_model_run",
+    "logged_model_name",
     "log_failed_run",
     "ResumeState",
     "FinishedModel",
@@ -652,7 +653,7 @@ _SCRATCH: dict[str, Path] = {}
 
 
 def _scratch_dir() -> Path:
-    """This process's directory for the pyfunc templates and the code copy, removed at exit."""
+    """This process's directory for the code copy shipped with each pyfunc model, removed at exit."""
     d = _SCRATCH.get("dir")
     if d is None or not d.is_dir():
         d = Path(tempfile.mkdtemp(prefix="compbias-pyfunc-"))
