@@ -1,7 +1,8 @@
 """The MLflow pyfunc wrapper of a compbias model (logged as code, nothing pickled).
 
-This file is given to ``mlflow.pyfunc.log_model(python_model=<this file>)``
-("models from code"): MLflow copies it into the model and runs it on load, so
+This file is given to ``mlflow.pyfunc.save_model(python_model=<this file>)``
+("models from code"; ``compbias.platform.tracking`` uploads the result as an
+MLflow LoggedModel): MLflow copies it into the model and runs it on load, so
 no cloudpickle is involved. The weights are an artifact named ``weights``: the
 directory written by ``compbias.jobs.save_model`` (``weights.safetensors`` and
 ``model_spec.json``), read back with ``compbias.jobs.load_model``.
