@@ -291,6 +291,10 @@ def audit_study(
     tables: dict[str, pd.DataFrame] = {}
     plots: dict = {"class_changes": {}, "groups": {}, "levels": []}
     summary: dict = {}
+    if data is not None and data.n_classes == 2:
+        notes.append("binary task: on a CIE example whose modal labels differ, one population's modal answer is right "
+                     "exactly when the other's is wrong, so the compressed and baseline CIE accuracies are (nearly) "
+                     "complements: one finding, not two")
     if data is None:
         for r in targets:
             versions[r.key] = VersionOutcome(T.STATUS_ERROR, errors.get(r.key, "no usable predictions"))
@@ -357,12 +361,22 @@ def audit_study(
         row["pie"] = int(pie.sum())
         row["pie_fraction"] = float(pie.mean())
         metrics[f"pie/{pk}"] = float(pie.sum())
+        pairs = _baseline_pairs(base, pop)
+        pie_u = M.pie_mask(base.preds, pop.preds, C, definition="unanimous", pairs=pairs)
+        row["pie_unanimous"] = int(pie_u.sum())
+        metrics[f"pie_unanimous/{pk}"] = float(pie_u.sum())
+        row.update(_field_measures(data, base, pop, brates, crates, pairs))
+        for k in ("recall_intensification", "worst_group_acc_change_pp"):
+            if row.get(k) is not None:
+                metrics[f"{k}/{pk}"] = row[k]
         scores = M.cie_scores(base.preds, pop.preds, C)
         base_correct = base.preds == y  # (M, N)
         comp_correct = pop.preds == y
+        margin = M.vote_margin(base.preds, C)
         for q in fractions:
             mask = M.cie_mask(scores, q)
             nm = pct_name(q)
+            cut = M.cie_cut(scores, q)
             vals = {
                 f"cie/acc_{nm}": float(comp_correct[:, mask].mean()),
                 f"cie/base_acc_{nm}": float(base_correct[:, mask].mean()),
@@ -371,9 +385,14 @@ def audit_study(
             }
             for k, v in vals.items():
                 metrics[f"{k}/{pk}"] = v
-            cie_rows.append({"method": method, "level": level, "fraction": q, "n_examples": int(mask.sum()),
-                             "comp_acc_on": vals[f"cie/acc_{nm}"], "base_acc_on": vals[f"cie/base_acc_{nm}"],
-                             "comp_acc_off": vals[f"cie/acc_off_{nm}"], "base_acc_off": vals[f"cie/base_acc_off_{nm}"]})
+            cie_row = {"method": method, "level": level, "fraction": q, "n_examples": int(mask.sum()),
+                       "comp_acc_on": vals[f"cie/acc_{nm}"], "base_acc_on": vals[f"cie/base_acc_{nm}"],
+                       "comp_acc_off": vals[f"cie/acc_off_{nm}"], "base_acc_off": vals[f"cie/base_acc_off_{nm}"],
+                       "score_at_cut": cut.score_at_cut, "tied_block": cut.tied_block,
+                       "taken_from_block": cut.taken_from_block,
+                       "margin_auroc": M.margin_auroc(margin, mask)}
+            cie_row.update(_tie_draws(scores, q, cut, comp_correct, base_correct, settings.seed))
+            cie_rows.append(cie_row)
             for j, gname in enumerate(data.group_names):
                 codes = data.group_codes[:, j]
                 for code, val in enumerate(data.group_levels[j]):
@@ -517,6 +536,46 @@ def verdict(values: dict, thresholds: dict) -> tuple[str, str | None]:
     if broken:
         return T.STATUS_FAIL, "; ".join(broken)
     return T.STATUS_PASS, None
+
+
+#: Seeded draws of the tied members of a CIE set (``cie_mask(tie_break="random")``) behind its accuracy range.
+CIE_TIE_DRAWS = 50
+
+
+def _tie_draws(scores, q, cut, comp_correct, base_correct, seed) -> dict:
+    """Accuracy on the CIE set over seeded random draws of the tied block at the cut (2.5-97.5% range)."""
+    if not cut.ambiguous:
+        return {"comp_acc_on_draws_low": None, "comp_acc_on_draws_high": None,
+                "base_acc_on_draws_low": None, "base_acc_on_draws_high": None}
+    comp, base = [], []
+    for d in range(CIE_TIE_DRAWS):
+        m = M.cie_mask(scores, q, tie_break="random", seed=seed + d)
+        comp.append(comp_correct[:, m].mean())
+        base.append(base_correct[:, m].mean())
+    cl, ch = np.quantile(comp, [0.025, 0.975])
+    bl, bh = np.quantile(base, [0.025, 0.975])
+    return {"comp_acc_on_draws_low": float(cl), "comp_acc_on_draws_high": float(ch),
+            "base_acc_on_draws_low": float(bl), "base_acc_on_draws_high": float(bh)}
+
+
+def _field_measures(data: StudyData, base: Population, pop: Population, brates, crates, pairs) -> dict:
+    """Recall intensification (Good et al.) and the worst-group accuracy change (pp) of one compressed population."""
+    out: dict = {"recall_intensification": None, "worst_group_acc_change_pp": None}
+    try:
+        out["recall_intensification"] = _finite(M.recall_intensification(
+            np.nanmean(np.asarray(brates.cls.recall, float), axis=0),
+            np.nanmean(np.asarray(crates.cls.recall, float), axis=0)).intensification)
+    except ValueError:  # fewer than two classes with a defined baseline recall
+        pass
+    if data.group_names:
+        cell = np.unique(data.group_codes, axis=0, return_inverse=True)[1].ravel()  # intersection of every attribute
+        y = data.labels
+        base_wga = [M.worst_group_accuracy_change(y, p, p, cell)[0] for p in base.preds]
+        comp_wga = [M.worst_group_accuracy_change(y, p, p, cell)[0] for p in pop.preds]
+        # each model against its own baseline; without lineage against the baseline population's mean
+        ref = [base_wga[b] for b in pairs] if pairs is not None else [float(np.mean(base_wga))] * pop.size
+        out["worst_group_acc_change_pp"] = float(np.mean(np.subtract(comp_wga, ref)) * 100.0)
+    return out
 
 
 def _gate_cells(data: StudyData) -> tuple[list[tuple[str, str]], np.ndarray]:

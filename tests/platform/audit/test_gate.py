@@ -74,3 +74,32 @@ def test_small_cells_are_not_estimable_and_never_fail():
     cells = gate[gate["cell"] != "overall"]
     assert cells["estimable"].astype(str).str.startswith("not estimable (n=").all() and not gate["fails"].any()
     assert {o.status for o in out.versions.values()} == {"pass"}
+
+
+def test_field_measures_in_the_audit_equal_the_metrics_computed_directly():
+    import numpy as np
+
+    import compbias.metrics as M
+
+    data, records = _study(bias=0.6)
+    out = audit_study(data, records, AuditSettings(bootstrap=0))
+    base, pop = data.baseline, data.compressed[("magnitude", "0.9")]
+    y, C = data.labels, data.n_classes
+    row = out.tables["bias"].iloc[0]
+    pairs = [int(r.baseline_version) - 1 for r in pop.records]  # versions 1..3 are the baselines of seeds 0..2
+    assert row["pie_unanimous"] == int(M.pie_mask(base.preds, pop.preds, C, definition="unanimous", pairs=pairs).sum())
+    recall = lambda preds: np.array([[(p[y == c] == c).mean() for c in range(C)] for p in preds]).mean(axis=0)
+    assert row["recall_intensification"] == pytest.approx(M.recall_intensification(recall(base.preds), recall(pop.preds)).intensification)
+    ink = data.group_codes[:, 0]
+    wga = lambda p: min((p[ink == g] == y[ink == g]).mean() for g in np.unique(ink))
+    expected = np.mean([wga(pop.preds[s]) - wga(base.preds[pairs[s]]) for s in range(pop.size)]) * 100
+    assert row["worst_group_acc_change_pp"] == pytest.approx(expected)
+    scores = M.cie_scores(base.preds, pop.preds, C)
+    for _, c in out.tables["cie"].iterrows():
+        cut = M.cie_cut(scores, c["fraction"])
+        assert (c["score_at_cut"], c["tied_block"], c["taken_from_block"]) == (cut.score_at_cut, cut.tied_block, cut.taken_from_block)
+        assert c["margin_auroc"] == pytest.approx(M.margin_auroc(M.vote_margin(base.preds, C), M.cie_mask(scores, c["fraction"])))
+        if cut.ambiguous:  # accuracy over random draws of the tied block brackets a range, not one number
+            assert 0 <= c["comp_acc_on_draws_low"] <= c["comp_acc_on_draws_high"] <= 1
+        else:
+            assert c["comp_acc_on_draws_low"] is None or np.isnan(c["comp_acc_on_draws_low"])
