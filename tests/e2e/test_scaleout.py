@@ -237,6 +237,8 @@ def check_study_landed(server, client, study_dir: Path) -> tuple:
         # the registered model's files went through the proxy too (a logged model of
         # MLflow 3 when the version has a model id, else a directory of the run)
         model_id = client.get_model_version(REGISTERED_MODEL, version.version).model_id
+        if not model_id and version.source.startswith("models:/m-"):  # registered from the LoggedModel's URI
+            model_id = version.source.removeprefix("models:/")
         model_dir = in_destination(
             server,
             client.get_logged_model(model_id).artifact_location if model_id else version.source,

@@ -145,6 +145,15 @@ def test_bad_ray_bind_setting_is_refused_before_anything_is_logged(capsys, tmp_p
     assert_nothing_kept(uri, tmp_path)
 
 
+def _model_artifacts(uri, run) -> Path:
+    """The artifact folder of the run's LoggedModel (where its weights are)."""
+    from mlflow import MlflowClient
+
+    (model,) = [m for m in MlflowClient(uri).search_logged_models(experiment_ids=[run.info.experiment_id])
+                if m.source_run_id == run.info.run_id]
+    return Path(model.artifact_location.removeprefix("file://"))
+
+
 def test_compress_after_the_baselines_artifacts_were_deleted_names_the_version_and_the_way_out(capsys, tmp_path, monkeypatch):
     """``compbias train``, then the baseline's artifact folder is deleted, then ``compbias compress``: exit 2, no traceback."""
     import shutil
@@ -154,6 +163,7 @@ def test_compress_after_the_baselines_artifacts_were_deleted_names_the_version_a
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cli.main(["train", str(path), "--tracking-uri", uri, "--executor", "local"]) == 0
     (run,) = census(uri).model_runs("FINISHED")
+    shutil.rmtree(_model_artifacts(uri, run))  # the model's files (its LoggedModel) and the run's tables
     shutil.rmtree(Path(run.info.artifact_uri.removeprefix("file://")))
     capsys.readouterr()
     code = cli.main(["compress", str(path), "--tracking-uri", uri, "--executor", "local"])
@@ -358,8 +368,10 @@ def test_prediction_ids_that_differ_between_versions_are_an_error(capsys, finish
 
 
 def test_corrupt_weights_skip_similarity_and_say_so(capsys, finished_store):
-    run, art = _compressed_run(finished_store["uri"])
-    for f in art.rglob("*.safetensors"):
+    run, _ = _compressed_run(finished_store["uri"])
+    weights = list(_model_artifacts(finished_store["uri"], run).rglob("*.safetensors"))
+    assert weights
+    for f in weights:
         f.write_bytes(b"not a safetensors file" * 10)
     code, said = audit_cli(capsys, "--study", "relstudy", "--force", "--no-gallery", "--output-dir",
                            str(finished_store["tmp"] / "out"))
@@ -374,7 +386,9 @@ def test_corrupt_baseline_weights_fail_the_compress_task_not_the_store(capsys, f
     """Adding a level makes the study compress the finished baseline again, from its (now corrupt) version."""
     c = census(finished_store["uri"])
     base = next(r for r in c.model_runs("FINISHED") if r.data.tags["compbias.role"] == "baseline")
-    for f in Path(base.info.artifact_uri.removeprefix("file://")).rglob("*.safetensors"):
+    weights = list(_model_artifacts(finished_store["uri"], base).rglob("*.safetensors"))
+    assert weights
+    for f in weights:
         f.write_bytes(b"not a safetensors file" * 10)
     study = finished_store["study"]
     study.write_text(study.read_text().replace("levels: [0.5]", "levels: [0.5, 0.8]"))

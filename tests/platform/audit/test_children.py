@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[3]
 #: keys every child must carry in this study (no SVCCA: synthetic versions have no weights)
 EXPECTED_KEYS = {
     "acc", "acc_ci_low", "acc_ci_high", "acc_drop", "acc_baseline", "cev", "cev_ci_low", "cev_ci_high",
-    "sde", "sde_ci_low", "sde_ci_high", "pie", "pie_fraction", "worst_group_fpr_change", "ttest_n_classes_p05",
+    "sde", "sde_ci_low", "sde_ci_high", "pie", "pie_fraction", "pie_unanimous", "worst_group_fpr_change", "ttest_n_classes_p05",
+    "recall_intensification", "worst_group_acc_change_pp",
     "cie_acc_top1pct", "cie_base_acc_top1pct", "cie_acc_off_top1pct", "cie_base_acc_off_top1pct",
     "cie_acc_top5pct", "cie_base_acc_top5pct", "cie_acc_off_top5pct", "cie_base_acc_off_top5pct",
     "gate_overall_change_pp", "gate_overall_ci_low", "gate_overall_ci_high", "gate_worst_excess_pp",
