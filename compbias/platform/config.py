@@ -312,7 +312,7 @@ class GateSpec(_Strict):
     """The default gate, used when no threshold is set (docs/audit.md, "The default gate").
 
     A compressed population fails when, for some class or group value with
-    at least ``min_count`` test examples, the lower end of the two-level
+    at least ``audit.min_count`` test examples, the lower end of the two-level
     bootstrap interval of its *excess harm* (the cell's error-rate increase
     minus the overall one, in percentage points, each model against its own
     baseline: ``compbias.metrics.excess_harm``) lies above ``tolerance_pp``,
@@ -322,7 +322,6 @@ class GateSpec(_Strict):
 
     tolerance_pp: float = Field(default=2.0, ge=0)
     overall_tolerance_pp: float = Field(default=2.0, ge=0)
-    min_count: int = Field(default=10, ge=1)
 
 
 class AuditSpec(_Strict):
@@ -333,6 +332,9 @@ class AuditSpec(_Strict):
     probe_size: int = Field(default=256, ge=1)
     thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
+    #: The estimability rule: a rate (or gate cell) whose denominator has fewer examples is reported as
+    #: "not estimable (n=7)", never as a number with a degenerate interval.
+    min_count: int = Field(default=10, ge=1)
     alias: str = Field(default="audited", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 

@@ -34,7 +34,7 @@ import compbias.metrics as M
 from compbias.platform.audit import tags as T
 from compbias.platform.audit.population import Population, StudyData
 from compbias.platform.audit.selection import VersionRecord
-from compbias.platform.config import GateSpec
+from compbias.platform.config import AuditSpec, GateSpec
 
 THRESHOLD_KEYS = ("cev", "sde", "worst_group_fpr_change", "acc_drop")
 
@@ -62,6 +62,9 @@ class AuditSettings:
         0 drops classes whose baseline rate is 0 from CEV/SDE instead.
     gate : GateSpec
         The default gate, used when no threshold is set (:func:`gate_population`).
+    min_count : int
+        The estimability rule (``audit.min_count``): rates and gate cells
+        whose denominator has fewer examples are "not estimable".
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -74,6 +77,7 @@ class AuditSettings:
     alias: str = "audited"
     smoothing: float = 0.0
     gate: GateSpec = field(default_factory=GateSpec)
+    min_count: int = AuditSpec.model_fields["min_count"].default
 
     def thresholds_set(self) -> bool:
         """Whether any threshold is configured (they then decide instead of the default gate)."""
@@ -201,6 +205,7 @@ class _Rates:
         self.acc = np.asarray(self.cls.accuracy, float)  # (M,)
         gf = _group_frame(data)
         self.group_names: list[str] = []
+        self.group_rows: pd.DataFrame | None = None
         self.group_size = np.zeros(0)
         self.group_fpr = np.zeros((pop.size, 0))
         self.group_fnr = np.zeros((pop.size, 0))
@@ -208,6 +213,7 @@ class _Rates:
         if gf is not None:
             gr = M.group_rates(y, pop.preds, gf, C, positive_class=positive_class, smoothing=smoothing)
             self.group_names = _group_labels(data, gr.groups)
+            self.group_rows = gr.groups
             self.group_size = gr.groups["size"].to_numpy()
             fpr, fnr = np.asarray(gr.rates.fpr, float), np.asarray(gr.rates.fnr, float)
             if positive_class is None:  # (M, G, C) -> macro mean over classes
@@ -324,11 +330,14 @@ def audit_study(
     cie_lists: list[pd.DataFrame] = []
     gate_rows: list[dict] = []
     gate_status: dict[tuple[str, str], tuple[str, str | None]] = {}
-    _rate_rows(rate_rows, "baseline", "none", data, brates, None, ci)
+    _rate_rows(rate_rows, "baseline", "none", data, brates, None, ci, settings)
     for i, r in enumerate(base.records):
         model_rows.append({"version": r.key, "role": "baseline", "method": "baseline", "level": "none", "seed": r.seed, "acc": float(brates.acc[i])})
 
     target_keys = {r.key for r in targets}
+    # the worst group is chosen among groups whose FPR is estimable (audit.min_count negatives)
+    n_of = rate_denominators(data, brates, settings.positive_class)
+    group_estimable = np.array([n_of[("group", g, "fpr")] >= settings.min_count for g in brates.group_names], bool)
     for (method, level), pop in data.compressed.items():
         pk = pop_key(method, level)
         crates = _Rates(data, pop, settings.positive_class, settings.smoothing)
@@ -422,7 +431,7 @@ def audit_study(
         if brates.group_names:
             g_change = M.normalized_change(_mean(crates.group_fpr), b_gfpr)
             g_change_fnr = M.normalized_change(_mean(crates.group_fnr), b_gfnr)
-            valid = np.isfinite(g_change) & (brates.group_size > 0)
+            valid = np.isfinite(g_change) & group_estimable
             if valid.any():
                 j = int(np.nanargmax(np.where(valid, g_change, -np.inf)))
                 wg_name, wg_change = brates.group_names[j], float(g_change[j])
@@ -436,12 +445,12 @@ def audit_study(
             }
         row["worst_group"], row["worst_group_fpr_change"] = wg_name, wg_change
         bias_rows.append(row)
-        _rate_rows(rate_rows, method, level, data, crates, brates, ci)
+        _rate_rows(rate_rows, method, level, data, crates, brates, ci, settings)
         # per model
         mask1 = M.cie_mask(scores, 0.01)
         for i, r in enumerate(pop.records):
             m_gchange = M.normalized_change(crates.group_fpr[i], b_gfpr) if brates.group_names else np.zeros(0)
-            valid = np.isfinite(m_gchange) & (brates.group_size > 0) if m_gchange.size else np.zeros(0, bool)
+            valid = np.isfinite(m_gchange) & group_estimable if m_gchange.size else np.zeros(0, bool)
             mwg = int(np.nanargmax(np.where(valid, m_gchange, -np.inf))) if valid.any() else None
             mrow = {
                 "version": r.key, "role": "compressed", "method": method, "level": level, "seed": r.seed,
@@ -612,7 +621,7 @@ def gate_population(data: StudyData, base: Population, pop: Population,
     Each compressed model is compared with its own baseline
     (:func:`_baseline_pairs`; without lineage, with the baseline
     population's mean error per example). For every class (true label) and
-    group value with at least ``settings.gate.min_count`` test examples,
+    group value with at least ``settings.min_count`` test examples,
     :func:`compbias.metrics.excess_harm` gives the excess harm (the cell's
     error-rate increase minus the overall one, in percentage points) with a
     two-level bootstrap interval (pairs and examples). The population fails
@@ -630,7 +639,7 @@ def gate_population(data: StudyData, base: Population, pop: Population,
     names, cells = _gate_cells(data)
     pairs = _baseline_pairs(base, pop)
     changes = M.paired_error_changes(data.labels, base.preds, pop.preds, pairs)
-    harm = M.excess_harm(changes, cells, min_count=g.min_count, n_resamples=max(settings.bootstrap, 200),
+    harm = M.excess_harm(changes, cells, min_count=settings.min_count, n_resamples=max(settings.bootstrap, 200),
                          confidence=settings.confidence, seed=settings.seed)
     rows = []
     for k, (kind, name) in enumerate(names):
@@ -723,22 +732,66 @@ def _cie_list(data: StudyData, base: Population, pop: Population, scores: np.nda
     return frame
 
 
-def _rate_rows(rows, method, level, data, rates: _Rates, base: _Rates | None, ci: dict | None) -> None:
-    """Long table: population x scope x metric -> mean, CI, change vs baseline, CI."""
+def rate_denominators(data: StudyData, rates: _Rates, positive_class: int | None) -> dict[tuple[str, str, str], int]:
+    """The number of test examples behind each rate of :func:`_rate_rows`: ``(scope, name, metric) -> n``.
+
+    FPR is a share of the negatives and FNR of the positives: of class ``c``
+    (one-vs-rest) for class rates; of the positive class inside the group for
+    group rates of a binary task. A multi-class group rate is a mean over
+    classes, and accuracy a share of all members: their ``n`` is the
+    group's size. Denominators depend on the labels only, so they are the
+    same for every model.
+    """
+    y = data.labels
+    out: dict[tuple[str, str, str], int] = {("overall", "all", "acc"): int(y.size)}
+    for c in range(data.n_classes):
+        out[("class", str(c), "fnr")] = int((y == c).sum())
+        out[("class", str(c), "fpr")] = int((y != c).sum())
+    if rates.group_rows is not None:
+        gf = _group_frame(data)
+        for name, (_, grow) in zip(rates.group_names, rates.group_rows.iterrows()):
+            member = np.ones(y.size, bool)
+            for attr in data.group_names:
+                if grow.get(attr) is not None and not (isinstance(grow.get(attr), float) and np.isnan(grow.get(attr))):
+                    member &= gf[attr].to_numpy() == grow[attr]
+            size = int(member.sum())
+            out[("group", name, "acc")] = size
+            if positive_class is not None:
+                out[("group", name, "fnr")] = int((member & (y == positive_class)).sum())
+                out[("group", name, "fpr")] = int((member & (y != positive_class)).sum())
+            else:
+                out[("group", name, "fnr")] = out[("group", name, "fpr")] = size
+    return out
+
+
+def _rate_rows(rows, method, level, data, rates: _Rates, base: _Rates | None, ci: dict | None,
+               settings: "AuditSettings") -> None:
+    """Long table: population x scope x metric -> mean, CI, change vs baseline (% and pp), CI; n and estimability."""
+    n_of = rate_denominators(data, rates, settings.positive_class)
+
     def add(scope, name, metric, values, base_values, ci_key, index):
+        n = n_of.get((scope, name, metric))
+        row = {"method": method, "level": level, "scope": scope, "name": name, "metric": metric, "n": n}
+        if n is not None and n < settings.min_count:  # the estimability rule: no number, no degenerate interval
+            row["estimable"] = f"not estimable (n={n})"
+            rows.append(row)
+            return
+        row["estimable"] = True
         mean = float(_mean(values)) if values.size else float("nan")
-        row = {"method": method, "level": level, "scope": scope, "name": name, "metric": metric, "mean": mean}
+        row["mean"] = mean
         if ci and ci_key in ci and ci[ci_key] is not None:
             lo, hi = ci[ci_key]
             row["ci_low"], row["ci_high"] = _idx(lo, index), _idx(hi, index)
         if base_values is not None:
             b = float(_mean(base_values)) if base_values.size else float("nan")
             row["baseline_mean"] = b
+            row["change_pp"] = (mean - b) * 100.0
             row["change_pct"] = float(M.normalized_change(np.array([mean]), np.array([b]))[0])
-            dk = f"{ci_key}_change"
-            if ci and dk in ci and ci[dk] is not None:
-                lo, hi = ci[dk]
-                row["change_ci_low"], row["change_ci_high"] = _idx(lo, index), _idx(hi, index)
+            for suffix, col in (("_change_pp", "change_pp"), ("_change", "change")):
+                dk = f"{ci_key}{suffix}"
+                if ci and dk in ci and ci[dk] is not None:
+                    lo, hi = ci[dk]
+                    row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _idx(lo, index), _idx(hi, index)
         rows.append(row)
 
     add("overall", "all", "acc", rates.acc, base.acc if base else None, "acc", None)

@@ -133,6 +133,9 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
             bf, bn = _nanmean(bc.fpr, 0), _nanmean(bc.fnr, 0)
             parts += [M.normalized_change(_nanmean(cc.fpr, 0), bf), M.normalized_change(_nanmean(cc.fnr, 0), bn)]
             parts += list(_model_bias(M.normalized_change(cc.fpr, bf), M.normalized_change(cc.fnr, bn)))
+            # absolute changes in percentage points, beside the relative ones
+            acc_pp = (_nanmean(np.asarray(cc.accuracy, float), 0) - _nanmean(np.asarray(bc.accuracy, float), 0)) * 100.0
+            parts += [np.atleast_1d(acc_pp), (_nanmean(cc.fpr, 0) - bf) * 100.0, (_nanmean(cc.fnr, 0) - bn) * 100.0]
         if grouped:
             gbf, gbn, gba = _group_view(b, agg, settings.positive_class, settings.smoothing)
             if own:
@@ -141,7 +144,10 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
                 gcf, gcn, gca = _group_view(c, agg, settings.positive_class, settings.smoothing)
                 parts += [_nanmean(gcf, 0), _nanmean(gcn, 0), _nanmean(gca, 0),
                           M.normalized_change(_nanmean(gcf, 0), _nanmean(gbf, 0)),
-                          M.normalized_change(_nanmean(gcn, 0), _nanmean(gbn, 0))]
+                          M.normalized_change(_nanmean(gcn, 0), _nanmean(gbn, 0)),
+                          (_nanmean(gcf, 0) - _nanmean(gbf, 0)) * 100.0,
+                          (_nanmean(gcn, 0) - _nanmean(gbn, 0)) * 100.0,
+                          (_nanmean(gca, 0) - _nanmean(gba, 0)) * 100.0]
         return np.concatenate(parts)
 
     try:
@@ -151,11 +157,13 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
     lo, hi = np.asarray(res.low), np.asarray(res.high)
     names = [("acc", 1), ("class_fpr", C), ("class_fnr", C)]
     if not own:
-        names += [("class_fpr_change", C), ("class_fnr_change", C), ("model_cev", m), ("model_sde", m)]
+        names += [("class_fpr_change", C), ("class_fnr_change", C), ("model_cev", m), ("model_sde", m),
+                  ("acc_change_pp", 1), ("class_fpr_change_pp", C), ("class_fnr_change_pp", C)]
     if grouped:
         names += [("group_fpr", G), ("group_fnr", G), ("group_acc", G)]
         if not own:
-            names += [("group_fpr_change", G), ("group_fnr_change", G)]
+            names += [("group_fpr_change", G), ("group_fnr_change", G),
+                      ("group_fpr_change_pp", G), ("group_fnr_change_pp", G), ("group_acc_change_pp", G)]
     at = 0
     for name, width in names:
         out[name] = (lo[at:at + width], hi[at:at + width])

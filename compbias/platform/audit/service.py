@@ -22,7 +22,7 @@ from compbias.platform.audit import tags as T
 from compbias.platform.audit.claims import DEFAULT_TTL_SECONDS, ClaimManager, backend_for
 from compbias.platform.audit.fetch import ArtifactFetcher, default_cache_dir
 from compbias.platform.audit.population import PopulationError, build_study_data
-from compbias.platform.audit.registry import reconcile_alias, write_version_tags
+from compbias.platform.audit.registry import reconcile_alias, write_tags_batch, write_version_tags
 from compbias.platform.audit.selection import Selection, VersionRecord, list_versions, select_targets, study_groups
 
 log = logging.getLogger("compbias.audit")
@@ -148,6 +148,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         positive_class=dataset.get("positive_class"),
         alias=options.alias or spec.alias,
         gate=spec.gate,
+        min_count=spec.min_count,
     )
 
 
@@ -306,7 +307,9 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
         r, status, values = item
         write_version_tags(client, r, status, values, run_id=run_id, metrics_version=mv)
 
-    if _remote(client) and options.workers > 1 and len(to_tag) > 1:
+    if to_tag and write_tags_batch(client, to_tag, run_id=run_id, metrics_version=mv) is not None:
+        pass  # a SQL registry: every version's tags in one transaction
+    elif _remote(client) and options.workers > 1 and len(to_tag) > 1:
         # a tracking server answers requests in parallel; each version's own tags stay in order
         with ThreadPoolExecutor(options.workers) as pool:
             list(pool.map(tag, to_tag))

@@ -69,7 +69,7 @@ def test_the_tolerance_and_thresholds_decide_instead():
 
 def test_small_cells_are_not_estimable_and_never_fail():
     data, records = _study(bias=0.6)
-    out = audit_study(data, records, AuditSettings(bootstrap=200, gate=GateSpec(min_count=1000, overall_tolerance_pp=95.0)))
+    out = audit_study(data, records, AuditSettings(bootstrap=200, min_count=1000, gate=GateSpec(overall_tolerance_pp=95.0)))
     gate = out.tables["gate"]
     cells = gate[gate["cell"] != "overall"]
     assert cells["estimable"].astype(str).str.startswith("not estimable (n=").all() and not gate["fails"].any()

@@ -1,0 +1,44 @@
+"""The estimability rule and absolute changes: rates with small denominators are "not estimable (n=...)"; pp beside %."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compbias.platform.audit.compute import AuditSettings, audit_study
+from tests.platform.audit.test_gate import _study
+
+
+def test_rates_carry_their_denominator_and_small_ones_are_not_estimable():
+    data, records = _study(bias=0.6)
+    y = data.labels
+    ink = data.group_codes[:, 0]
+    n_ink1 = int((ink == 1).sum())
+    out = audit_study(data, records, AuditSettings(bootstrap=100, min_count=n_ink1 + 1))
+    rates = out.tables["rates"]
+    cls = rates[(rates["scope"] == "class") & (rates["method"] == "magnitude")]
+    for _, r in cls.iterrows():
+        c = int(r["name"])
+        assert r["n"] == (int((y == c).sum()) if r["metric"] == "fnr" else int((y != c).sum()))
+    grp = rates[(rates["scope"] == "group") & (rates["method"] == "magnitude")]
+    small = grp[grp["name"] == "ink=1"]
+    assert len(small) == 3 and (small["n"] == n_ink1).all()
+    assert (small["estimable"] == f"not estimable (n={n_ink1})").all()
+    assert small["mean"].isna().all() and small["ci_low"].isna().all() and small["change_pp"].isna().all()
+    big = grp[grp["name"] == "ink=0"]
+    assert (big["estimable"] == True).all() and big["mean"].notna().all()  # noqa: E712 (object column)
+
+
+def test_absolute_changes_in_pp_beside_relative_ones_with_intervals():
+    data, records = _study(bias=0.6)
+    out = audit_study(data, records, AuditSettings(bootstrap=200))
+    rates = out.tables["rates"]
+    comp = rates[rates["method"] == "magnitude"]
+    assert comp["change_pp"].notna().all() and comp["change_pct"].notna().any()
+    for _, r in comp.iterrows():
+        assert r["change_pp"] == pytest.approx((r["mean"] - r["baseline_mean"]) * 100)
+        if np.isfinite(r["change_pct"]) and r["baseline_mean"] > 0:
+            assert r["change_pct"] == pytest.approx((r["mean"] - r["baseline_mean"]) / r["baseline_mean"] * 100)
+        assert r["change_pp_ci_low"] <= r["change_pp"] + 1e-9 and r["change_pp"] - 1e-9 <= r["change_pp_ci_high"]
+    victim = comp[(comp["scope"] == "class") & (comp["name"] == "3") & (comp["metric"] == "fnr")].iloc[0]
+    assert victim["change_pp_ci_low"] > 10  # the victim class's miss rate rose by tens of points
