@@ -25,8 +25,9 @@ auditor stopped between the tags and the alias is corrected by the next one.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -54,6 +55,19 @@ def _text(value) -> str:
         return f"{value:.6g}"
     text = str(value)
     return text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 3] + "..."
+
+
+def _new_tags(status: str, values: Mapping[str, object], run_id: str | None, metrics_version: str) -> dict[str, str]:
+    """The ``compbias.audit.*`` tags of one outcome, without the status."""
+    if status not in T.STATUSES:
+        raise ValueError(f"audit status must be one of {T.STATUSES}, got {status!r}")
+    new = {f"{T.AUDIT_PREFIX}{k}": _text(v) for k, v in values.items() if v is not None}
+    if run_id:
+        new[T.RUN_ID] = run_id
+    new[T.AUDITED_AT] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new[T.METRICS_VERSION] = metrics_version
+    new.pop(T.STATUS, None)
+    return new
 
 
 def write_version_tags(
@@ -84,14 +98,7 @@ def write_version_tags(
     dict of str to str
         The tags written.
     """
-    if status not in T.STATUSES:
-        raise ValueError(f"audit status must be one of {T.STATUSES}, got {status!r}")
-    new = {f"{T.AUDIT_PREFIX}{k}": _text(v) for k, v in values.items() if v is not None}
-    if run_id:
-        new[T.RUN_ID] = run_id
-    new[T.AUDITED_AT] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    new[T.METRICS_VERSION] = metrics_version
-    new.pop(T.STATUS, None)
+    new = _new_tags(status, values, run_id, metrics_version)
     reg = _registry(client)
     current = dict(reg.get_model_version(record.name, record.version).tags or {})
     if T.STATUS in current:
@@ -107,6 +114,118 @@ def write_version_tags(
     reg.set_model_version_tag(record.name, record.version, T.STATUS, status)
     new[T.STATUS] = status
     return new
+
+
+BATCH_ENV = "COMPBIAS_AUDIT_TAG_BATCH"
+
+
+def sql_registry_store(client: MlflowClient):
+    """The client's registry store when it is MLflow's SQL store (SQLite,
+    PostgreSQL, MySQL...), else None (a tracking server, a file store, a
+    changed private API, or ``COMPBIAS_AUDIT_TAG_BATCH=0``)."""
+    if os.environ.get(BATCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+        store = _registry(client).store
+    except Exception:  # pragma: no cover - private API changed
+        return None
+    if not isinstance(store, SqlAlchemyStore):
+        return None
+    if not all(hasattr(store, a) for a in ("ManagedSessionMaker", "_get_query", "_get_eager_model_version_query_options")):
+        return None  # pragma: no cover - private API changed
+    return store
+
+
+def write_tags_batch(
+    client: MlflowClient,
+    items: Sequence[tuple[VersionRecord, str, Mapping[str, object]]],
+    *,
+    run_id: str | None,
+    metrics_version: str,
+) -> dict[tuple[str, str], dict[str, str]] | None:
+    """Record the outcomes of many versions in one database transaction.
+
+    The same tags as :func:`write_version_tags` (same values, same removal of
+    ``compbias.audit.*`` tags the new outcome does not set), written through
+    the registry store's own session: the SQL store's
+    ``set_model_version_tag`` opens a session, looks the version up and merges
+    one ``model_version_tags`` row, and commits -- one transaction per tag.
+    Here every version's rows are merged/deleted in *one* session, committed
+    once: all versions get their complete new set, or (on any error, or a
+    killed process) none changes.  So no version ever carries a partial set,
+    without relying on the status-last order.
+
+    Parameters
+    ----------
+    client : MlflowClient
+    items : sequence of (VersionRecord, status, values)
+        As the arguments of :func:`write_version_tags`.
+    run_id : str or None
+    metrics_version : str
+
+    Returns
+    -------
+    dict or None
+        ``(name, version)`` to the tags written, or None when the registry is
+        not a SQL store (nothing written: use :func:`write_version_tags`).
+    """
+    store = sql_registry_store(client)
+    if store is None:
+        return None
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag
+    from mlflow.utils.validation import _validate_model_version_tag
+
+    plans = []
+    for record, status, values in items:
+        new = _new_tags(status, values, run_id, metrics_version)
+        new[T.STATUS] = status
+        for key, value in new.items():
+            _validate_model_version_tag(key, value)
+        plans.append((record, new))
+    written: dict[tuple[str, str], dict[str, str]] = {}
+    with store.ManagedSessionMaker(read_only=False) as session:
+        rows = _load_versions(store, session, [record for record, _ in plans])
+        for record, new in plans:
+            row = rows[(record.name, int(record.version))]
+            current = {t.key: t for t in row.model_version_tags}
+            for key, tag in current.items():
+                if key.startswith(T.AUDIT_PREFIX) and key not in new:
+                    session.delete(tag)
+            for key, value in new.items():
+                old = current.get(key)
+                if old is None or old.value != value:
+                    session.merge(SqlModelVersionTag(workspace=row.workspace, name=row.name, version=row.version,
+                                                     key=key, value=value))
+            written[(record.name, str(record.version))] = new
+    return written
+
+
+def _load_versions(store, session, records: Sequence[VersionRecord], chunk: int = 500) -> dict:
+    """The live ``SqlModelVersion`` rows of ``records``, their tags loaded, in a
+    few queries (one per registered model and ``chunk`` versions) instead of
+    one per version; a missing one raises as ``set_model_version_tag`` would."""
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+    from mlflow.store.model_registry.sqlalchemy_store import STAGE_DELETED_INTERNAL
+
+    wanted: dict[str, list[int]] = {}
+    for r in records:
+        wanted.setdefault(r.name, []).append(int(r.version))
+    rows = {}
+    for name, numbers in wanted.items():
+        for i in range(0, len(numbers), chunk):
+            part = numbers[i : i + chunk]
+            query = (store._get_query(session, SqlModelVersion)
+                     .options(*store._get_eager_model_version_query_options())
+                     .filter(SqlModelVersion.name == name, SqlModelVersion.version.in_(part),
+                             SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL))
+            rows.update({(row.name, int(row.version)): row for row in query.all()})
+    for r in records:
+        if (r.name, int(r.version)) not in rows:
+            raise MlflowException(f"Model Version (name={r.name}, version={r.version}) not found",
+                                  RESOURCE_DOES_NOT_EXIST)
+    return rows
 
 
 def clear_partial(client: MlflowClient, record: VersionRecord) -> None:
