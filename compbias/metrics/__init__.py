@@ -33,6 +33,7 @@ from compbias.metrics.confusion import (  # noqa: E402
     population_rates,
 )
 from compbias.metrics.harm import ExcessHarm, excess_harm, paired_error_changes  # noqa: E402
+from compbias.metrics.correlation import ClusterCorrelation, pearson_cluster_ci  # noqa: E402
 from compbias.metrics.exemplars import CIECut, cie_cut, cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
 from compbias.metrics.measures import (  # noqa: E402
     Intensification,
@@ -57,6 +58,7 @@ __all__ = [
     "BootstrapResult",
     "CIECut",
     "ClassRates",
+    "ClusterCorrelation",
     "ExcessHarm",
     "GroupRates",
     "Intensification",
@@ -80,6 +82,7 @@ __all__ = [
     "modal_labels",
     "normalized_change",
     "paired_error_changes",
+    "pearson_cluster_ci",
     "pie_mask",
     "population_bias",
     "population_rates",

@@ -52,3 +52,22 @@ def test_vote_margin_and_its_auroc_against_sklearn():
     assert math.isnan(margin_auroc(margin, np.zeros(500, bool)))
     with pytest.raises(ValueError, match="n_classes"):
         vote_margin([[0, 5]], 3)
+
+
+def test_cluster_bootstrap_correlation_resamples_whole_clusters():
+    from compbias.metrics import pearson_cluster_ci
+
+    rng = np.random.default_rng(0)
+    # 5 seeds x 4 versions: a shared seed effect on both variables makes versions of one seed move together
+    seed_effect = rng.normal(size=5)
+    clusters = np.repeat(np.arange(5), 4)
+    x = seed_effect[clusters] + 0.1 * rng.normal(size=20)
+    y = seed_effect[clusters] + 0.1 * rng.normal(size=20)
+    r = pearson_cluster_ci(x, y, clusters, n_resamples=500, seed=1)
+    assert r.r == pytest.approx(np.corrcoef(x, y)[0, 1]) and (r.n_points, r.n_clusters) == (20, 5)
+    assert r.ci_low <= r.r <= r.ci_high
+    # the same 20 points taken as independent clusters give a narrower interval than 5 seeds do
+    independent = pearson_cluster_ci(x, y, np.arange(20), n_resamples=500, seed=1)
+    assert (independent.ci_high - independent.ci_low) < (r.ci_high - r.ci_low)
+    two = pearson_cluster_ci(x[:8], y[:8], clusters[:8], n_resamples=100)
+    assert math.isnan(two.ci_low) and math.isnan(two.ci_high)  # fewer than 3 clusters: no interval

@@ -357,6 +357,8 @@ def audit_study(
             res = getattr(pb, name) if pb is not None else None
             row[name] = res.value if res is not None else float("nan")
             row[f"{name}_classes_dropped"] = len(res.dropped) if res is not None else data.n_classes
+            row[f"{name}_dropped_classes"] = (",".join(str(int(c)) for c in res.dropped) if res is not None
+                                              else "all (no class has a defined change)")
             if res is None:
                 continue
             metrics[f"{name}/{pk}"] = res.value
@@ -444,6 +446,14 @@ def audit_study(
                 "fnr_ci": ci.get("group_fnr_change") if ci else None,
             }
         row["worst_group"], row["worst_group_fpr_change"] = wg_name, wg_change
+        # beside CEV/SDE (which drop classes whose baseline rate is 0): the worst class's recall, never dropped
+        with np.errstate(invalid="ignore"), _quiet():
+            b_rec = np.nanmean(np.asarray(brates.cls.recall, float), axis=0)
+            c_rec = np.nanmean(np.asarray(crates.cls.recall, float), axis=0)
+        if np.isfinite(c_rec).any():
+            k = int(np.nanargmin(c_rec))
+            row["worst_class"], row["worst_class_recall"] = k, float(c_rec[k])
+            row["worst_class_recall_change_pp"] = float((c_rec[k] - b_rec[k]) * 100.0)
         bias_rows.append(row)
         _rate_rows(rate_rows, method, level, data, crates, brates, ci, settings)
         # per model
@@ -465,6 +475,7 @@ def audit_study(
                 if ci and f"model_{name}" in ci:
                     lo, hi = ci[f"model_{name}"]
                     mrow[f"{name}_ci_low"], mrow[f"{name}_ci_high"] = _finite(lo[i]), _finite(hi[i])
+            mrow.update(_paired_bias(crates, brates, i, pairs[i] if pairs is not None else None, base))
             model_rows.append(mrow)
         plots["levels"].append(row)
 
@@ -545,6 +556,25 @@ def verdict(values: dict, thresholds: dict) -> tuple[str, str | None]:
     if broken:
         return T.STATUS_FAIL, "; ".join(broken)
     return T.STATUS_PASS, None
+
+
+def _paired_bias(crates, brates, i: int, b: int | None, base: Population) -> dict:
+    """CEV and SDE of compressed model ``i`` against its own baseline ``b`` (lineage), as Simon Says compares them.
+
+    The population view (``cev``/``sde`` of each model against the baseline
+    population mean) is unchanged; these are ``cev_paired``/``sde_paired``.
+    """
+    if b is None:
+        return {"baseline_version": None, "cev_paired": None, "sde_paired": None}
+    dfpr = M.normalized_change(np.asarray(crates.cls.fpr, float)[i], np.asarray(brates.cls.fpr, float)[b])
+    dfnr = M.normalized_change(np.asarray(crates.cls.fnr, float)[i], np.asarray(brates.cls.fnr, float)[b])
+    out = {"baseline_version": base.records[b].key, "cev_paired": None, "sde_paired": None}
+    try:
+        out["cev_paired"] = _finite(M.cev(dfpr, dfnr).value)
+        out["sde_paired"] = _finite(M.sde(dfpr, dfnr).value)
+    except ValueError:  # no class with a defined change against this baseline
+        pass
+    return out
 
 
 #: Seeded draws of the tied members of a CIE set (``cie_mask(tie_break="random")``) behind its accuracy range.

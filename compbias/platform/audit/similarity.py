@@ -233,8 +233,12 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
         if not rows:
             return out
         table = pd.DataFrame(rows)
-        if models_table is not None and "cev" in models_table:
-            table = table.merge(models_table[["version", "cev"]], on="version", how="left")
+        # each version's CEV against its own baseline (the one SVCCA compares it with), else against the baseline mean
+        cols = [c for c in ("cev_paired", "cev") if models_table is not None and c in models_table]
+        if cols:
+            table = table.merge(models_table[["version", *cols]], on="version", how="left")
+            if "cev_paired" in table:
+                table["cev"] = table["cev_paired"].astype(float).where(table["cev_paired"].notna(), table.get("cev"))
         else:
             table["cev"] = np.nan
         out.tables["similarity"] = table
@@ -247,8 +251,14 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
             ok = part[np.isfinite(part["svcca_distance"].astype(float)) & np.isfinite(part["cev"].astype(float))]
             if len(ok) >= 3 and ok["svcca_distance"].nunique() > 1 and ok["cev"].nunique() > 1:
                 r, p = stats.pearsonr(ok["svcca_distance"].astype(float), ok["cev"].astype(float))
+                # versions that share a baseline are not independent: the interval resamples baselines (seeds)
+                cc = M.pearson_cluster_ci(ok["svcca_distance"].astype(float), ok["cev"].astype(float),
+                                          ok["baseline_version"].astype(str), n_resamples=max(settings.bootstrap, 200),
+                                          confidence=settings.confidence, seed=settings.seed)
                 out.metrics[f"svcca/cev_corr/{key_part(layer)}"] = float(r)
-                corr_rows.append({"layer": layer, "n_versions": len(ok), "pearson_r": float(r), "p_value": float(p)})
+                corr_rows.append({"layer": layer, "n_versions": len(ok), "n_baselines": cc.n_clusters,
+                                  "pearson_r": float(r), "ci_low": cc.ci_low, "ci_high": cc.ci_high,
+                                  "p_value_versions_independent": float(p)})
         out.tables["similarity_cev_correlation"] = pd.DataFrame(corr_rows)
         for key, part in table.groupby("version"):
             logits = part[part["layer"] == "logits"]

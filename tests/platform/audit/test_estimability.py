@@ -42,3 +42,25 @@ def test_absolute_changes_in_pp_beside_relative_ones_with_intervals():
         assert r["change_pp_ci_low"] <= r["change_pp"] + 1e-9 and r["change_pp"] - 1e-9 <= r["change_pp_ci_high"]
     victim = comp[(comp["scope"] == "class") & (comp["name"] == "3") & (comp["metric"] == "fnr")].iloc[0]
     assert victim["change_pp_ci_low"] > 10  # the victim class's miss rate rose by tens of points
+
+
+def test_per_model_cev_and_sde_against_the_models_own_baseline():
+    import compbias.metrics as M
+
+    data, records = _study(bias=0.6)
+    out = audit_study(data, records, AuditSettings(bootstrap=0))
+    base, pop = data.baseline, data.compressed[("magnitude", "0.9")]
+    y, C = data.labels, data.n_classes
+    models = out.tables["models"].set_index("version")
+    for i, r in enumerate(pop.records):
+        b = int(r.baseline_version) - 1  # the baselines are versions 1..3 (seeds 0..2)
+        rate = lambda p: M.class_rates(M.confusion_counts(y, p, C))
+        cr, br = rate(pop.preds[i]), rate(base.preds[b])
+        dfpr, dfnr = M.normalized_change(cr.fpr, br.fpr), M.normalized_change(cr.fnr, br.fnr)
+        row = models.loc[r.key]
+        assert row["baseline_version"] == base.records[b].key
+        assert row["cev_paired"] == pytest.approx(M.cev(dfpr, dfnr).value)
+        assert row["sde_paired"] == pytest.approx(M.sde(dfpr, dfnr).value)
+    bias = out.tables["bias"].iloc[0]
+    assert bias["worst_class"] == 3 and bias["worst_class_recall_change_pp"] < -10  # the victim class, never dropped
+    assert isinstance(bias["cev_dropped_classes"], str)
