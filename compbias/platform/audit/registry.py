@@ -152,8 +152,9 @@ def write_tags_batch(
     the registry store's own session: the SQL store's
     ``set_model_version_tag`` opens a session, looks the version up and merges
     one ``model_version_tags`` row, and commits -- one transaction per tag.
-    Here every version's rows are merged/deleted in *one* session, committed
-    once: all versions get their complete new set, or (on any error, or a
+    Here the versions and their tags are loaded in a few queries, and every
+    new, changed or stale row is inserted, updated or deleted in *one*
+    session, committed once: all versions get their complete new set, or (on any error, or a
     killed process) none changes.  So no version ever carries a partial set,
     without relying on the status-last order.
 
@@ -195,9 +196,11 @@ def write_tags_batch(
                     session.delete(tag)
             for key, value in new.items():
                 old = current.get(key)
-                if old is None or old.value != value:
-                    session.merge(SqlModelVersionTag(workspace=row.workspace, name=row.name, version=row.version,
-                                                     key=key, value=value))
+                if old is None:  # a new row: a plain INSERT (``merge`` would SELECT it first)
+                    session.add(SqlModelVersionTag(workspace=row.workspace, name=row.name, version=row.version,
+                                                   key=key, value=value))
+                elif old.value != value:  # the loaded row: an UPDATE
+                    old.value = value
             written[(record.name, str(record.version))] = new
     return written
 

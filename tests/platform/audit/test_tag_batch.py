@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy.event
 import sqlalchemy.orm
+from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag
 
 from compbias.platform.audit import Selection, current_metrics_version, run_audit
 from compbias.platform.audit import registry as R
@@ -91,32 +93,44 @@ def test_audit_uses_the_batch_and_tags_as_the_per_tag_path(client, registered, s
         assert {k: v for k, v in tags.items() if k not in drop} == {k: v for k, v in per_tag[key].items() if k not in drop}
 
 
+@pytest.mark.parametrize("where", ["third version", "commit"])
 @pytest.mark.parametrize("audited_before", [False, True])
-def test_failure_inside_the_batch_changes_no_version(client, registered, monkeypatch, audited_before):
+def test_failure_inside_the_batch_changes_no_version(client, registered, monkeypatch, audited_before, where):
     mv = current_metrics_version()
     recs = list_versions(client)
     assert len(recs) >= 4
     if audited_before:
         R.write_tags_batch(client, [(r, "pass", {"cev": 1.0, "sde": 2.0}) for r in recs], run_id="r1", metrics_version=mv)
     before = {r.key: _tags(client, r) for r in recs}
-    merges = []
-    original = sqlalchemy.orm.Session.merge
+    seen = []
 
-    def failing(self, instance, *a, **k):
-        merges.append(instance)
-        out = original(self, instance, *a, **k)
-        if len(merges) == 3 * 4 + 2:  # a few versions in: their rows are sent to the database, then it fails
-            self.flush()
-            raise Killed()
-        return out
+    def failing_add(self, instance, *a, **k):  # the batch's new rows go through Session.add
+        original_add(self, instance, *a, **k)
+        if isinstance(instance, SqlModelVersionTag):
+            seen.append((instance.name, instance.version))
+            if len(set(seen)) == 3:  # two versions done, the third begun: send the rows, then fail
+                self.flush()
+                raise Killed()
 
-    monkeypatch.setattr(sqlalchemy.orm.Session, "merge", failing)
+    def failing_flush(session, context):  # every row sent to the database, the commit not yet made
+        seen.append("flushed")
+        raise Killed()
+
+    original_add = sqlalchemy.orm.Session.add
     items = [(r, "fail", {"cev": 5.0, "acc": 0.5, "reason": "cev 5 > 1"}) for r in recs]
-    with pytest.raises(Exception) as err:  # the store's session wraps it in an MlflowException
-        R.write_tags_batch(client, items, run_id="r2", metrics_version=mv)
+    if where == "commit":
+        sqlalchemy.event.listen(sqlalchemy.orm.Session, "after_flush", failing_flush)
+    else:
+        monkeypatch.setattr(sqlalchemy.orm.Session, "add", failing_add)
+    try:
+        with pytest.raises(Exception) as err:  # the store's session wraps it in an MlflowException
+            R.write_tags_batch(client, items, run_id="r2", metrics_version=mv)
+    finally:
+        if where == "commit":
+            sqlalchemy.event.remove(sqlalchemy.orm.Session, "after_flush", failing_flush)
+        monkeypatch.setattr(sqlalchemy.orm.Session, "add", original_add)
     assert isinstance(err.value, Killed) or isinstance(err.value.__cause__, Killed)
-    monkeypatch.setattr(sqlalchemy.orm.Session, "merge", original)
-    assert len(merges) == 14
+    assert len(set(seen)) == (1 if where == "commit" else 3)
     for r in recs:
         tags = _tags(client, r)
         assert not T.is_partial(tags), f"{r.key} carries a partial set of audit tags: {tags}"
