@@ -335,6 +335,9 @@ class AuditSpec(_Strict):
     #: The estimability rule: a rate (or gate cell) whose denominator has fewer examples is reported as
     #: "not estimable (n=7)", never as a number with a degenerate interval.
     min_count: int = Field(default=10, ge=1)
+    #: Confidence intervals: ``two_level`` resamples models (seeds; each compressed model with its own
+    #: baseline) and test examples; ``examples`` resamples test examples only, the models fixed.
+    intervals: Literal["two_level", "examples"] = "two_level"
     alias: str = Field(default="audited", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 

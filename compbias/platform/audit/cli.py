@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="CIE set size as a fraction, e.g. 0.01 (repeatable; default: the study file's)")
     opt.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (0: none)")
     opt.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    opt.add_argument("--intervals", choices=("two_level", "examples"),
+                     help="what the bootstrap resamples: models (seeds, each with its own baseline) and test examples, "
+                          "or test examples only with the models fixed (default: the study file's, two_level)")
     opt.add_argument("--probe-size", type=int, help="probe examples for SVCCA/CKA (default: the study file's)")
     opt.add_argument("--no-similarity", action="store_true", help="skip SVCCA/CKA (no model weights are loaded)")
     opt.add_argument("--no-figures", action="store_true", help="skip figures (tables and report only)")
@@ -100,6 +103,7 @@ def options_from_args(args: argparse.Namespace) -> AuditOptions:
         confidence=args.confidence,
         seed=args.seed,
         smoothing=args.smoothing,
+        intervals=args.intervals,
         experiment=args.experiment,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         output_dir=args.output_dir,

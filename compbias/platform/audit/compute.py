@@ -65,6 +65,9 @@ class AuditSettings:
     min_count : int
         The estimability rule (``audit.min_count``): rates and gate cells
         whose denominator has fewer examples are "not estimable".
+    intervals : {"two_level", "examples"}
+        What the bootstrap resamples (``audit.intervals``): models and test
+        examples (default), or test examples only.
     """
 
     thresholds: dict = field(default_factory=dict)
@@ -78,6 +81,7 @@ class AuditSettings:
     smoothing: float = 0.0
     gate: GateSpec = field(default_factory=GateSpec)
     min_count: int = AuditSpec.model_fields["min_count"].default
+    intervals: str = AuditSpec.model_fields["intervals"].default
 
     def thresholds_set(self) -> bool:
         """Whether any threshold is configured (they then decide instead of the default gate)."""
@@ -372,7 +376,7 @@ def audit_study(
         row["pie"] = int(pie.sum())
         row["pie_fraction"] = float(pie.mean())
         metrics[f"pie/{pk}"] = float(pie.sum())
-        pairs = _baseline_pairs(base, pop)
+        pairs = baseline_pairs(base, pop)
         pie_u = M.pie_mask(base.preds, pop.preds, C, definition="unanimous", pairs=pairs)
         row["pie_unanimous"] = int(pie_u.sum())
         metrics[f"pie_unanimous/{pk}"] = float(pie_u.sum())
@@ -629,7 +633,7 @@ def _gate_cells(data: StudyData) -> tuple[list[tuple[str, str]], np.ndarray]:
     return names, np.asarray(masks, dtype=bool).reshape(len(masks), y.size)
 
 
-def _baseline_pairs(base: Population, pop: Population) -> list[int] | None:
+def baseline_pairs(base: Population, pop: Population) -> list[int] | None:
     """Row of each compressed model's own baseline (``compbias.baseline_version``, else the same seed), or None."""
     by_version = {r.version: i for i, r in enumerate(base.records)}
     by_seed = {r.seed: i for i, r in enumerate(base.records) if r.seed is not None}
@@ -667,7 +671,7 @@ def gate_population(data: StudyData, base: Population, pop: Population,
     """
     g = settings.gate
     names, cells = _gate_cells(data)
-    pairs = _baseline_pairs(base, pop)
+    pairs = baseline_pairs(base, pop)
     changes = M.paired_error_changes(data.labels, base.preds, pop.preds, pairs)
     harm = M.excess_harm(changes, cells, min_count=settings.min_count, n_resamples=max(settings.bootstrap, 200),
                          confidence=settings.confidence, seed=settings.seed)

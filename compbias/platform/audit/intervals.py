@@ -1,11 +1,19 @@
 """Bootstrap confidence intervals of the audit's numbers.
 
-All intervals resample the *test examples* (the populations are held fixed)
-through :func:`compbias.metrics.bootstrap_ci`: CEV and SDE of population means
-use its numba kernel; the other numbers (mean rates and their changes per
-class and per group, each compressed model's CEV and SDE) are evaluated in
-one pass per population with a callable statistic, so the examples are
-recounted once per resample for all of them.
+By default (``audit.intervals: two_level``) every resample draws the test
+examples with replacement (:func:`compbias.metrics.bootstrap_ci` recounts all
+models on them) **and** the models: the compressed models with replacement,
+each bringing its own baseline (lineage, :func:`baseline_pairs`) when every
+baseline has exactly one compressed model in the population, else both
+populations independently. Population numbers (mean rates and their changes
+per class and per group, in % and pp, CEV and SDE of the means) are computed
+on the drawn models, so their intervals describe the training procedure, not
+these particular seeds. Each compressed model's own CEV/SDE keeps its model
+(only the examples and the baseline reference are resampled).
+``intervals: examples`` resamples the test examples only (the populations
+held fixed; CEV/SDE of the means through the numba kernel). Everything is
+evaluated in one pass per population with a callable statistic, so the
+examples are recounted once per resample for all of it.
 """
 
 from __future__ import annotations
@@ -73,6 +81,31 @@ def _model_bias(dfpr: np.ndarray, dfnr: np.ndarray) -> tuple[np.ndarray, np.ndar
     return out_c, out_s
 
 
+def _take(r, idx):
+    """The rates of the models ``idx`` (rows of the model axis), as a new ClassRates."""
+    return M.ClassRates.from_counts(tp=r.tp[idx], fp=r.fp[idx], fn=r.fn[idx], tn=r.tn[idx], smoothing=r.smoothing)
+
+
+def _model_resampler(base: Population, pop: Population | None, seed: int):
+    """A function ``(b, c) -> (b', c')`` drawing models with replacement, seeded; one call per resample, in order."""
+    from compbias.platform.audit.compute import baseline_pairs
+
+    rng = np.random.default_rng([seed, 7919])
+    n_base = base.size
+    pairs = baseline_pairs(base, pop) if pop is not None else None
+    one_to_one = pairs is not None and sorted(pairs) == list(range(n_base))
+
+    def draw(b, c):
+        if pop is None:  # the baseline population alone
+            return _take(b, rng.integers(0, n_base, n_base)), c
+        m = pop.size
+        idx_c = rng.integers(0, m, m)
+        idx_b = np.asarray(pairs)[idx_c] if one_to_one else rng.integers(0, n_base, n_base)
+        return _take(b, idx_b), _take(c, idx_c)
+
+    return draw
+
+
 def population_intervals(data: StudyData, base: Population, pop: Population | None, settings) -> dict:
     """Confidence intervals of one population's numbers.
 
@@ -102,8 +135,10 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
     comp = pop.preds if pop is not None else base.preds[:1]
     own = pop is None
     m = comp.shape[0]
+    two_level = getattr(settings, "intervals", "two_level") == "two_level"
+    resample = _model_resampler(base, pop, settings.seed) if two_level else None
     out: dict = {}
-    if not own:
+    if not own and not two_level:
         for name in ("cev", "sde"):
             try:
                 r = M.bootstrap_ci(y, base.preds, comp, C, statistic=name, **opts)
@@ -126,16 +161,23 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
 
     def stat(b, c):
         # one recount per resample serves the class-level and the group-level numbers
+        cc_models = class_view(c)  # each compressed model as it is (its own CEV/SDE)
+        if resample is not None:
+            b, c = resample(b, c)  # the drawn models: population numbers
         bc, cc = class_view(b), class_view(c)
         r = bc if own else cc
         parts = [np.atleast_1d(_nanmean(np.asarray(r.accuracy, float), 0)), _nanmean(r.fpr, 0), _nanmean(r.fnr, 0)]
         if not own:
             bf, bn = _nanmean(bc.fpr, 0), _nanmean(bc.fnr, 0)
             parts += [M.normalized_change(_nanmean(cc.fpr, 0), bf), M.normalized_change(_nanmean(cc.fnr, 0), bn)]
-            parts += list(_model_bias(M.normalized_change(cc.fpr, bf), M.normalized_change(cc.fnr, bn)))
+            parts += list(_model_bias(M.normalized_change(cc_models.fpr, bf), M.normalized_change(cc_models.fnr, bn)))
             # absolute changes in percentage points, beside the relative ones
             acc_pp = (_nanmean(np.asarray(cc.accuracy, float), 0) - _nanmean(np.asarray(bc.accuracy, float), 0)) * 100.0
             parts += [np.atleast_1d(acc_pp), (_nanmean(cc.fpr, 0) - bf) * 100.0, (_nanmean(cc.fnr, 0) - bn) * 100.0]
+            if two_level:  # CEV and SDE of the drawn populations' means
+                pop_bias = _model_bias(M.normalized_change(_nanmean(cc.fpr, 0), bf)[None],
+                                       M.normalized_change(_nanmean(cc.fnr, 0), bn)[None])
+                parts += [pop_bias[0], pop_bias[1]]
         if grouped:
             gbf, gbn, gba = _group_view(b, agg, settings.positive_class, settings.smoothing)
             if own:
@@ -159,6 +201,8 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
     if not own:
         names += [("class_fpr_change", C), ("class_fnr_change", C), ("model_cev", m), ("model_sde", m),
                   ("acc_change_pp", 1), ("class_fpr_change_pp", C), ("class_fnr_change_pp", C)]
+        if two_level:
+            names += [("cev", 1), ("sde", 1)]
     if grouped:
         names += [("group_fpr", G), ("group_fnr", G), ("group_acc", G)]
         if not own:
@@ -169,4 +213,11 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
         out[name] = (lo[at:at + width], hi[at:at + width])
         at += width
     out["acc"] = (float(out["acc"][0][0]), float(out["acc"][1][0]))
+    for name in ("cev", "sde"):
+        if two_level and name in out:
+            lo_, hi_ = out[name]
+            if np.isfinite(lo_[0]) and np.isfinite(hi_[0]):
+                out[name] = (float(lo_[0]), float(hi_[0]))
+            else:
+                del out[name]
     return out

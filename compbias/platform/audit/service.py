@@ -55,6 +55,9 @@ class AuditOptions:
     smoothing : float
         Additive smoothing of the rates (0: classes with a zero baseline rate
         are dropped from CEV/SDE).
+    intervals : {"two_level", "examples"}, optional
+        What the bootstrap resamples; default the study file's
+        ``audit.intervals`` (``two_level``).
     experiment : str, optional
         Experiment of the audit run; default: the study's own experiment.
     cache_dir : path, optional
@@ -80,6 +83,7 @@ class AuditOptions:
     confidence: float = 0.95
     seed: int = 0
     smoothing: float = 0.0
+    intervals: str | None = None
     experiment: str | None = None
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     output_dir: Path | None = None
@@ -149,6 +153,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         alias=options.alias or spec.alias,
         gate=spec.gate,
         min_count=spec.min_count,
+        intervals=options.intervals or spec.intervals,
     )
 
 
