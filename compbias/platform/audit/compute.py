@@ -653,7 +653,7 @@ def gate_population(data: StudyData, base: Population, pop: Population,
     """The default gate's verdict on one compressed population, and its table rows.
 
     Each compressed model is compared with its own baseline
-    (:func:`_baseline_pairs`; without lineage, with the baseline
+    (:func:`baseline_pairs`; without lineage, with the baseline
     population's mean error per example). For every class (true label) and
     group value with at least ``settings.min_count`` test examples,
     :func:`compbias.metrics.excess_harm` gives the excess harm (the cell's
