@@ -15,6 +15,12 @@ Readers (:func:`compbias.platform.audit.tags.is_audited`) require the status
 and the current metrics version, so a version stopped anywhere before step 4
 is audited again, from scratch, by the next auditor.
 
+That order is what the per-tag path (:func:`write_version_tags`, one MLflow
+call and one transaction per tag) relies on; a tracking server gets it.  On a
+SQL registry store the audit uses :func:`write_tags_batch` instead: the same
+tags for every version of a study, in one transaction of the store's session,
+so a version has either its old complete set or its new one.
+
 The alias (``audited`` by default) is a pointer to *one* version of a
 registered model (MLflow aliases are unique per model).  It is kept on the
 newest compressed version whose status is ``pass`` under the current metrics
