@@ -24,12 +24,15 @@ import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
+from compbias import contract as C
 from compbias.platform.audit.selection import VersionRecord
 
-PREDICTIONS = "predictions.parquet"
-STUDY_FILE = "study.yaml"
-REQUIRED_COLUMNS = ("example_id", "label", "pred")
-NON_GROUP_COLUMNS = {"example_id", "label", "pred", "prob", "path"}
+PREDICTIONS = C.PREDICTIONS
+STUDY_FILE = C.STUDY_FILE
+MEMBER_FILE = C.MEMBER_FILE
+REQUIRED_COLUMNS = C.REQUIRED_COLUMNS
+NON_GROUP_COLUMNS = C.NON_GROUP_COLUMNS
+group_columns = C.group_columns
 
 
 class ArtifactError(Exception):
@@ -207,16 +210,16 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def validate_predictions(frame: pd.DataFrame, *, where: str = "predictions") -> pd.DataFrame:
-    """Check a predictions table against the contract and sort it by example.
+def validate_predictions(frame: pd.DataFrame, *, where: str = "predictions", num_classes: int | None = None) -> pd.DataFrame:
+    """Check a predictions table against :func:`compbias.contract.validate_predictions`.
 
     Parameters
     ----------
     frame : pandas.DataFrame
-        Columns ``example_id``, ``label``, ``pred`` (integers), optionally
-        ``prob`` and group columns.
     where : str
         Named in error messages.
+    num_classes : int, optional
+        When known, labels and predictions must be class ids below it.
 
     Returns
     -------
@@ -226,52 +229,12 @@ def validate_predictions(frame: pd.DataFrame, *, where: str = "predictions") -> 
     Raises
     ------
     ArtifactError
-        Missing columns, non-integer or negative labels, NaN, duplicate ids,
-        or an empty table.
+        The contract's error, as an artifact problem of this version.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ArtifactError(f"{where} lacks the column(s) {missing}; the contract requires {list(REQUIRED_COLUMNS)}")
-    if len(frame) == 0:
-        raise ArtifactError(f"{where} has no rows")
-    for col in REQUIRED_COLUMNS:
-        s = frame[col]
-        if s.isna().any():
-            raise ArtifactError(f"{where}: column {col!r} has missing values")
-        if not pd.api.types.is_integer_dtype(s):
-            raise ArtifactError(f"{where}: column {col!r} must hold integers, found dtype {s.dtype}")
-        if (s.to_numpy() < 0).any():
-            raise ArtifactError(f"{where}: column {col!r} has negative values")
-    if frame["example_id"].duplicated().any():
-        raise ArtifactError(f"{where}: example_id values are not unique")
-    return frame.sort_values("example_id", kind="stable").reset_index(drop=True)
-
-
-def group_columns(frame: pd.DataFrame, declared: Sequence[str] | None = None) -> list[str]:
-    """Name the group columns of a predictions table.
-
-    Parameters
-    ----------
-    frame : pandas.DataFrame
-    declared : sequence of str, optional
-        The study file's ``dataset.groups``; used when given and present.
-
-    Returns
-    -------
-    list of str
-        ``declared`` columns found in the table, else every other integer or
-        boolean column besides ``example_id``, ``label``, ``pred``, ``prob``.
-    """
-    if declared:
-        found = [c for c in declared if c in frame.columns]
-        if found:
-            return found
-    return [
-        c
-        for c in frame.columns
-        if c not in NON_GROUP_COLUMNS
-        and (pd.api.types.is_integer_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
-    ]
+    try:
+        return C.validate_predictions(frame, where=where, num_classes=num_classes)
+    except C.ContractError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def as_codes(values: np.ndarray) -> tuple[np.ndarray, list]:

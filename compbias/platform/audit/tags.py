@@ -1,4 +1,4 @@
-"""Names of the MLflow tags the audit reads and writes, in one place.
+"""The audit's view of the tags :mod:`compbias.contract` names, and when a version counts as audited.
 
 The lineage tags are written by the study (``docs/architecture.md``); the
 ``compbias.audit.*`` tags are written by the audit on each registered model
@@ -13,27 +13,29 @@ from __future__ import annotations
 
 import compbias
 
-# --- lineage, written by the study -----------------------------------------
-RUN_KIND = "compbias.run_kind"
-STUDY = "compbias.study"
-ROLE = "compbias.role"
-METHOD = "compbias.method"
-LEVEL = "compbias.level"
-SEED = "compbias.seed"
-BASELINE_VERSION = "compbias.baseline_version"
-BASELINE_RUN_ID = "compbias.baseline_run_id"
+from compbias import contract as C
 
-ROLE_BASELINE = "baseline"
-ROLE_COMPRESSED = "compressed"
-RUN_KIND_AUDIT = "audit"
+# --- lineage, written by the study or by ``compbias register`` (compbias.contract) ---
+RUN_KIND = C.RUN_KIND
+STUDY = C.STUDY
+ROLE = C.ROLE
+METHOD = C.METHOD
+LEVEL = C.LEVEL
+SEED = C.SEED
+BASELINE_VERSION = C.BASELINE_VERSION
+BASELINE_RUN_ID = C.BASELINE_RUN_ID
+
+ROLE_BASELINE = C.ROLE_BASELINE
+ROLE_COMPRESSED = C.ROLE_COMPRESSED
+RUN_KIND_AUDIT = C.RUN_KIND_AUDIT
 
 # --- outcome, written by the audit ------------------------------------------
-AUDIT_PREFIX = "compbias.audit."
-STATUS = "compbias.audit.status"
-RUN_ID = "compbias.audit.run_id"
-METRICS_VERSION = "compbias.audit.metrics_version"
-REASON = "compbias.audit.reason"
-AUDITED_AT = "compbias.audit.audited_at"
+AUDIT_PREFIX = C.AUDIT_PREFIX
+STATUS = C.AUDIT_STATUS
+RUN_ID = C.AUDIT_RUN_ID
+METRICS_VERSION = C.AUDIT_METRICS_VERSION
+REASON = C.AUDIT_REASON
+AUDITED_AT = C.AUDIT_AUDITED_AT
 
 STATUS_PASS = "pass"
 STATUS_FAIL = "fail"

@@ -43,7 +43,7 @@ def test_select_targets_incremental_skips_audited_and_partial_is_not_audited():
     [
         (pd.DataFrame({"example_id": [0, 1], "label": [0, 1]}), "lacks the column"),
         (pd.DataFrame({"example_id": [0, 1], "label": [0, 1], "pred": [0.5, 1.0]}), "must hold integers"),
-        (pd.DataFrame({"example_id": [0, 0], "label": [0, 1], "pred": [0, 1]}), "not unique"),
+        (pd.DataFrame({"example_id": [0, 0], "label": [0, 1], "pred": [0, 1]}), "duplicated example_id"),
         (pd.DataFrame({"example_id": [0, 1], "label": [0, -1], "pred": [0, 1]}), "negative"),
         (pd.DataFrame({"example_id": [0, 1], "label": [0, None], "pred": [0, 1]}), "missing values"),
         (pd.DataFrame({"example_id": [], "label": [], "pred": []}), "no rows"),
