@@ -32,7 +32,7 @@ from compbias.metrics.confusion import (  # noqa: E402
     group_rates,
     population_rates,
 )
-from compbias.metrics.harm import ExcessHarm, excess_harm, paired_error_changes  # noqa: E402
+from compbias.metrics.harm import ChangeDifference, ExcessHarm, change_difference, excess_harm, paired_error_changes  # noqa: E402
 from compbias.metrics.correlation import ClusterCorrelation, pearson_cluster_ci  # noqa: E402
 from compbias.metrics.exemplars import CIECut, cie_cut, cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
 from compbias.metrics.measures import (  # noqa: E402
@@ -59,6 +59,7 @@ __all__ = [
     "CIECut",
     "ClassRates",
     "ClusterCorrelation",
+    "ChangeDifference",
     "ExcessHarm",
     "GroupRates",
     "Intensification",
@@ -74,6 +75,7 @@ __all__ = [
     "cie_scores",
     "class_rates",
     "confusion_counts",
+    "change_difference",
     "excess_harm",
     "group_rates",
     "linear_cka",

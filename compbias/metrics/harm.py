@@ -46,7 +46,7 @@ import numpy as np
 
 from compbias.metrics import _validation as v
 
-__all__ = ["ExcessHarm", "excess_harm", "paired_error_changes"]
+__all__ = ["ChangeDifference", "ExcessHarm", "change_difference", "excess_harm", "paired_error_changes"]
 
 ERR_PAIRS = "pairs must give, for every compressed model, the row of its baseline in base_preds (an int in [0, {m}))"
 
@@ -240,3 +240,115 @@ def excess_harm(changes, cells, *, min_count: int = 10, n_resamples: int = 1000,
         overall_ci = (float(oq[0]), float(oq[1]))
     return ExcessHarm(n=n, estimable=estimable, cell_change=cell_change, overall_change=overall, excess=excess,
                       ci_low=lo, ci_high=hi, overall_ci=overall_ci, n_pairs=S, n_resamples=n_resamples, confidence=confidence)
+
+
+@dataclass(frozen=True)
+class ChangeDifference:
+    """Difference of two cells' error-rate changes, with a two-level bootstrap interval (pp).
+
+    Attributes
+    ----------
+    change_a, change_b : float
+        Mean over pairs of each cell's error-rate change ``D_{A,s}``, ``D_{B,s}`` (pp).
+    difference : float
+        ``change_a - change_b`` (pp).
+    ci_low, ci_high : float
+        Percentile interval of ``difference`` (NaN with ``n_resamples=0``).
+    n_a, n_b, n_pairs, n_resamples : int
+    confidence : float
+    """
+
+    change_a: float
+    change_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    n_a: int
+    n_b: int
+    n_pairs: int
+    n_resamples: int
+    confidence: float
+
+
+def change_difference(changes, cell_a, cell_b, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                      resample_pairs: bool = True) -> ChangeDifference:
+    """Is cell A hurt more than cell B? The difference of their error-rate changes, with an interval.
+
+    .. math::
+
+        \\Delta_{A-B} = \\frac{1}{S} \\sum_s \\Big( \\frac{1}{|A|} \\sum_{i \\in A} d_{si}
+              - \\frac{1}{|B|} \\sum_{i \\in B} d_{si} \\Big) \\times 100
+
+    With A = "men whose true label is not blond" and B = the same for women,
+    ``d`` counts false positives only, so :math:`\\Delta_{A-B}` is the men-minus-
+    women change in the positive class's false-positive rate (Hooker et al.
+    2020 compare the two changes; this gives the interval of their
+    difference, which two separate intervals do not). The interval is the
+    two-level bootstrap of :func:`excess_harm` (pairs, then the same test
+    examples for every model).
+
+    Parameters
+    ----------
+    changes : array of float, shape (S, N)
+        ``d_si`` from :func:`paired_error_changes`.
+    cell_a, cell_b : array of bool, shape (N,)
+        Membership; each must hold at least one example.
+    n_resamples : int, default 1000
+    confidence : float, default 0.95
+    seed : int, default 0
+    resample_pairs : bool, default True
+        False: examples only (an interval for these particular models).
+
+    Returns
+    -------
+    ChangeDifference
+
+    Notes
+    -----
+    Resamples in which a cell draws no example are left out of the interval.
+
+    References
+    ----------
+    Hooker et al. (2020), arXiv:2010.03058; Davison & Hinkley (1997), sec. 3.8.
+
+    Examples
+    --------
+    >>> d = [[1.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]]
+    >>> r = change_difference(d, [True, True, False, False], [False, False, True, True], n_resamples=0)
+    >>> r.change_a, r.change_b, r.difference
+    (25.0, -25.0, 50.0)
+    """
+    d = np.atleast_2d(np.asarray(changes, dtype=np.float64))
+    a = np.asarray(cell_a, dtype=bool).ravel()
+    b = np.asarray(cell_b, dtype=bool).ravel()
+    if d.ndim != 2 or a.shape != (d.shape[1],) or b.shape != (d.shape[1],):
+        raise ValueError(f"changes (S, N) and both cells (N,) must share N; got {d.shape}, {a.shape}, {b.shape}")
+    if not np.isfinite(d).all():
+        raise ValueError("changes must be finite")
+    if not a.any() or not b.any():
+        raise ValueError(f"each cell needs at least one example (cell_a has {int(a.sum())}, cell_b {int(b.sum())})")
+    n_resamples = int(n_resamples)
+    if n_resamples < 0:
+        raise ValueError(f"n_resamples must be >= 0, got {n_resamples}")
+    confidence = v.check_fraction(confidence, "confidence", high_open=True)
+    S, N = d.shape
+    ca = float((d[:, a].mean(axis=1)).mean() * 100.0)
+    cb = float((d[:, b].mean(axis=1)).mean() * 100.0)
+    lo = hi = float("nan")
+    if n_resamples:
+        rng = np.random.default_rng(seed)
+        draws = np.empty(n_resamples)
+        A = np.stack([a, b], axis=1).astype(np.float64)  # (N, 2)
+        for r in range(n_resamples):
+            seeds = rng.integers(0, S, size=S) if resample_pairs else np.arange(S)
+            w = np.bincount(rng.integers(0, N, size=N), minlength=N).astype(np.float64)
+            counts = w @ A
+            if (counts == 0).any():
+                draws[r] = np.nan
+                continue
+            per = ((d[seeds] * w) @ A) / counts  # (S, 2)
+            draws[r] = (per[:, 0] - per[:, 1]).mean() * 100.0
+        alpha = (1.0 - confidence) / 2.0
+        lo, hi = (float(x) for x in np.nanquantile(draws, [alpha, 1.0 - alpha]))
+    return ChangeDifference(change_a=ca, change_b=cb, difference=ca - cb, ci_low=lo, ci_high=hi, n_a=int(a.sum()),
+                            n_b=int(b.sum()), n_pairs=S, n_resamples=n_resamples, confidence=confidence)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compbias.metrics import excess_harm, paired_error_changes
+from compbias.metrics import change_difference, excess_harm, paired_error_changes
 
 
 def test_paired_changes_against_the_own_baseline_and_without_lineage():
@@ -88,3 +88,41 @@ def test_two_level_intervals_cover_the_truth_when_models_vary_from_seed_to_seed(
     print(f"coverage of 95% intervals over {studies} studies (truth {truth:.2f} pp): {coverage}")
     assert 0.93 <= coverage["two-level"] <= 0.97, coverage
     assert coverage["examples only"] < 0.85, coverage
+
+
+def test_change_difference_hand_computed():
+    """Two pairs, four examples; A = {0, 1}, B = {2, 3}.
+
+    Pair 1: d = (1, 0, 0, -1): A's change +50 pp, B's -50 pp. Pair 2: all 0.
+    Means over pairs: A +25 pp, B -25 pp, difference +50 pp.
+    """
+    d = [[1.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]]
+    r = change_difference(d, [True, True, False, False], [False, False, True, True], n_resamples=0)
+    assert (r.change_a, r.change_b, r.difference) == (25.0, -25.0, 50.0)
+    assert (r.n_a, r.n_b, r.n_pairs) == (2, 2, 2) and np.isnan(r.ci_low) and np.isnan(r.ci_high)
+
+
+def test_change_difference_interval_is_seeded_contains_the_estimate_and_widens_with_seed_variation():
+    rng = np.random.default_rng(3)
+    n = 600
+    a = rng.random(n) < 0.5
+    d_same = (rng.random((5, n)) < np.where(a, 0.10, 0.04)).astype(float)
+    r1 = change_difference(d_same, a, ~a, n_resamples=300, seed=7)
+    r2 = change_difference(d_same, a, ~a, n_resamples=300, seed=7)
+    assert (r1.ci_low, r1.ci_high) == (r2.ci_low, r2.ci_high)
+    assert r1.ci_low <= r1.difference <= r1.ci_high and r1.ci_low > 0
+    examples_only = change_difference(d_same, a, ~a, n_resamples=300, seed=7, resample_pairs=False)
+    assert examples_only.difference == r1.difference
+    # models that disagree from seed to seed: the two-level interval is wider than the example-only one
+    p = np.clip(0.07 + 0.06 * rng.standard_normal(5), 0, 1)
+    d_vary = (rng.random((5, n)) < np.where(a, p[:, None], 0.04)).astype(float)
+    wide = change_difference(d_vary, a, ~a, n_resamples=300, seed=1)
+    narrow = change_difference(d_vary, a, ~a, n_resamples=300, seed=1, resample_pairs=False)
+    assert wide.ci_high - wide.ci_low > narrow.ci_high - narrow.ci_low
+
+
+def test_change_difference_rejects_an_empty_cell_and_mismatched_shapes():
+    with pytest.raises(ValueError, match="at least one example"):
+        change_difference([[0.0, 1.0]], [False, False], [True, True])
+    with pytest.raises(ValueError, match="share N"):
+        change_difference([[0.0, 1.0]], [True], [False, True])
