@@ -2,22 +2,22 @@
 # Run (or resume) the real-data studies of docs/results.md, then audit them.
 # Re-running resumes: finished, registered models are reused, not retrained.
 #
-#   benchmarks/studies/run_studies.sh celeba            # CelebA (studies 1 and 3)
-#   benchmarks/studies/run_studies.sh cifar             # both Simon Says studies
-#   benchmarks/studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
-#   benchmarks/studies/run_studies.sh cifar-biased50    # follow-up: classes kept at 50%
-#   benchmarks/studies/run_studies.sh cifar-biased-ft4  # follow-up: 4 fine-tuning epochs
-#   benchmarks/studies/run_studies.sh cifar-mixed       # follow-up: classes kept at 10/20/50%
-#   SEEDS=5 benchmarks/studies/run_studies.sh celeba    # grow the population
+#   studies/run_studies.sh celeba            # CelebA (studies 1 and 3)
+#   studies/run_studies.sh cifar             # both Simon Says studies
+#   studies/run_studies.sh celeba-ft4        # follow-up: 4 fine-tuning epochs
+#   studies/run_studies.sh cifar-biased50    # follow-up: classes kept at 50%
+#   studies/run_studies.sh cifar-biased-ft4  # follow-up: 4 fine-tuning epochs
+#   studies/run_studies.sh cifar-mixed       # follow-up: classes kept at 10/20/50%
+#   SEEDS=5 studies/run_studies.sh celeba    # grow the population
 #
 # Environment (defaults in brackets): DATA [/tmp/data] (the extracted archives
-# celeba-10k.zip and cifar10-jpg.zip), STUDIES [/work/studies] (MLflow stores,
+# celeba-10k.zip and cifar10-jpg.zip), STUDIES [$TMPDIR/compbias-studies] (MLflow stores,
 # artifacts, logs; outside the repository), SEEDS [as in the study file],
 # AUDIT [1] (0: studies only).
 set -euo pipefail
-here="$(cd "$(dirname "$0")/../.." && pwd)"
+here="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${DATA:-/tmp/data}"
-STUDIES="${STUDIES:-/work/studies}"
+STUDIES="${STUDIES:-${TMPDIR:-/tmp}/compbias-studies}"
 AUDIT="${AUDIT:-1}"
 mkdir -p "$STUDIES/logs" "$STUDIES/cache" "$STUDIES/mlartifacts" "$STUDIES/audit"
 export COMPBIAS_ARTIFACT_ROOT="$STUDIES/mlartifacts"
