@@ -81,9 +81,13 @@ RUN_KIND_MODEL = "model"
 RUN_KIND_AUDIT = "audit"
 RUN_KIND_AUDIT_POPULATION = "audit_population"
 
-#: ``compbias.method`` / ``compbias.level`` of a baseline.
+#: ``compbias.method`` / ``compbias.level`` of a baseline (what ``compbias register`` writes).
 BASELINE_METHOD = "none"
 BASELINE_LEVEL = "none"
+#: Spellings a baseline's method and level may have: ``compbias study`` has
+#: always written ``baseline``/``0``; the audit ignores both for baselines.
+BASELINE_METHODS = (BASELINE_METHOD, "baseline")
+BASELINE_LEVELS = (BASELINE_LEVEL, "0")
 #: The ``(method, level)`` population key of the baselines.
 BASELINE_POPULATION = ("baseline", "none")
 
@@ -183,7 +187,7 @@ class Member:
         object.__setattr__(self, "method", str(self.method))
         object.__setattr__(self, "level", str(self.level))
         if self.role == ROLE_BASELINE:
-            if (self.method, self.level) != (BASELINE_METHOD, BASELINE_LEVEL):
+            if self.method not in BASELINE_METHODS or self.level not in BASELINE_LEVELS:
                 raise ContractError(
                     f"a baseline has method and level {BASELINE_METHOD!r}; got {self.method!r}/{self.level!r} "
                     "(register it with role 'compressed' if it is compressed)"
@@ -191,7 +195,7 @@ class Member:
             if self.baseline_version or self.baseline_run_id:
                 raise ContractError("a baseline has no baseline of its own; drop baseline_version/baseline_run_id")
         else:
-            if self.method in ("", BASELINE_METHOD) or self.level in ("", BASELINE_LEVEL):
+            if self.method in ("", *BASELINE_METHODS) or self.level in ("", BASELINE_LEVEL):
                 raise ContractError(
                     f"a compressed member needs its method and level (got {self.method!r}/{self.level!r}), "
                     "e.g. method='magnitude', level='0.9'"
@@ -208,23 +212,12 @@ class Member:
         return BASELINE_POPULATION if self.role == ROLE_BASELINE else (self.method, self.level)
 
     def tags(self) -> dict[str, str]:
-        """The ``compbias.*`` tags that make a run or version this member."""
-        out = {
-            SCHEMA: SCHEMA_VERSION,
-            RUN_KIND: RUN_KIND_MODEL,
-            SOURCE: self.source,
-            STUDY: self.study,
-            ROLE: self.role,
-            METHOD: self.method,
-            LEVEL: self.level,
-            SEED: str(self.seed),
-        }
-        if self.baseline_version:
-            out[BASELINE_VERSION] = str(self.baseline_version)
-        if self.baseline_run_id:
-            out[BASELINE_RUN_ID] = str(self.baseline_run_id)
-        out.update({k: str(v) for k, v in self.extra.items()})
-        return out
+        """The ``compbias.*`` tags that make a run or version this member (``extra`` included)."""
+        return lineage_tags(
+            study=self.study, role=self.role, seed=self.seed, method=self.method, level=self.level,
+            baseline_version=self.baseline_version, baseline_run_id=self.baseline_run_id, source=self.source,
+            extra=self.extra,
+        )
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> "Member":
@@ -253,6 +246,46 @@ class Member:
         )
 
 
+def lineage_tags(
+    *,
+    study: str,
+    role: str,
+    seed: int | str,
+    method: str,
+    level: str,
+    baseline_version: str | None = None,
+    baseline_run_id: str | None = None,
+    source: str = "register",
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """The ``compbias.*`` tags of a model run, without checking them.
+
+    :meth:`Member.tags` calls it after validation; ``compbias study`` calls it
+    directly only for a run that never became a member (a task that failed
+    before its baseline was known).
+
+    Returns
+    -------
+    dict of str to str
+    """
+    out = {
+        SCHEMA: SCHEMA_VERSION,
+        RUN_KIND: RUN_KIND_MODEL,
+        SOURCE: str(source),
+        STUDY: str(study),
+        ROLE: str(role),
+        METHOD: str(method),
+        LEVEL: str(level),
+        SEED: str(seed),
+    }
+    if baseline_version:
+        out[BASELINE_VERSION] = str(baseline_version)
+    if baseline_run_id:
+        out[BASELINE_RUN_ID] = str(baseline_run_id)
+    out.update({k: str(v) for k, v in (extra or {}).items()})
+    return out
+
+
 @dataclass(frozen=True)
 class MemberInfo:
     """The optional ``member.json``: what the audit would otherwise read from a study file.
@@ -273,13 +306,21 @@ class MemberInfo:
     groups: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if int(self.num_classes) < 2:
-            raise ContractError(f"num_classes must be at least 2, got {self.num_classes!r}")
-        object.__setattr__(self, "num_classes", int(self.num_classes))
+        try:
+            k = int(self.num_classes)
+        except (TypeError, ValueError):
+            k = None
+        if k is None or isinstance(self.num_classes, bool) or str(self.num_classes).strip() != str(k) or k < 2:
+            raise ContractError(f"num_classes must be an integer of at least 2, got {self.num_classes!r}")
+        object.__setattr__(self, "num_classes", k)
         if self.class_names is not None:
             names = tuple(str(n) for n in self.class_names)
             if len(names) != self.num_classes:
-                raise ContractError(f"{len(names)} class names for {self.num_classes} classes")
+                raise ContractError(
+                    f"{len(names)} class names {list(names)} for {self.num_classes} classes; give one name per class id"
+                )
+            if len(set(names)) != len(names):
+                raise ContractError(f"class names must be distinct, got {list(names)}")
             object.__setattr__(self, "class_names", names)
         if self.positive_class is not None:
             object.__setattr__(self, "positive_class", resolve_class(self.positive_class, self.num_classes, self.class_names))

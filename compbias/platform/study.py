@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import mlflow
 from mlflow.entities import Metric
 
+from compbias import contract as C
 from compbias.platform import tracking
 from compbias.platform.config import StudySpec
 from compbias.platform.orchestration import RayClusterLostError, check_ray_address, make_executor
@@ -253,12 +254,12 @@ def run_study(
     with watch:
         extra = {}
         if project_run:
-            extra[f"{tracking.TAG}project_run_id"] = project_run
+            extra[C.PROJECT_RUN_ID] = project_run
         parent_id = tracking.start_parent_run(client, exp_id, spec, study_text, step=step, extra_tags=extra)
         if project_run:
             try:
-                client.set_tag(project_run, f"{tracking.TAG}study_run_id", parent_id)
-                client.set_tag(project_run, f"{tracking.TAG}study", spec.name)
+                client.set_tag(project_run, C.STUDY_RUN_ID, parent_id)
+                client.set_tag(project_run, C.STUDY, spec.name)
             except Exception:  # the project run may live in another store; not essential
                 pass
 
@@ -299,7 +300,7 @@ def run_study(
         with watch:
             if error is not None:
                 try:
-                    client.set_tag(parent_id, f"{tracking.TAG}error", f"{type(error).__name__}: {error}"[:5000])
+                    client.set_tag(parent_id, C.ERROR, f"{type(error).__name__}: {error}"[:5000])
                 except Exception:  # pragma: no cover - the store itself is gone; the run still ends below
                     pass
             now = int(time.time() * 1000)

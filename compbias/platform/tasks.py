@@ -54,6 +54,12 @@ class TaskResult:
         The training split as the driver logs it (an MLflow dataset input):
         ``example_id``, ``label`` and the group columns, one row per training
         example; no images. None for results made without it.
+    class_names : list of str
+        The dataset's class names, in class-id order (empty when unknown).
+    positive_class : int or None
+        The dataset's positive class id (binary tasks), as the dataset resolved it.
+    group_columns : list of str
+        The group attribute columns of ``predictions``.
     """
 
     task: ModelTask
@@ -68,6 +74,9 @@ class TaskResult:
     n_classes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     train_split: pd.DataFrame | None = None
+    class_names: list[str] = field(default_factory=list)
+    positive_class: int | None = None
+    group_columns: list[str] = field(default_factory=list)
 
 
 def model_files_from_dir(directory: str | Path) -> ModelFiles:
@@ -224,6 +233,9 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         n_classes=int(bundle.n_classes),
         extra={"pid": os.getpid(), "started": started, "ended": time.time()},
         train_split=_split_frame(bundle.train_frame, bundle.group_columns),
+        class_names=[str(c) for c in getattr(bundle, "class_names", None) or []],
+        positive_class=getattr(bundle, "positive_class", None),
+        group_columns=list(getattr(bundle, "group_columns", None) or []),
     )
 
 

@@ -1,14 +1,16 @@
 """MLflow side of a study: experiment, runs, artifacts, registry, resume state.
 
 Only the driver calls these functions (never a Ray worker), so a local SQLite
-store has a single writer. Conventions (``docs/architecture.md``):
+store has a single writer. Conventions (``docs/architecture.md``; tag and
+artifact names, the member tags and ``member.json`` come from
+:mod:`compbias.contract`, docs/contract.md):
 
 - experiment per study, a parent run per execution (``compbias.run_kind=study``),
   a nested child run per model (``compbias.run_kind=model``);
 - child runs carry params, metrics (``acc``, ``fpr/class/<c>``,
   ``fnr/class/<c>``, ``fpr/group/<g>``, ``fnr/group/<g>``, ``sparsity``,
   ``size_bytes``), artifacts (``predictions.parquet``, ``rates/*.parquet``,
-  their CSV twins, ``study.yaml``), the train and test splits as dataset
+  their CSV twins, ``member.json``, ``study.yaml``), the train and test splits as dataset
   inputs (contexts ``training`` / ``evaluation``) and one MLflow LoggedModel
   (a models-from-code pyfunc) as output; the metrics are linked to that model
   and the evaluation metrics to the test split;
@@ -43,6 +45,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 
+from compbias import contract as C
+from compbias.contract import metric_key
 from compbias.platform.config import StudySpec
 from compbias.platform.plan import ModelTask
 from compbias.platform.tasks import TaskResult, write_model_files
@@ -57,6 +61,7 @@ __all__ = [
     "start_parent_run",
     "finish_run",
     "model_tags",
+    "member_info",
     "model_metrics",
     "log_model_run",
     "logged_model_name",
@@ -75,7 +80,7 @@ __all__ = [
 
 log = logging.getLogger("compbias.tracking")
 
-TAG = "compbias."
+TAG = C.PREFIX
 ARTIFACT_ROOT_ENV = "COMPBIAS_ARTIFACT_ROOT"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -397,7 +402,7 @@ def ensure_registered_model(client: MlflowClient, spec: StudySpec) -> str:
         try:
             client.create_registered_model(
                 name,
-                tags={f"{TAG}study": spec.name},
+                tags={C.STUDY: spec.name},
                 description=f"Models of the compbias study {spec.name!r} (baselines and compressed).",
             )
         except MlflowException:
@@ -445,7 +450,7 @@ def start_parent_run(
     str
         The run id.
     """
-    tags = {f"{TAG}run_kind": "study", f"{TAG}study": spec.name, f"{TAG}step": step}
+    tags = {C.RUN_KIND: C.RUN_KIND_STUDY, C.STUDY: spec.name, C.STEP: step}
     tags.update(extra_tags or {})
     run = client.create_run(experiment_id, run_name=f"{spec.name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     rid = run.info.run_id
@@ -457,7 +462,7 @@ def start_parent_run(
         client.log_text(rid, spec.to_yaml(), "resolved.yaml")
     except BaseException as exc:  # e.g. an unwritable artifact location: the run must not stay RUNNING
         try:
-            client.set_tag(rid, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_tag(rid, C.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
             finish_run(client, rid, False)
         except Exception:  # pragma: no cover - the store itself is gone
             log.exception("could not mark run %s as failed", rid)
@@ -477,25 +482,12 @@ def finish_run(client: MlflowClient, run_id: str, ok: bool) -> None:
     client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
-def metric_key(text: str) -> str:
-    """Make a metric-key component out of a class or group name.
-
-    Keeps letters, digits and ``_ - .``; everything else becomes ``_``.
-
-    Parameters
-    ----------
-    text : str
-
-    Returns
-    -------
-    str
-    """
-    s = re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_")
-    return s or "_"
-
-
 def model_tags(spec: StudySpec, task: ModelTask, *, node_id: str, baseline: "FinishedModel | None" = None) -> dict[str, str]:
     """The ``compbias.*`` tags of a model run and of its registered version.
+
+    The member's lineage (:meth:`compbias.contract.Member.tags`, source
+    ``study``) plus the study's own bookkeeping: ``compbias.ray_node`` and
+    ``compbias.spec_hash``.
 
     Parameters
     ----------
@@ -510,20 +502,18 @@ def model_tags(spec: StudySpec, task: ModelTask, *, node_id: str, baseline: "Fin
     -------
     dict of str to str
     """
-    tags = {
-        f"{TAG}run_kind": "model",
-        f"{TAG}study": spec.name,
-        f"{TAG}role": task.role,
-        f"{TAG}method": task.method,
-        f"{TAG}level": task.level,
-        f"{TAG}seed": str(task.seed),
-        f"{TAG}ray_node": node_id,
-        f"{TAG}spec_hash": spec.model_fingerprint(task.compression_index),
-    }
-    if baseline is not None:
-        tags[f"{TAG}baseline_version"] = str(baseline.version)
-        tags[f"{TAG}baseline_run_id"] = baseline.run_id
-    return tags
+    extra = {C.RAY_NODE: node_id, C.SPEC_HASH: spec.model_fingerprint(task.compression_index)}
+    if task.role == C.ROLE_COMPRESSED and baseline is None:
+        # a task that failed before its baseline was logged: a run, never a member (no version is registered)
+        return C.lineage_tags(study=spec.name, role=task.role, seed=task.seed, method=task.method, level=task.level,
+                              source="study", extra=extra)
+    member = C.Member(
+        study=spec.name, role=task.role, seed=task.seed, method=task.method, level=task.level,
+        baseline_version=str(baseline.version) if baseline is not None else None,
+        baseline_run_id=baseline.run_id if baseline is not None else None,
+        source="study", extra=extra,
+    )
+    return member.tags()
 
 
 def _class_column(df: pd.DataFrame) -> str:
@@ -841,14 +831,45 @@ def _is_evaluation_metric(key: str) -> bool:
     return key == "acc" or key == "pred_ties" or key.startswith(("acc/", "fpr/", "fnr/"))
 
 
+def member_info(result: TaskResult) -> C.MemberInfo | None:
+    """The ``member.json`` of a model run: the dataset's classes, positive class id and group columns.
+
+    Parameters
+    ----------
+    result : TaskResult
+
+    Returns
+    -------
+    compbias.contract.MemberInfo or None
+        None when the result does not know its number of classes (results
+        made by hand in tests); the audit then falls back to the study file.
+    """
+    k = int(result.n_classes or len(result.class_names or []))
+    if k < 2:
+        return None
+    names = list(result.class_names or [])
+    groups = list(result.group_columns) or C.group_columns(result.predictions)
+    return C.MemberInfo(
+        num_classes=k,
+        class_names=names if len(names) == k else None,
+        positive_class=result.positive_class,
+        groups=[g for g in groups if g in result.predictions.columns],
+    )
+
+
 def _write_tables(out: Path, result: TaskResult, study_text: str) -> None:
-    """The run's tables: parquet (what the audit reads) and CSV twins MLflow's artifact viewer shows."""
+    """The run's contract artifacts and tables: parquet (what the audit reads), CSV twins MLflow's
+    artifact viewer shows, ``member.json`` (:func:`member_info`) and ``study.yaml``."""
     (out / "rates").mkdir(parents=True)
-    tables = {"predictions": result.predictions, "rates/per_class": result.per_class, "rates/per_group": result.per_group}
+    tables = {C.PREDICTIONS.removesuffix(".parquet"): result.predictions, "rates/per_class": result.per_class,
+              "rates/per_group": result.per_group}
     for stem, frame in tables.items():
         frame.to_parquet(out / f"{stem}.parquet", index=False)
         frame.to_csv(out / f"{stem}.csv", index=False)
-    (out / "study.yaml").write_text(study_text)
+    info = member_info(result)
+    if info is not None:
+        (out / C.MEMBER_FILE).write_text(info.to_json())
+    (out / C.STUDY_FILE).write_text(study_text)
 
 
 @dataclass
@@ -891,8 +912,8 @@ def log_model_run(
 ) -> FinishedModel:
     """Log one finished task as a nested run with its LoggedModel, and register the model version.
 
-    In order: the run (tags, nested under the parent); its tables and
-    ``study.yaml`` in one upload; the LoggedModel (``source_run_id`` = the
+    In order: the run (tags, nested under the parent); its tables,
+    ``member.json`` and ``study.yaml`` in one upload; the LoggedModel (``source_run_id`` = the
     run, a run output; models-from-code pyfunc in the model's own artifact
     location); the train and test splits as dataset inputs (and a
     compressed model's baseline LoggedModel as a model input); params and
@@ -943,7 +964,7 @@ def log_model_run(
         with tempfile.TemporaryDirectory(prefix="compbias-log-") as tmp:
             out = Path(tmp) / "run"
             _write_tables(out, result, study_text)
-            client.log_artifacts(run_id, str(out))  # one upload: parquet tables, CSV twins, study.yaml
+            client.log_artifacts(run_id, str(out))  # one upload: parquet tables, CSV twins, member.json, study.yaml
             weights = write_model_files(result.model_files, Path(tmp) / "weights")
             model_id = _log_pyfunc_model(
                 client, experiment_id, run_id, logged_model_name(task), weights, result.input_shape, tags, param_values, Path(tmp)
@@ -981,13 +1002,13 @@ def log_model_run(
                 log.exception("could not delete version %s of %s", version, reg_name)
         _finalize_failed(client, model_id)
         try:
-            client.set_tag(run_id, f"{TAG}error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_tag(run_id, C.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
             finish_run(client, run_id, False)
         except MlflowException:  # pragma: no cover
             log.exception("could not mark run %s as failed", run_id)
         raise
     return FinishedModel(
-        key=task.key, run_id=run_id, version=str(version), metrics=metrics, spec_hash=tags[f"{TAG}spec_hash"], model_id=model_id
+        key=task.key, run_id=run_id, version=str(version), metrics=metrics, spec_hash=tags[C.SPEC_HASH], model_id=model_id
     )
 
 
@@ -1037,7 +1058,7 @@ def log_failed_run(
         The run id.
     """
     tags = model_tags(spec, task, node_id="unknown")
-    tags[f"{TAG}error"] = f"{type(error).__name__}: {error}"[:5000]
+    tags[C.ERROR] = f"{type(error).__name__}: {error}"[:5000]
     run = client.create_run(experiment_id, run_name=task.label, tags={**tags, "mlflow.parentRunId": parent_run_id})
     client.log_text(run.info.run_id, f"{type(error).__name__}: {error}\n", "error.txt")
     finish_run(client, run.info.run_id, False)
@@ -1098,7 +1119,7 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
     state = ResumeState()
     current = set(current_run_ids)
     name = spec.name.replace("'", "\\'")
-    runs = _search_all_runs(client, experiment_id, f"tags.`{TAG}study` = '{name}'")
+    runs = _search_all_runs(client, experiment_id, f"tags.`{C.STUDY}` = '{name}'")
     reg = spec.registered_model_name
     try:
         versions = list(client.search_model_versions(f"name = '{reg}'"))
@@ -1112,10 +1133,10 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
         rid = run.info.run_id
         if rid in current:
             continue
-        kind = run.data.tags.get(f"{TAG}run_kind")
+        kind = run.data.tags.get(C.RUN_KIND)
         status = run.info.status
         if status in (RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.SCHEDULED)):
-            client.set_tag(rid, f"{TAG}interrupted", "true")
+            client.set_tag(rid, C.INTERRUPTED, "true")
             finish_run(client, rid, False)
             state.interrupted.append(rid)
             continue
@@ -1123,13 +1144,13 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
             continue
         vs = version_by_run.get(rid)
         if not vs:
-            client.set_tag(rid, f"{TAG}incomplete", "no registered version")
+            client.set_tag(rid, C.INCOMPLETE, "no registered version")
             finish_run(client, rid, False)
             state.incomplete.append(rid)
             continue
         t = run.data.tags
         try:
-            key = (int(t[f"{TAG}seed"]), t[f"{TAG}method"], t[f"{TAG}level"])
+            key = (int(t[C.SEED]), t[C.METHOD], t[C.LEVEL])
         except (KeyError, ValueError):
             continue
         v = max(vs, key=lambda mv: int(mv.version))
@@ -1139,7 +1160,7 @@ def scan_study(client: MlflowClient, experiment_id: str, spec: StudySpec, *, cur
             run_id=rid,
             version=str(v.version),
             metrics=dict(run.data.metrics),
-            spec_hash=t.get(f"{TAG}spec_hash", ""),
+            spec_hash=t.get(C.SPEC_HASH, ""),
             resumed=True,
             model_id=_version_model_id(v),
         )
