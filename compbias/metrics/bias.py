@@ -9,7 +9,7 @@ import numpy as np
 
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import kernel
-from compbias.metrics.confusion import ClassRates, _validate_labels, _ovr_rates
+from compbias.metrics.confusion import ClassRates, validate_labels, ovr_rates
 
 __all__ = [
     "BiasResult",
@@ -32,7 +32,7 @@ _SQRT2 = math.sqrt(2.0)
 
 
 @kernel()
-def _cev_sde_rows(dfpr, dfnr):  # pragma: no cover - numba
+def cev_sde_rows(dfpr, dfnr):  # pragma: no cover - numba
     """CEV, SDE and the number of used classes of every row.
 
     A class is used when both its deltas are not NaN. Rows without a used
@@ -226,7 +226,7 @@ def cev(delta_fpr, delta_fnr):
     (100.0, 2, array([2]))
     """
     x, y = _check_deltas(delta_fpr, delta_fnr)
-    values, _, n_used = _cev_sde_rows(x.reshape(1, -1), y.reshape(1, -1))
+    values, _, n_used = cev_sde_rows(x.reshape(1, -1), y.reshape(1, -1))
     return _result("CEV", x, y, values, n_used)
 
 
@@ -274,7 +274,7 @@ def sde(delta_fpr, delta_fnr):
     (3.535534, 2)
     """
     x, y = _check_deltas(delta_fpr, delta_fnr)
-    _, values, n_used = _cev_sde_rows(x.reshape(1, -1), y.reshape(1, -1))
+    _, values, n_used = cev_sde_rows(x.reshape(1, -1), y.reshape(1, -1))
     return _result("SDE", x, y, values, n_used)
 
 
@@ -312,9 +312,13 @@ class PopulationBias:
     model_n_used: np.ndarray
 
 
-def _validate_populations(y_true, base_preds, comp_preds, n_classes):
-    y_true, base, n_classes = _validate_labels(y_true, base_preds, n_classes, pred_name="base_preds")
-    _, comp, _ = _validate_labels(y_true, comp_preds, n_classes, pred_name="comp_preds")
+def validate_populations(y_true, base_preds, comp_preds, n_classes):
+    """Validate a baseline and a compressed population of one test set: ``(y_true, base, comp, n_classes)``.
+
+    Shared by :mod:`compbias.metrics.bias` and :mod:`compbias.metrics.stats`; raises ValueError naming the input.
+    """
+    y_true, base, n_classes = validate_labels(y_true, base_preds, n_classes, pred_name="base_preds")
+    _, comp, _ = validate_labels(y_true, comp_preds, n_classes, pred_name="comp_preds")
     for name, arr in (("base_preds", base), ("comp_preds", comp)):
         if arr.ndim != 2:
             raise ValueError(ERR_POPULATION_CLASSES.format(shape=arr.shape, name=name))
@@ -377,18 +381,18 @@ def population_bias(y_true, base_preds, comp_preds, n_classes, *, smoothing=0.0)
     >>> r.cev.n_used, r.model_cev.shape
     (3, (2,))
     """
-    y_true, base, comp, n_classes = _validate_populations(y_true, base_preds, comp_preds, n_classes)
+    y_true, base, comp, n_classes = validate_populations(y_true, base_preds, comp_preds, n_classes)
     smoothing = v.check_nonnegative(smoothing, "smoothing")
     empty = np.empty(0, np.int64)
-    base_rates = _squeeze_group(_ovr_rates(y_true, base, empty, False, 1, n_classes, smoothing=smoothing))
-    comp_rates = _squeeze_group(_ovr_rates(y_true, comp, empty, False, 1, n_classes, smoothing=smoothing))
+    base_rates = _squeeze_group(ovr_rates(y_true, base, empty, False, 1, n_classes, smoothing=smoothing))
+    comp_rates = _squeeze_group(ovr_rates(y_true, comp, empty, False, 1, n_classes, smoothing=smoothing))
     with np.errstate(invalid="ignore"):
         bf, bn = base_rates.fpr.mean(axis=0), base_rates.fnr.mean(axis=0)
         cf, cn = comp_rates.fpr.mean(axis=0), comp_rates.fnr.mean(axis=0)
     dfpr, dfnr = normalized_change(cf, bf), normalized_change(cn, bn)
     mdfpr = normalized_change(comp_rates.fpr, bf)
     mdfnr = normalized_change(comp_rates.fnr, bn)
-    m_cev, m_sde, m_used = _cev_sde_rows(mdfpr, mdfnr)
+    m_cev, m_sde, m_used = cev_sde_rows(mdfpr, mdfnr)
     return PopulationBias(base_rates=base_rates, comp_rates=comp_rates,
                           delta_fpr=dfpr, delta_fnr=dfnr,
                           cev=cev(dfpr, dfnr), sde=sde(dfpr, dfnr),

@@ -120,7 +120,11 @@ def _n_chunks(n_models: int, n: int, block_bytes: int) -> int:
 # --------------------------------------------------------------------------
 # validation shared by the functions taking labels
 # --------------------------------------------------------------------------
-def _validate_labels(y_true, y_pred, n_classes, *, pred_name="y_pred"):
+def validate_labels(y_true, y_pred, n_classes, *, pred_name="y_pred"):
+    """Validate labels and (M, N) predictions as class ids below ``n_classes``: ``(y_true, preds, n_classes)``.
+
+    Shared by the metrics modules; raises ValueError naming ``pred_name`` on bad input.
+    """
     n_classes = v.check_positive_int(n_classes, "n_classes")
     y_true = v.check_int_ids(y_true, "y_true", ndims=(1,))
     y_pred = v.check_int_ids(y_pred, pred_name, ndims=(1, 2))
@@ -130,7 +134,11 @@ def _validate_labels(y_true, y_pred, n_classes, *, pred_name="y_pred"):
     return y_true, y_pred, n_classes
 
 
-def _validate_groups(groups, n_groups, n):
+def validate_groups(groups, n_groups, n):
+    """Validate group codes of ``n`` examples against ``n_groups``: ``(groups, has_groups, n_groups)``.
+
+    Shared by the metrics modules; raises ValueError naming the problem.
+    """
     if groups is None:
         if n_groups is not None:
             raise ValueError(v.ERR_GROUPS_NEED_N)
@@ -206,8 +214,8 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
            [0, 1, 1],
            [0, 0, 1]])
     """
-    y_true, y_pred, n_classes = _validate_labels(y_true, y_pred, n_classes)
-    groups_arr, has_groups, n_groups_ = _validate_groups(groups, n_groups, y_true.shape[0])
+    y_true, y_pred, n_classes = validate_labels(y_true, y_pred, n_classes)
+    groups_arr, has_groups, n_groups_ = validate_groups(groups, n_groups, y_true.shape[0])
     single = y_pred.ndim == 1
     preds = y_pred.reshape(1, -1) if single else y_pred
     block_bytes = n_groups_ * n_classes * n_classes * 8
@@ -359,7 +367,7 @@ def class_rates(counts, *, smoothing=0.0):
     return ClassRates._from_ovr(tp, pred_count, true_count, n, smoothing)
 
 
-def _ovr_rates(y_true, preds, groups, has_groups, n_groups, n_classes, weights=None, smoothing=0.0):
+def ovr_rates(y_true, preds, groups, has_groups, n_groups, n_classes, weights=None, smoothing=0.0):
     """Rates of validated (M, N) predictions through the one-vs-rest kernel.
 
     Returns ClassRates of shape (M, G, C). ``weights`` (int64, shape (N,))
@@ -429,12 +437,12 @@ def population_rates(y_true, preds, n_classes, *, groups=None, n_groups=None, sm
     array([[0., 0.],
            [1., 0.]])
     """
-    y_true, preds, n_classes = _validate_labels(y_true, preds, n_classes, pred_name="preds")
+    y_true, preds, n_classes = validate_labels(y_true, preds, n_classes, pred_name="preds")
     if preds.ndim != 2:
         raise ValueError(v.ERR_NDIM.format(name="preds", expected="2 dimensions (n_models, n_examples)", shape=preds.shape))
-    groups_arr, has_groups, n_groups_ = _validate_groups(groups, n_groups, y_true.shape[0])
+    groups_arr, has_groups, n_groups_ = validate_groups(groups, n_groups, y_true.shape[0])
     smoothing = v.check_nonnegative(smoothing, "smoothing")
-    rates = _ovr_rates(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, smoothing=smoothing)
+    rates = ovr_rates(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, smoothing=smoothing)
     if has_groups:
         return rates
     return ClassRates(**{k: (getattr(rates, k)[:, 0] if k != "smoothing" else rates.smoothing)
@@ -701,7 +709,7 @@ def group_rates(y_true, y_pred, groups, n_classes, *, positive_class=None,
     >>> float(r.difference("fnr"))
     1.0
     """
-    y_true, y_pred, n_classes = _validate_labels(y_true, y_pred, n_classes)
+    y_true, y_pred, n_classes = validate_labels(y_true, y_pred, n_classes)
     n = y_true.shape[0]
     smoothing = v.check_nonnegative(smoothing, "smoothing")
     if positive_class is not None:
@@ -737,7 +745,7 @@ def group_rates(y_true, y_pred, groups, n_classes, *, positive_class=None,
         for a, s in zip(combo, sizes):
             code = code * s + codes[a]
         n_g = int(np.prod(sizes))
-        parts.append(_ovr_rates(y_true, preds, code, True, n_g, n_classes, smoothing=smoothing))
+        parts.append(ovr_rates(y_true, preds, code, True, n_g, n_classes, smoothing=smoothing))
         for values in itertools.product(*(levels[a] for a in combo)):
             row: dict[str, Any] = {"grouping": "&".join(combo),
                                    "group": "&".join(f"{a}={val}" for a, val in zip(combo, values))}
@@ -751,7 +759,7 @@ def group_rates(y_true, y_pred, groups, n_classes, *, positive_class=None,
     rates = ClassRates.from_counts(**joined, smoothing=smoothing)
     table["size"] = rates.n_examples[0, :, 0] if n_classes else 0
     accuracy = rates.accuracy
-    overall = _ovr_rates(y_true, preds, np.empty(0, np.int64), False, 1, n_classes, smoothing=smoothing)
+    overall = ovr_rates(y_true, preds, np.empty(0, np.int64), False, 1, n_classes, smoothing=smoothing)
     overall_acc = overall.accuracy[:, 0]
     overall = ClassRates.from_counts(*(getattr(overall, f)[:, 0] for f in fields), smoothing=smoothing)
     has_axis = positive_class is None

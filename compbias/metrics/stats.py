@@ -12,8 +12,8 @@ import scipy.stats
 
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import kernel, threads_for
-from compbias.metrics.bias import ERR_NO_DEFINED_CLASS, _cev_sde_rows, _validate_populations
-from compbias.metrics.confusion import ClassRates, _ovr_rates, _validate_groups
+from compbias.metrics.bias import ERR_NO_DEFINED_CLASS, cev_sde_rows, validate_populations
+from compbias.metrics.confusion import ClassRates, ovr_rates, validate_groups
 from compbias.metrics.bias import normalized_change
 
 __all__ = [
@@ -166,7 +166,7 @@ def _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which):  # pragma
     for c in range(n_classes):
         dfpr[0, c] = (cf[c] - bf[c]) * 100.0 / bf[c] if bf[c] != 0 else np.nan
         dfnr[0, c] = (cn[c] - bn[c]) * 100.0 / bn[c] if bn[c] != 0 else np.nan
-    cev, sde, _ = _cev_sde_rows(dfpr, dfnr)
+    cev, sde, _ = cev_sde_rows(dfpr, dfnr)
     return cev[0] if which == 0 else sde[0]
 
 
@@ -425,7 +425,7 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
     >>> bool(r.low <= r.estimate <= r.high)
     True
     """
-    y_true, base, comp, n_classes = _validate_populations(y_true, base_preds, comp_preds, n_classes)
+    y_true, base, comp, n_classes = validate_populations(y_true, base_preds, comp_preds, n_classes)
     n_resamples = v.check_positive_int(n_resamples, "n_resamples")
     confidence = v.check_fraction(confidence, "confidence", high_open=True)
     seed = _check_seed(seed)
@@ -447,7 +447,7 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
             samples = _bootstrap_bias_kernel(y_true, base16, comp16, n_classes, n_resamples, seed,
                                              smoothing, which)
     elif callable(statistic):
-        g, has_g, n_g = _validate_groups(groups, n_groups, n)
+        g, has_g, n_g = validate_groups(groups, n_groups, n)
         base16, comp16 = _compact_labels(base, n_classes), _compact_labels(comp, n_classes)
 
         def rates_of(tp, pc, tc):
@@ -458,7 +458,7 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
             return ClassRates(tp=r.tp[:, 0], fp=r.fp[:, 0], fn=r.fn[:, 0], tn=r.tn[:, 0],
                               fpr=r.fpr[:, 0], fnr=r.fnr[:, 0], smoothing=r.smoothing)
 
-        full = [_ovr_rates(y_true, p, g, has_g, n_g, n_classes, smoothing=smoothing) for p in (base, comp)]
+        full = [ovr_rates(y_true, p, g, has_g, n_g, n_classes, smoothing=smoothing) for p in (base, comp)]
         if not has_g:
             full = [ClassRates(tp=r.tp[:, 0], fp=r.fp[:, 0], fn=r.fn[:, 0], tn=r.tn[:, 0],
                                fpr=r.fpr[:, 0], fnr=r.fnr[:, 0], smoothing=r.smoothing) for r in full]
