@@ -508,15 +508,20 @@ def validate_population(frames: Mapping[str, pd.DataFrame], *, groups: Sequence[
             extra = len(np.setdiff1d(other, ids))
             lacking = len(np.setdiff1d(ids, other))
             raise ContractError(
-                f"{name} predicts other examples than {ref_name} ({extra} extra, {lacking} missing example_id); "
-                "every member of a population must predict the same test set"
+                f"{name} predicts other examples than {ref_name} ({len(other)} vs {len(ids)} rows: {extra} example_id "
+                f"value(s) only in {name}, {lacking} only in {ref_name}); every member of a population must be "
+                "evaluated on the same test examples"
             )
         diff = frame[LABEL].to_numpy() != labels
         if diff.any():
             raise ContractError(
-                f"{name} has {int(diff.sum())} label(s) that differ from {ref_name} (e.g. example "
-                f"{int(ids[np.argmax(diff)])}); members must share the ground truth"
+                f"{name}: labels disagree with {ref_name} on {int(diff.sum())} example(s) (e.g. example_id "
+                f"{int(ids[np.argmax(diff)])}); members of a population must share the ground truth"
             )
         for g in groups or ():
             if g in ref.columns and g in frame.columns and not np.array_equal(frame[g].to_numpy(), ref[g].to_numpy()):
-                raise ContractError(f"{name}: group column {g!r} differs from {ref_name}")
+                n = int((frame[g].to_numpy() != ref[g].to_numpy()).sum())
+                raise ContractError(
+                    f"{name}: group column {g!r} disagrees with {ref_name} on {n} example(s); "
+                    "members of a population must share the group attributes of each example"
+                )

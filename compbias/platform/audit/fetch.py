@@ -1,4 +1,4 @@
-"""Fetch each version's predictions table (and its study file) from MLflow.
+"""Fetch each version's predictions table (and its member.json and study file) from MLflow.
 
 Run artifacts are immutable once a model run has finished, so downloaded
 files are kept in a local cache keyed by tracking store and run id; an
@@ -203,6 +203,63 @@ class ArtifactFetcher:
             if isinstance(data, dict):
                 return data
         return {}
+
+
+    def member_info(self, records: Sequence[VersionRecord]) -> tuple[C.MemberInfo | None, str | None]:
+        """Read ``member.json`` (:class:`compbias.contract.MemberInfo`) from the first run that has one.
+
+        Parameters
+        ----------
+        records : sequence of VersionRecord
+            Versions of one study, baselines first preferably.
+
+        Returns
+        -------
+        info : MemberInfo or None
+            None when no run has a ``member.json`` (studies logged before it
+            existed, or members registered without one).
+        problem : str or None
+            Why a ``member.json`` that exists could not be used (the first
+            such problem), so that the audit can report it rather than guess.
+        """
+        problem = None
+        for r in records:
+            if not r.run_id:
+                continue
+            try:
+                text = self.path(r.run_id, MEMBER_FILE).read_text()
+            except (ArtifactError, OSError):
+                continue
+            try:
+                return C.MemberInfo.from_json(text), None
+            except C.ContractError as exc:
+                problem = problem or f"{MEMBER_FILE} of run {r.run_id} is unusable: {exc}"
+        return None, problem
+
+    def class_names(self, records: Sequence[VersionRecord]) -> list[str] | None:
+        """The class names of a study logged before ``member.json`` existed (``rates/per_class.parquet``).
+
+        Parameters
+        ----------
+        records : sequence of VersionRecord
+
+        Returns
+        -------
+        list of str or None
+            The ``class_name`` column of the first run whose per-class table has one.
+        """
+        for r in records:
+            if not r.run_id:
+                continue
+            try:
+                frame = pd.read_parquet(self.path(r.run_id, "rates/per_class.parquet"))
+            except Exception:  # missing or unreadable: try the next run
+                continue
+            if "class_name" in frame.columns and len(frame):
+                if "class" in frame.columns:
+                    frame = frame.sort_values("class")
+                return [str(x) for x in frame["class_name"].tolist()]
+        return None
 
 
 def _short(exc: BaseException) -> str:

@@ -2,7 +2,9 @@
 
 The study evaluates every model on the same test examples with stable
 ``example_id`` values; this module lines the predictions tables up on those
-ids, checks that they agree on the labels, and stacks them into integer
+ids, checks that they agree on the examples, labels and group attributes
+(:func:`compbias.contract.validate_population`; a member that does not is
+left out and reported as that version's error), and stacks them into integer
 matrices per population (the baseline population and one compressed
 population per ``(method, level)``).
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from compbias import contract as C
 from compbias.platform.audit.fetch import Fetched, as_codes, group_columns
 from compbias.platform.audit.selection import VersionRecord
 
@@ -135,15 +138,16 @@ def build_study_data(
     declared_groups : sequence of str, optional
         Group attributes named by the study file.
     n_classes : int, optional
-        Number of classes; defaults to one more than the largest label or
-        prediction seen.
+        Number of classes (``member.json``); a version whose labels or
+        predictions reach it is left out with an error.  Defaults to one more
+        than the largest label or prediction seen.
 
     Returns
     -------
     StudyData
-        Versions whose example ids or labels disagree with the reference (the
-        first baseline by version number) are left out and listed in
-        ``errors``.
+        Versions whose example ids, labels or group attributes disagree with
+        the reference (the first baseline by version number), or whose
+        classes are out of range, are left out and listed in ``errors``.
 
     Raises
     ------
@@ -151,30 +155,41 @@ def build_study_data(
         When no baseline version has usable predictions.
     """
     ok = sorted((f for f in fetched if f.ok), key=lambda f: f.record.sort_key())
+    errors: dict[str, str] = {}
+    if n_classes is not None:  # a member predicting a class the population does not have is that member's error
+        kept = []
+        for f in ok:
+            p = f.predictions
+            top = max(int(p["label"].max()), int(p["pred"].max()))
+            if top >= n_classes:
+                errors[f.record.key] = (
+                    f"its labels or predictions reach class {top} but the population has {n_classes} classes "
+                    f"(class ids 0..{n_classes - 1}, from {C.MEMBER_FILE} or the study); fix the member's predictions"
+                )
+            else:
+                kept.append(f)
+        ok = kept
     baselines = [f for f in ok if f.record.is_baseline]
     if not baselines:
         raise PopulationError(
             "no baseline version of this study has usable predictions, so no change can be measured; "
             "register (or repair) at least one baseline version"
+            + (f" ({'; '.join(f'{k}: {v}' for k, v in list(errors.items())[:3])})" if errors else "")
         )
     ref = baselines[0].predictions
+    ref_name = f"baseline {baselines[0].record.key}"
     ids = ref["example_id"].to_numpy(np.int64)
     labels = ref["label"].to_numpy(np.int64)
-    errors: dict[str, str] = {}
+    gcols = group_columns(ref, declared_groups)
     rows: dict[tuple[str, str], list[tuple[VersionRecord, np.ndarray]]] = {}
     for f in ok:
         p = f.predictions
-        if len(p) != len(ids) or not np.array_equal(p["example_id"].to_numpy(np.int64), ids):
-            errors[f.record.key] = (
-                f"its predictions cover {len(p)} examples whose example_id values differ from the baseline "
-                f"{baselines[0].record.key}'s {len(ids)}; all models of a study must be evaluated on the same test examples"
-            )
-            continue
-        if not np.array_equal(p["label"].to_numpy(np.int64), labels):
-            errors[f.record.key] = (
-                f"its labels disagree with those of baseline {baselines[0].record.key} for the same example_id values"
-            )
-            continue
+        if f is not baselines[0]:
+            try:
+                C.validate_population({ref_name: ref, "this version": p}, groups=gcols)
+            except C.ContractError as exc:
+                errors[f.record.key] = str(exc)
+                continue
         rows.setdefault(f.record.population, []).append((f.record, p["pred"].to_numpy(np.int64)))
     seen = int(labels.max())
     for members in rows.values():
@@ -182,8 +197,6 @@ def build_study_data(
             seen = max(seen, int(pr.max()))
     if n_classes is None:
         n_classes = seen + 1
-    elif seen >= n_classes:
-        raise PopulationError(f"labels or predictions reach class {seen} but the study declares {n_classes} classes")
 
     def make(key, members):
         return Population(key[0], key[1], [r for r, _ in members], np.ascontiguousarray(np.stack([p for _, p in members])))
@@ -191,7 +204,6 @@ def build_study_data(
     baseline = make(BASELINE, rows.pop(BASELINE))
     order = sorted(rows, key=lambda k: (k[0], level_sort_key(k[1])))
     compressed = {k: make(k, rows[k]) for k in order}
-    gcols = group_columns(ref, declared_groups)
     codes, levels = [], []
     for c in gcols:
         cc, lv = as_codes(ref[c].to_numpy())

@@ -128,7 +128,89 @@ class AuditResult:
     alias_version: str | None = None
 
 
-def _resolve_settings(study_file: dict, options: AuditOptions):
+@dataclass
+class StudyFacts:
+    """What the audit knows about a population's task, and where it came from.
+
+    Attributes
+    ----------
+    num_classes : int or None
+    positive_class : int or None
+        A class id (a name in an old study file is resolved to one).
+    groups : list of str or None
+        Declared group columns.
+    source : str
+        ``member.json``, ``study file`` or ``defaults``.
+    problem : str or None
+        Why the population cannot be audited as declared (an unusable
+        ``member.json``, a positive class that names no class); every
+        version audited is then an error with this reason.
+    """
+
+    num_classes: int | None = None
+    positive_class: int | None = None
+    groups: list[str] | None = None
+    source: str = "defaults"
+    problem: str | None = None
+
+
+def resolve_facts(study_file: dict, info=None, *, class_names=None, info_problem: str | None = None) -> StudyFacts:
+    """Decide the number of classes, positive class id and group columns of a population.
+
+    In order: the members' ``member.json`` (:class:`compbias.contract.MemberInfo`),
+    else the study file's ``dataset`` section (a ``positive_class`` given
+    as a class *name* is resolved with :func:`compbias.contract.resolve_class`
+    against the class names the study logged), else the defaults (classes
+    counted from the predictions, no positive class, integer columns as groups).
+
+    Parameters
+    ----------
+    study_file : dict
+        The parsed ``study.yaml`` (empty when there is none).
+    info : compbias.contract.MemberInfo, optional
+    class_names : callable or sequence of str, optional
+        The class names, or a function returning them (called only when a
+        name has to be resolved).
+    info_problem : str, optional
+        Why a ``member.json`` that exists was unusable.
+
+    Returns
+    -------
+    StudyFacts
+    """
+    from compbias import contract as C
+
+    if info_problem:
+        return StudyFacts(source=C.MEMBER_FILE, problem=info_problem)
+    if info is not None:
+        return StudyFacts(info.num_classes, info.positive_class, list(info.groups) if info.groups is not None else None,
+                          source=C.MEMBER_FILE)
+    dataset = (study_file.get("dataset") if isinstance(study_file, dict) else None) or {}
+    groups = dataset.get("groups")
+    groups = [str(g) for g in groups] if isinstance(groups, (list, tuple)) else None
+    value = dataset.get("positive_class")
+    facts = StudyFacts(groups=groups, source="study file" if study_file else "defaults")
+    if value is None:
+        return facts
+    names = class_names() if callable(class_names) else class_names
+    names = list(names or [])
+    try:
+        if names:
+            facts.num_classes = len(names)
+            facts.positive_class = C.resolve_class(value, len(names), names)
+        elif isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).strip().isdigit():
+            facts.positive_class = int(value)  # an id; checked against the classes seen once the predictions are lined up
+        else:
+            raise C.ContractError(f"class {value!r} is a class name, and the runs logged no class names to resolve it")
+    except C.ContractError as exc:
+        facts.problem = (
+            f"the study file's dataset.positive_class cannot be used: {exc}; give a class id, or log the members "
+            f"with a {C.MEMBER_FILE} (compbias register --positive-class, or re-run the study with this compbias)"
+        )
+    return facts
+
+
+def _resolve_settings(study_file: dict, options: AuditOptions, facts: StudyFacts | None = None):
     from compbias.platform.audit.compute import AuditSettings
     from compbias.platform.config import AuditSpec
 
@@ -140,7 +222,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         spec = AuditSpec()
     thresholds = spec.thresholds.model_dump()
     thresholds.update({k: v for k, v in (options.thresholds or {}).items() if v is not None})
-    dataset = study_file.get("dataset") or {}
+    facts = facts if facts is not None else resolve_facts(study_file)
     return AuditSettings(
         thresholds=thresholds,
         cie_fractions=tuple(options.cie_fractions or spec.cie_fractions),
@@ -149,7 +231,7 @@ def _resolve_settings(study_file: dict, options: AuditOptions):
         confidence=options.confidence,
         seed=options.seed,
         smoothing=options.smoothing,
-        positive_class=dataset.get("positive_class"),
+        positive_class=facts.positive_class,
         alias=options.alias or spec.alias,
         gate=spec.gate,
         min_count=spec.min_count,
@@ -267,18 +349,31 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     say(f"auditing {len(targets)} version(s) of {name} (study {study}) against {len(baseline_keys)} baseline(s)")
     fetcher = ArtifactFetcher(client, options.cache_dir, workers=options.workers)
     fetched = fetcher.fetch_all(needed)
-    study_file = fetcher.study_config([r for r in needed if r.is_baseline] + [r for r in needed if not r.is_baseline])
-    settings = _resolve_settings(study_file, options)
+    ordered = [r for r in needed if r.is_baseline] + [r for r in needed if not r.is_baseline]
+    study_file = fetcher.study_config(ordered)
+    info, info_problem = fetcher.member_info(ordered)
+    facts = resolve_facts(study_file, info, class_names=lambda: fetcher.class_names(ordered), info_problem=info_problem)
+    settings = _resolve_settings(study_file, options, facts)
     errors = {k: f.error for k, f in fetched.items() if not f.ok}
     timings["fetch"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     data = None
-    try:
-        data = build_study_data(list(fetched.values()), declared_groups=(study_file.get("dataset") or {}).get("groups"))
-        errors.update(data.errors)
-    except PopulationError as exc:
+    if facts.problem:
         for r in targets:
-            errors.setdefault(r.key, str(exc))
+            errors.setdefault(r.key, facts.problem)
+    else:
+        try:
+            data = build_study_data(list(fetched.values()), declared_groups=facts.groups, n_classes=facts.num_classes)
+            errors.update(data.errors)
+            if settings.positive_class is not None and settings.positive_class >= data.n_classes:
+                raise PopulationError(
+                    f"positive_class {settings.positive_class} is not a class id of this population "
+                    f"({data.n_classes} classes); fix dataset.positive_class (or the members' {'member.json'})"
+                )
+        except PopulationError as exc:
+            data = None
+            for r in targets:
+                errors.setdefault(r.key, str(exc))
     outcome = compute.audit_study(data, targets, settings, errors=errors)
     if data is not None and options.similarity and settings.probe_size > 0:
         from compbias.platform.audit import similarity
