@@ -96,6 +96,7 @@ LOG_ONE_RUN = textwrap.dedent(
     import os, sys, tempfile, time, json
     import numpy as np, pandas as pd, mlflow
     from mlflow import MlflowClient
+    from compbias import contract as C
     uri, n = sys.argv[1], int(sys.argv[2])
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment(f"bench-{time.time_ns()}")
@@ -115,14 +116,14 @@ LOG_ONE_RUN = textwrap.dedent(
         times = []
         for i in range(n):
             t0 = time.perf_counter()
-            run = client.create_run(exp, tags={"compbias.run_kind": "model", "compbias.seed": str(i)})
+            run = client.create_run(exp, tags={C.RUN_KIND: C.RUN_KIND_MODEL, C.SEED: str(i)})
             rid = run.info.run_id
             client.log_batch(rid, params=[mlflow.entities.Param(f"p{k}", str(k)) for k in range(20)],
                              metrics=[mlflow.entities.Metric(f"fpr/class/{k}", 0.1, 0, 0) for k in range(60)])
             client.log_artifacts(rid, d)
             client.set_terminated(rid)
             client.create_model_version(f"bench-{exp}", f"{run.info.artifact_uri}/model", rid,
-                                        tags={"compbias.seed": str(i)})
+                                        tags={C.SEED: str(i)})
             times.append(time.perf_counter() - t0)
     print(json.dumps(times))
     """

@@ -64,7 +64,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_tables as rt  # noqa: E402  (ci, fmt, fmt_ci, B, SEED)
 
-TAG = "compbias."
+from compbias.contract import PREFIX as TAG  # noqa: E402  the contract owns tag names
 
 
 # --------------------------------------------------------------------- store access (read only)

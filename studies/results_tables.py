@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 import compbias.metrics as M
+from compbias import contract as C
 
 B = 1000
 SEED = 0
@@ -93,7 +94,8 @@ def load_predictions(registered_model: str) -> dict:
     Returns
     -------
     dict
-        ``(method, level) -> {"seeds": [...], "frames": [...]}``; baselines under ``("baseline", "0")``.
+        ``(method, level) -> {"seeds": [...], "frames": [...]}``; baselines under ``("baseline", "0")``
+        (the key every study wrote before the population contract) whatever their method tag.
     """
     from mlflow.tracking import MlflowClient
 
@@ -101,13 +103,13 @@ def load_predictions(registered_model: str) -> dict:
     pops: dict = {}
     for v in client.search_model_versions(f"name='{registered_model}'"):
         tags = v.tags or {}
-        if "compbias.method" not in tags:
+        if C.METHOD not in tags:
             continue
-        key = (tags["compbias.method"], tags["compbias.level"])
-        local = client.download_artifacts(v.run_id, "predictions.parquet")
+        key = ("baseline", "0") if tags.get(C.ROLE) == C.ROLE_BASELINE else (tags[C.METHOD], tags[C.LEVEL])
+        local = client.download_artifacts(v.run_id, C.PREDICTIONS)
         df = pd.read_parquet(local).sort_values("example_id").reset_index(drop=True)
         entry = pops.setdefault(key, {"seeds": [], "frames": []})
-        entry["seeds"].append(int(tags["compbias.seed"]))
+        entry["seeds"].append(int(tags[C.SEED]))
         entry["frames"].append(df)
     for entry in pops.values():
         order = np.argsort(entry["seeds"])
@@ -393,35 +395,52 @@ def cifar(args) -> None:
         y = base["frames"][0]["label"].to_numpy()
         C = int(max(y.max(), base["preds"].max())) + 1
         idx = M.bootstrap_indices(len(y), B, seed=SEED)
+        two_level = args.intervals == "two_level"
+        S = base["preds"].shape[0]
+        # level 1 (two-level only): seeds with replacement, the same seeds for the baselines and both
+        # populations (seed s's compressed models come from baseline s); level 2: test examples
+        seed_draws = (np.random.default_rng(SEED + 1).integers(0, S, size=(B, S)) if two_level
+                      else np.broadcast_to(np.arange(S), (B, S)))
 
-        def cev_sde(comp, sel):
+        def check_seeds(pop):
+            if pop["seeds"] != base["seeds"]:
+                raise SystemExit(f"two-level intervals need the same seeds in every population: {pop['seeds']} vs {base['seeds']}")
+
+        def cev_sde(comp, sel, seeds=None):
+            seeds = np.arange(S) if seeds is None else seeds
             try:
-                pb = M.population_bias(y[sel], base["preds"][:, sel], comp[:, sel], C)
+                pb = M.population_bias(y[sel], base["preds"][seeds][:, sel], comp[seeds][:, sel], C)
                 return pb.cev.value, pb.sde.value
             except ValueError:
                 return np.nan, np.nan
 
+        what = ("two-level bootstrap over seeds and test examples" if two_level
+                else "paired bootstrap over test examples")
         print("\n#### Distillation minus plain pruning at the same level: CEV and SDE differences "
-              "(paired bootstrap over test examples by this script, 95% CI; negative = less bias than plain pruning)\n")
+              f"({what} by this script, 95% CI; negative = less bias than plain pruning)\n")
         print("| level | method | CEV difference | SDE difference | accuracy difference (pp) |")
         print("|---|---|---:|---:|---:|")
         for lv in sorted(set(bias.level), key=level_order):
             plain = pops.get(("structured", lv))
             if plain is None:
                 continue
-            pl = [cev_sde(plain["preds"], i) for i in idx]
+            if two_level:
+                check_seeds(plain)
+            pl = [cev_sde(plain["preds"], i, sd) for i, sd in zip(idx, seed_draws)]
             pl0 = cev_sde(plain["preds"], np.arange(len(y)))
             for m in sorted(set(bias.method) - {"structured"}):
                 mit = pops.get((m, lv))
                 if mit is None:
                     continue
-                mt = [cev_sde(mit["preds"], i) for i in idx]
+                if two_level:
+                    check_seeds(mit)
+                mt = [cev_sde(mit["preds"], i, sd) for i, sd in zip(idx, seed_draws)]
                 mt0 = cev_sde(mit["preds"], np.arange(len(y)))
                 dc = np.array([a_[0] - b_[0] for a_, b_ in zip(mt, pl)])
                 ds = np.array([a_[1] - b_[1] for a_, b_ in zip(mt, pl)])
                 acc_m = (mit["preds"] == y).astype(float)
                 acc_p = (plain["preds"] == y).astype(float)
-                da = np.array([acc_m[:, i].mean() - acc_p[:, i].mean() for i in idx])
+                da = np.array([acc_m[sd][:, i].mean() - acc_p[sd][:, i].mean() for i, sd in zip(idx, seed_draws)])
                 print(f"| {lv} | {m} | {fmt_ci(mt0[0] - pl0[0], *ci(dc), 1, sign=True)} | {fmt_ci(mt0[1] - pl0[1], *ci(ds), 2, sign=True)} "
                       f"| {fmt_ci(acc_m.mean() - acc_p.mean(), *ci(da), 2, pct=True, sign=True)} |")
 
@@ -512,6 +531,8 @@ def main(argv=None) -> int:
     p.add_argument("--class-names", default="automobile,cat,dog")
     p.add_argument("--level", default="0.45", help="cifar: level of the per-class table")
     p.add_argument("--no-paired", dest="paired", action="store_false", help="cifar: skip the paired CEV/SDE differences")
+    p.add_argument("--intervals", choices=["two_level", "examples"], default="two_level",
+                   help="cifar differences: resample seeds and test examples (default) or test examples only")
     args = p.parse_args(argv)
     (celeba if args.study == "celeba" else cifar)(args)
     return 0
