@@ -6,7 +6,16 @@ method         levels                                        schedules / mitigat
 magnitude      sparsity in [0, 1) (global, unstructured)     oneshot | gradual | scratch; any mitigation
 structured     fraction of filters per conv in [0, 1) (L1)   oneshot | gradual | scratch; any mitigation
 quantize       fp16 | bf16 | int8_weight | int8_static       none
+custom         anything, passed to the user's function       none (the function does what it does)
+torch_pruning  channel ratio in (0, 1) (Torch-Pruning)       finetune_epochs; any mitigation
+torch_prune    sparsity in (0, 1) (torch.nn.utils.prune)     finetune_epochs; any mitigation
+torchao        int8_weight_only | int8_dynamic | ...         none
 =============  ============================================  =====================================
+
+The last four (bring your own, :mod:`compbias.jobs.byo` and
+:mod:`compbias.jobs.torchao_quant`) prune or quantize at once (no schedule)
+and record the footprint before/after: ``params``, ``size_bytes`` and a
+measured CPU ``latency_ms`` with their ``baseline_`` twins.
 
 ``gradual`` starts from the baseline's weights and prunes along Zhu & Gupta's
 cubic schedule during the first 75% of ``finetune_epochs``, then fine-tunes
@@ -37,7 +46,8 @@ from .train import fit, resolve_device
 
 __all__ = ["METHODS", "SCHEDULES", "compress_model", "method_name"]
 
-METHODS = ("magnitude", "structured", "quantize")
+BUILTIN_METHODS = ("magnitude", "structured", "quantize")
+METHODS = BUILTIN_METHODS + ("custom", "torch_pruning", "torch_prune", "torchao")
 SCHEDULES = ("oneshot", "gradual", "scratch")
 
 
@@ -47,6 +57,24 @@ def method_name(method: str, mitigation: str | None = None) -> str:
 
 
 def _check_level(method: str, level: Any) -> float | str:
+    if method == "custom":
+        if isinstance(level, bool) or not isinstance(level, (int, float, str)):
+            raise ValueError(f"custom level must be a number or a name, got {level!r}")
+        return level
+    if method == "torchao":
+        from .torchao_quant import TORCHAO_LEVELS
+
+        if level not in TORCHAO_LEVELS:
+            raise ValueError(f"torchao level must be one of {', '.join(TORCHAO_LEVELS)}, got {level!r}")
+        return str(level)
+    if method in ("torch_pruning", "torch_prune"):
+        try:
+            value = float(level)
+        except (TypeError, ValueError):
+            raise ValueError(f"{method} level must be a fraction in (0, 1), got {level!r}") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{method} level must be a fraction in (0, 1), got {level!r}")
+        return value
     if method == "quantize":
         if level not in QUANT_LEVELS:
             raise ValueError(f"quantize level must be one of {', '.join(QUANT_LEVELS)}, got {level!r}")
@@ -79,6 +107,8 @@ def compress_model(
     mitigation_options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
+    function: str | Callable | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``baseline`` (left unchanged) and return the compressed model and an info dict.
 
@@ -89,10 +119,12 @@ def compress_model(
         :func:`compbias.jobs.train_model` or :func:`compbias.jobs.load_model`.
     bundle : DatasetBundle
         Its training split is used for fine-tuning and calibration.
-    method : {'magnitude', 'structured', 'quantize'}
+    method : {'magnitude', 'structured', 'quantize', 'custom', 'torch_pruning', 'torch_prune', 'torchao'}
     level : float or str
         Sparsity for pruning; ``fp16``, ``bf16``, ``int8_weight`` or
-        ``int8_static`` for ``quantize``.
+        ``int8_static`` for ``quantize``; a channel ratio for
+        ``torch_pruning``, a sparsity for ``torch_prune``, a torchao config
+        name for ``torchao``, anything for ``custom``.
     schedule : {'oneshot', 'gradual', 'scratch'}
         Pruning only (ignored for ``quantize``).
     mitigation : {None, 'kd', 'at', 'pkt', 'at_kd', 'pkt_kd', 'pw'}
@@ -115,6 +147,12 @@ def compress_model(
         returned on the CPU.
     log : callable, optional
         Progress printer.
+    function : str or callable, optional
+        ``custom`` only: ``'package.module:function'`` called as
+        ``function(model, bundle, level, seed) -> model``.
+    options : dict, optional
+        Method options of ``torch_pruning`` (``importance``,
+        ``global_pruning``, ``round_to``) and ``torch_prune`` (``style``, ``n``).
 
     Returns
     -------
@@ -148,6 +186,13 @@ def compress_model(
         "method": method_name(method, mitigation), "level": level, "mitigation": mitigation,
         "baseline_size_bytes": baseline_size,
     }
+    if method not in BUILTIN_METHODS:
+        return _compress_byo(baseline, bundle, method, level, info, started=started, mitigation=mitigation,
+                             finetune_epochs=finetune_epochs, seed=seed, device=device, log=log, function=function,
+                             options=options, mitigation_options=mitigation_options,
+                             train_options=dict(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    if function is not None or options:
+        raise ValueError(f"'function' and 'options' apply to the methods custom, torch_pruning and torch_prune, not to {method!r}")
 
     if method == "quantize":
         if mitigation is not None:
@@ -216,3 +261,55 @@ def compress_model(
         log(f"[{tag}] sparsity {sparsity:.4f}, size {sizes['size_bytes_sparse']} bytes sparse / {sizes['size_bytes']} dense in {info['seconds']:.1f}s")
     return model, info
 
+
+
+def _compress_byo(baseline: nn.Module, bundle: DatasetBundle, method: str, level: Any, info: dict[str, Any], *, started: float,
+                  mitigation: str | None, finetune_epochs: int, seed: int, device, log, function, options,
+                  mitigation_options, train_options) -> tuple[nn.Module, dict[str, Any]]:
+    """The bring-your-own methods (:mod:`compbias.jobs.byo`, :mod:`compbias.jobs.torchao_quant`)."""
+    from . import byo
+
+    if method in ("custom", "torchao"):
+        if mitigation is not None:
+            raise ValueError(f"mitigations apply to the pruning methods, not to {method}")
+        if options:
+            raise ValueError(f"{method} takes no options (got {sorted(options)})")
+    if method != "custom" and function is not None:
+        raise ValueError(f"'function' applies to method custom only, not to {method}")
+    reshaped = False
+    if method == "custom":
+        if function is None:
+            raise ValueError("method custom needs function: 'package.module:function', called as function(model, bundle, level, seed)")
+        model, extra = byo.custom_compress(baseline, bundle, level, function=function, seed=seed)
+        reshaped = bool(extra.pop("reshaped"))
+    elif method == "torchao":
+        from .torchao_quant import torchao_quantize
+
+        x = byo._latency_batch(bundle, 64)
+        before = byo._footprint(baseline, x, "baseline_")
+        model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2]))
+        extra = {**before, **byo._footprint(model, x), "sparsity": 0.0, **extra}
+    else:
+        fn = byo.torch_pruning_compress if method == "torch_pruning" else byo.torch_prune_compress
+        model, extra = fn(baseline, bundle, level, seed=seed, options=options, finetune_epochs=int(finetune_epochs or 0),
+                          mitigation=mitigation, mitigation_options=mitigation_options, train_options=train_options,
+                          device=device, log=log)
+        reshaped = method == "torch_pruning"
+    info.update(schedule=None, history=[], final_loss=None)
+    info.update(extra)
+    record: dict[str, Any] = {"method": method, "level": level, "schedule": None, "mitigation": mitigation}
+    if method == "custom":
+        record["function"] = info.get("function")
+    if options:
+        record["options"] = dict(options)
+    if reshaped:
+        record["reshaped"] = True
+    model.compbias_compression = record
+    if method != "torchao":
+        model.compbias_quantization = None
+    info["seconds"] = time.perf_counter() - started
+    if log is not None:
+        log(f"[{method} {level}] params {info['baseline_params']} -> {info['params']}, size {info['baseline_size_bytes']} -> "
+            f"{info['size_bytes']} bytes, CPU latency {info['baseline_latency_ms']:.2f} -> {info['latency_ms']:.2f} ms "
+            f"in {info['seconds']:.1f}s")
+    return model, info

@@ -1,4 +1,10 @@
-"""Weights I/O: ``weights.safetensors`` + ``model_spec.json``; nothing is pickled."""
+"""Weights I/O: ``weights.safetensors`` + ``model_spec.json``; nothing is pickled.
+
+A model is rebuilt from its spec (a built-in ``arch`` or the import path of
+an ``nn.Module`` factory with its ``kwargs``) and the safetensors weights. The
+spec is also written into the safetensors header (``compbias_model_spec``), so
+``weights.safetensors`` alone is enough for :func:`load_weights`.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,21 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .models import build_model
+from .models import build_model, reshape_to_state
 from .quantize import quantized_structure
 
-__all__ = ["save_model", "load_model", "model_spec", "WEIGHTS_FILE", "SPEC_FILE"]
+__all__ = ["save_model", "load_model", "load_weights", "load_state_file", "model_spec", "WEIGHTS_FILE", "SPEC_FILE",
+           "SPEC_METADATA_KEY"]
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model_spec.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("arch", "n_classes", "input_shape", "width")
+_OPTIONAL = ("kwargs", "blocks")  # a factory model's keyword arguments and block names
+#: The safetensors header entry holding the model spec (JSON), so that the weights file alone rebuilds the model.
+SPEC_METADATA_KEY = "compbias_model_spec"
+#: compression methods whose saved tensors have other shapes than the freshly built model's (channels removed)
+_RESHAPING_METHODS = ("torch_pruning",)
 
 
 def _jsonable(value: Any) -> Any:
@@ -72,8 +84,17 @@ def save_model(model: nn.Module, spec: Mapping[str, Any] | None, directory: str 
             raise ValueError(f"spec[{key!r}] = {dict(spec)[key]!r} contradicts the model ({model.compbias_spec[key]!r})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "compbias_format_version": str(FORMAT_VERSION)})
+    metadata = {"format": "pt", "compbias_format_version": str(FORMAT_VERSION)}
+    quant = getattr(model, "compbias_quantization", None)
+    if isinstance(quant, dict) and quant.get("mode") == "torchao":
+        from .torchao_quant import flatten_state
+
+        state, extra = flatten_state(model.state_dict())
+        metadata.update(extra)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata[SPEC_METADATA_KEY] = json.dumps(full, sort_keys=True)
+    save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
     (directory / SPEC_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
     return directory
 
@@ -128,29 +149,158 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
         raise ValueError(f"{spec_path} lacks {missing}")
     if int(spec.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{spec_path} has format_version {spec['format_version']}; this compbias reads up to {FORMAT_VERSION}")
-    model = build_model(spec["arch"], spec["n_classes"], spec["input_shape"], spec["width"])
+    return _rebuild(spec, weights_path, device=device, described_by=SPEC_FILE)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            metadata = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc}); the weights are corrupt or "
+            "truncated: save or log the model again (re-running the study remakes a model whose version is deleted)"
+        ) from None
+    return state, metadata
+
+
+def _rebuild(spec: dict[str, Any], weights_path: Path, *, device: str | torch.device, described_by: str) -> nn.Module:
+    extra = {k: spec[k] for k in _OPTIONAL if spec.get(k) is not None}
+    model = build_model(spec["arch"], spec["n_classes"], spec["input_shape"], spec["width"], **extra)
+    state, metadata = _read_safetensors(weights_path)
+    compression = spec.get("compression") or {}
+    if isinstance(compression, dict) and (compression.get("method") in _RESHAPING_METHODS or compression.get("reshaped")):
+        reshape_to_state(model, state)
     quant = spec.get("quantization")
     if quant:
         if not isinstance(quant, dict) or "mode" not in quant:
-            raise ValueError(f"{spec_path}: 'quantization' must be an object with a 'mode'; the saved model is corrupt")
-        model = quantized_structure(model, quant)
-    try:
-        state = load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
-        raise ValueError(
-            f"{weights_path} is not a valid safetensors file ({type(exc).__name__}: {exc}); the weights are corrupt or "
-            "truncated: save or log the model again (re-running the study remakes a model whose version is deleted)"
-        ) from None
-    result = model.load_state_dict(state, strict=False)
+            raise ValueError(f"{described_by}: 'quantization' must be an object with a 'mode'; the saved model is corrupt")
+        if quant.get("mode") == "torchao":
+            from .torchao_quant import torchao_structure, unflatten_state
+
+            model = torchao_structure(model, quant)
+            state = unflatten_state(state, metadata)
+            result = model.load_state_dict(state, strict=False, assign=True)
+        else:
+            model = quantized_structure(model, quant)
+            result = model.load_state_dict(state, strict=False)
+    else:
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"{weights_path} does not match the {spec['arch']} described by {described_by}: {exc}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{weights_path} does not match the {spec['arch']} described by {SPEC_FILE}: "
+            f"{weights_path} does not match the {spec['arch']} described by {described_by}: "
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     if not quant:
         model.to(device)
-    model.compbias_spec = {k: spec[k] for k in _REQUIRED}
+    model.compbias_spec = {**{k: spec[k] for k in _REQUIRED}, **extra}
     model.compbias_compression = spec.get("compression")
     model.compbias_quantization = quant
     model.compbias_saved_spec = spec
     return model.eval()
+
+
+def load_weights(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model from its factory reference and safetensors weights; nothing is unpickled.
+
+    Parameters
+    ----------
+    path : path
+        A directory written by :func:`save_model` (or an MLflow model's
+        ``artifacts/model`` folder holding one), or a ``weights.safetensors``
+        file written by it (its header carries the spec: the architecture or
+        factory import path with its kwargs, compression and quantization).
+    device : str
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, as :func:`load_model` returns it.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing path, a file without a compbias spec (weights saved outside
+        compbias: build the model with :func:`compbias.jobs.build_model` and
+        use :func:`load_state_file`), or weights that do not fit the spec.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / SPEC_FILE).is_file():
+            return load_model(p, device=device)
+        found = sorted(p.rglob(SPEC_FILE))
+        if len(found) == 1 and (found[0].parent / WEIGHTS_FILE).is_file():
+            return load_model(found[0].parent, device=device)
+        raise FileNotFoundError(f"{p} holds no {SPEC_FILE} with {WEIGHTS_FILE} (found {len(found)}); give a directory written by save_model")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found; give a saved model directory or its {WEIGHTS_FILE}")
+    _, metadata = _read_safetensors(p)
+    text = metadata.get(SPEC_METADATA_KEY)
+    if text is None:
+        if (p.parent / SPEC_FILE).is_file():
+            return load_model(p.parent, device=device)
+        raise ValueError(
+            f"{p} carries no compbias model spec in its header (key {SPEC_METADATA_KEY!r}): it was not written by "
+            "compbias.jobs.save_model. Build the module (compbias.jobs.build_model with the factory import path and "
+            "kwargs) and load it with compbias.jobs.load_state_file"
+        )
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: the {SPEC_METADATA_KEY!r} header entry is not valid JSON ({exc})") from None
+    missing = [k for k in _REQUIRED if k not in spec]
+    if missing:
+        raise ValueError(f"{p}: the model spec in its header lacks {missing}")
+    return _rebuild(spec, p, device=device, described_by=f"the spec in {p.name}'s header")
+
+
+def load_state_file(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict from a safetensors file into ``model``, checking every key and shape first.
+
+    Used for a study baseline given as weights (``baseline: {weights: ...}``):
+    the file may come from anywhere (the user's own training script,
+    ``safetensors.torch.save_file(model.state_dict(), path)``) but must fit
+    the module the study's ``model:`` builds exactly.
+
+    Raises
+    ------
+    ValueError
+        A pickled file (``.pt``/``.pth``/``.bin``/``.ckpt``: never unpickled),
+        an unreadable file, or a state dict whose keys or shapes differ from
+        the model's; the message lists the differences.
+    """
+    p = Path(path)
+    if p.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"):
+        raise ValueError(
+            f"{p} looks like a pickled torch file; compbias does not unpickle weights (it would run code). Convert it "
+            "once: safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"baseline weights {p} not found")
+    state, _ = _read_safetensors(p)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        arch = (getattr(model, "compbias_spec", None) or {}).get("arch", type(model).__name__)
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''} ({len(shapes)})")
+        raise ValueError(
+            f"baseline weights {p} do not fit the model {arch!r} of the study: {'; '.join(parts)}. "
+            "Check model (factory and kwargs, e.g. num_classes) against the architecture the weights were trained with"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()})
+    return model

@@ -11,16 +11,116 @@ Every model built by :func:`build_model` carries
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import importlib
+import os
+import re
+import sys
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ARCHS", "build_model", "layer_activations", "capture_blocks", "model_input_dtype", "model_device"]
+__all__ = [
+    "ARCHS", "build_model", "layer_activations", "capture_blocks", "model_input_dtype", "model_device",
+    "is_factory", "import_object", "check_model_output", "reshape_to_state",
+]
 
 ARCHS = ("smallcnn", "resnet20", "resnet32", "resnet18")
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_factory(arch: str) -> bool:
+    """Whether ``arch`` is an import path ``package.module:callable`` (rather than a built-in name)."""
+    return isinstance(arch, str) and ":" in arch
+
+
+def import_object(path: str, *, what: str = "model factory") -> Any:
+    """Import ``package.module:attr`` (``attr`` may be dotted).
+
+    The module is looked up on ``sys.path``; when it is not found there, the
+    working directory (and ``$PWD``, the directory the user's shell launched
+    compbias from, which Ray workers inherit) are tried as well.
+
+    Raises
+    ------
+    ValueError
+        Naming the path, what failed and what to do.
+    """
+    if not isinstance(path, str) or not _FACTORY_PATTERN.match(path):
+        raise ValueError(f"{what} {path!r} is not an import path; write 'package.module:callable', e.g. 'torchvision.models:resnet18'")
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        module = None
+        for extra in dict.fromkeys([os.getcwd(), os.environ.get("PWD") or ""]):
+            if extra and extra not in sys.path and os.path.isdir(extra):
+                sys.path.append(extra)
+                try:
+                    module = importlib.import_module(module_name)
+                    break
+                except ModuleNotFoundError:
+                    continue
+        if module is None:
+            raise ValueError(
+                f"cannot import module {module_name!r} of {what} {path!r} ({type(exc).__name__}: {exc}); "
+                "the module must be importable from the working directory or PYTHONPATH"
+            ) from None
+    except Exception as exc:
+        raise ValueError(f"importing module {module_name!r} of {what} {path!r} failed: {type(exc).__name__}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r}); check the name after the ':'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{what} {path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+@torch.no_grad()
+def check_model_output(model: nn.Module, input_shape: Sequence[int], n_classes: int, *, source: str = "the model",
+                       x: torch.Tensor | None = None) -> None:
+    """Run ``model`` on one batch of two inputs and check it returns logits ``(2, n_classes)``.
+
+    The model is put in eval mode for the check (batch-norm statistics are
+    not touched) and its mode restored.
+
+    Parameters
+    ----------
+    x : torch.Tensor, optional
+        The batch to use; default zeros of ``(2, *input_shape)``.
+
+    Raises
+    ------
+    ValueError
+        When the forward pass fails or the output is not ``(2, n_classes)``.
+    """
+    shape = (2, *[int(s) for s in input_shape])
+    if x is None:
+        x = torch.zeros(shape, device=model_device(model), dtype=model_input_dtype(model))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except Exception as exc:
+        raise ValueError(
+            f"{source} fails on a batch of the dataset's inputs, shape {tuple(x.shape)} (N, C, H, W): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; make it accept {shape[1]}-channel "
+            f"{shape[2]}x{shape[3]} images (e.g. replace its first layer in your own factory)"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{source} returns a {type(out).__name__} on a batch, not a tensor of logits (N, {n_classes})")
+    if tuple(out.shape) != (shape[0], int(n_classes)):
+        raise ValueError(
+            f"{source} outputs shape {tuple(out.shape)} on a batch of {shape[0]}; the dataset has {n_classes} classes, "
+            f"so it must output ({shape[0]}, {n_classes}): give the factory the number of classes in model.kwargs "
+            f"(e.g. num_classes: {n_classes})"
+        )
 
 
 class ConvBNReLU(nn.Sequential):
@@ -134,12 +234,19 @@ def build_model(
     width: float = 1,
     *,
     seed: int | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    blocks: Sequence[str] | None = None,
 ) -> nn.Module:
     """Build an untrained classifier.
 
     Parameters
     ----------
-    arch : {'smallcnn', 'resnet20', 'resnet32', 'resnet18'}
+    arch : {'smallcnn', 'resnet20', 'resnet32', 'resnet18'} or str
+        A built-in architecture, or the import path of any ``nn.Module``
+        factory, ``'package.module:callable'`` (e.g.
+        ``'torchvision.models:resnet18'``), called as ``callable(**kwargs)``.
+        A factory's model is run once on a batch of zeros of ``input_shape``
+        and must return logits ``(N, n_classes)``.
     n_classes : int
         Number of outputs (logits).
     input_shape : sequence of int
@@ -149,6 +256,12 @@ def build_model(
         only accepts 1).
     seed : int, optional
         Seed of the weight initialisation (the global RNG is left untouched).
+    kwargs : dict, optional
+        Keyword arguments of a factory (factories only).
+    blocks : sequence of str, optional
+        A factory model's block (submodule) names, used by the ``at``/``pkt``
+        mitigations and the SVCCA audit; default: the model's own
+        ``block_names`` attribute if it has one.
 
     Returns
     -------
@@ -161,8 +274,12 @@ def build_model(
     >>> m(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 100])
     """
+    if is_factory(arch):
+        return _build_factory(arch, n_classes, input_shape, width, seed=seed, kwargs=kwargs, blocks=blocks)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, or give an import path 'package.module:callable'")
+    if kwargs or blocks:
+        raise ValueError(f"kwargs and blocks apply to a factory import path, not to the built-in {arch!r}")
     if int(n_classes) < 2:
         raise ValueError(f"n_classes must be at least 2, got {n_classes}")
     input_shape = tuple(int(s) for s in input_shape)
@@ -188,6 +305,89 @@ def build_model(
             model = _resnet18(n_classes, c)
     model.compbias_spec = {"arch": arch, "n_classes": int(n_classes), "input_shape": list(input_shape), "width": width}
     return model
+
+
+def _build_factory(arch: str, n_classes: int, input_shape: Sequence[int], width: float, *, seed: int | None,
+                   kwargs: Mapping[str, Any] | None, blocks: Sequence[str] | None) -> nn.Module:
+    if int(n_classes) < 2:
+        raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
+    if width != 1:
+        raise ValueError(f"width applies to the built-in architectures; the factory {arch!r} takes its own kwargs")
+    kwargs = dict(kwargs or {})
+    factory = import_object(arch)
+    ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with ctx:
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:
+            raise ValueError(f"model factory {arch!r} failed when called with kwargs {kwargs}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    source = f"the model of factory {arch!r} (kwargs {kwargs})"
+    check_model_output(model, input_shape, int(n_classes), source=source)
+    names = list(blocks) if blocks else list(getattr(model, "block_names", ()) or ())
+    if names:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"model.blocks names {missing}, which {source} does not have; its top-level children are "
+                             f"{[n for n, _ in model.named_children()]}")
+        model.block_names = tuple(names)
+    spec: dict[str, Any] = {"arch": arch, "n_classes": int(n_classes), "input_shape": list(input_shape), "width": 1,
+                            "kwargs": kwargs}
+    if blocks:
+        spec["blocks"] = list(blocks)
+    model.compbias_spec = spec
+    return model
+
+
+def reshape_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Give a model's layers the shapes of a state dict (a channel-pruned model's), in place.
+
+    For each parameter or buffer whose saved shape differs (Torch-Pruning's
+    physical channel removal), the tensor is replaced by an empty one of the
+    saved shape and the module's shape attributes (``in_channels``,
+    ``out_channels``, ``in_features``, ``out_features``, ``num_features``)
+    follow, so that ``load_state_dict`` fills it. Grouped convolutions keep
+    their ``groups`` when the channels stay divisible.
+
+    Returns
+    -------
+    list of str
+        The names of the reshaped tensors.
+    """
+    changed = []
+    modules = dict(model.named_modules())
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, saved in state.items():
+        current = own.get(name)
+        if current is None or tuple(current.shape) == tuple(saved.shape):
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        module = modules[mod_name]
+        fresh = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+        if isinstance(current, nn.Parameter):
+            setattr(module, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
+        else:
+            module._buffers[attr] = fresh
+        changed.append(name)
+        if attr == "weight":
+            if isinstance(module, nn.modules.conv._ConvNd):
+                groups = module.groups
+                module.out_channels = int(saved.shape[0])
+                module.in_channels = int(saved.shape[1]) * groups
+                if groups > 1 and module.out_channels % groups:
+                    raise ValueError(f"{mod_name}: {module.out_channels} output channels do not divide into {groups} groups")
+            elif isinstance(module, nn.Linear):
+                module.out_features, module.in_features = int(saved.shape[0]), int(saved.shape[1])
+        if isinstance(module, nn.modules.batchnorm._NormBase) and saved.ndim == 1:
+            module.num_features = int(saved.shape[0])
+    return changed
 
 
 def model_device(model: nn.Module) -> torch.device:
