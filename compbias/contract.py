@@ -186,6 +186,9 @@ class Member:
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "method", str(self.method))
         object.__setattr__(self, "level", str(self.level))
+        for name in ("baseline_version", "baseline_run_id"):  # tags are text: 7 and "7" are one member
+            value = getattr(self, name)
+            object.__setattr__(self, name, str(value).strip() or None if value not in (None, "") else None)
         if self.role == ROLE_BASELINE:
             if self.method not in BASELINE_METHODS or self.level not in BASELINE_LEVELS:
                 raise ContractError(
