@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ARCHS", "build_model", "layer_activations", "capture_blocks", "model_input_dtype", "model_device",
-    "is_factory", "import_object", "check_model_output", "reshape_to_state",
+    "is_factory", "import_object", "check_model_output", "reshape_to_state", "load_weights",
 ]
 
 ARCHS = ("smallcnn", "resnet20", "resnet32", "resnet18")
@@ -379,6 +379,8 @@ def reshape_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
         if attr == "weight":
             if isinstance(module, nn.modules.conv._ConvNd):
                 groups = module.groups
+                if groups > 1 and groups == module.in_channels == module.out_channels:  # depthwise: stays depthwise
+                    groups = module.groups = int(saved.shape[0])
                 module.out_channels = int(saved.shape[0])
                 module.in_channels = int(saved.shape[1]) * groups
                 if groups > 1 and module.out_channels % groups:
@@ -388,6 +390,13 @@ def reshape_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
         if isinstance(module, nn.modules.batchnorm._NormBase) and saved.ndim == 1:
             module.num_features = int(saved.shape[0])
     return changed
+
+
+def load_weights(path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model from its factory reference and safetensors weights (see :func:`compbias.jobs.io.load_weights`)."""
+    from .io import load_weights as _load_weights
+
+    return _load_weights(path, device=device)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -422,7 +431,7 @@ def capture_blocks(model: nn.Module, names: Sequence[str] | None = None) -> Iter
     """
     names = list(names if names is not None else getattr(model, "block_names", ()))
     if not names:
-        raise ValueError("model has no block_names; build it with compbias.jobs.build_model")
+        raise ValueError("model has no block_names; build it with compbias.jobs.build_model (a factory model: give model.blocks)")
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -454,7 +463,7 @@ def layer_activations(model: nn.Module, x: torch.Tensor | np.ndarray, *, batch_s
     -------
     dict of str to numpy.ndarray
         ``block name -> (N, C, H, W)`` float32 and ``'logits' -> (N, K)``, in
-        block order.
+        block order; only ``'logits'`` for a factory model without blocks.
     """
     x = torch.as_tensor(x)
     if x.ndim != 4:
@@ -464,8 +473,10 @@ def layer_activations(model: nn.Module, x: torch.Tensor | np.ndarray, *, batch_s
     device = model_device(model)
     dtype = model_input_dtype(model)
     outputs: dict[str, list[np.ndarray]] = {}
+    if not getattr(model, "block_names", ()):
+        model.block_names = ()
     try:
-        with capture_blocks(model) as store:
+        with (capture_blocks(model) if model.block_names else contextlib.nullcontext({})) as store:
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size].to(device=device, dtype=dtype)
                 logits = model(xb)

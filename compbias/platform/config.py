@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetSpec",
     "ImbalanceSpec",
     "ModelSpec",
+    "BaselineSpec",
     "TrainSpec",
     "PopulationSpec",
     "CompressionSpec",
@@ -47,14 +49,26 @@ __all__ = [
     "PRUNING_METHODS",
     "QUANT_LEVELS",
     "MITIGATIONS",
+    "BYO_METHODS",
+    "TORCHAO_LEVELS",
 ]
 
 DATASET_KINDS = ("digits", "imagefolder", "celeba", "cifar10", "cifar100")
 ARCHS = ("smallcnn", "resnet20", "resnet32", "resnet18")
 PRUNING_METHODS = ("magnitude", "structured")
-METHODS = PRUNING_METHODS + ("quantize",)
+#: Bring-your-own compression (compbias.jobs.byo): the user's function, Torch-Pruning, torch.nn.utils.prune, torchao.
+BYO_METHODS = ("custom", "torch_pruning", "torch_prune", "torchao")
+METHODS = PRUNING_METHODS + ("quantize",) + BYO_METHODS
 SCHEDULES = ("oneshot", "gradual", "scratch")
 QUANT_LEVELS = ("fp16", "bf16", "int8_weight", "int8_static")
+#: The same as compbias.jobs.torchao_quant.TORCHAO_LEVELS (checked by a test; config does not import torch).
+TORCHAO_LEVELS = ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only", "float8_dynamic")
+#: Options of the methods that take some, with what each accepts (compbias.jobs.byo.METHOD_OPTIONS).
+_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "torch_pruning": {"importance": ("l1", "l2", "random"), "global_pruning": bool, "round_to": int},
+    "torch_prune": {"style": ("global_unstructured", "l1_unstructured", "random_unstructured", "ln_structured"), "n": int},
+}
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 MITIGATIONS = ("kd", "at", "pkt", "at_kd", "pkt_kd", "pw")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -155,10 +169,116 @@ class DatasetSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """The architecture and its width multiplier."""
+    """The architecture: a built-in one with its width multiplier, or any ``nn.Module`` factory.
 
-    arch: Literal["smallcnn", "resnet20", "resnet32", "resnet18"] = "smallcnn"
+    ``arch`` is a built-in name (``smallcnn``, ``resnet20``, ``resnet32``,
+    ``resnet18``) or the import path ``package.module:callable`` of a
+    factory returning an ``nn.Module`` (also accepted as ``factory:``), called
+    with ``kwargs``; its model must output ``(N, n_classes)`` logits on the
+    dataset's inputs (checked on one batch before training). ``blocks`` names
+    a factory model's stages (for the ``at``/``pkt`` mitigations and SVCCA).
+    The whole section may be written as a string: ``model: resnet20`` or
+    ``model: "mypkg.nets:tiny"``.
+    """
+
+    arch: str = "smallcnn"
     width: int = Field(default=1, ge=1, le=16)
+    kwargs: dict[str, Any] | None = None
+    blocks: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forms(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"arch": v}
+        if isinstance(v, dict) and "factory" in v:
+            v = dict(v)
+            factory = v.pop("factory")
+            if "arch" in v and v["arch"] != factory:
+                raise ValueError("give either 'arch' (a built-in architecture) or 'factory' (an import path), not both")
+            v["arch"] = factory
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.is_factory:
+            if not _IMPORT_PATH.match(self.arch):
+                raise ValueError(f"arch: {self.arch!r} is not an import path; write 'package.module:callable', e.g. 'torchvision.models:resnet18'")
+            if self.width != 1:
+                raise ValueError("width: 'width' applies to the built-in architectures; pass a factory's own arguments in 'kwargs'")
+            if self.blocks is not None and (not self.blocks or len(set(self.blocks)) != len(self.blocks)):
+                raise ValueError(f"blocks: give distinct submodule names, e.g. [layer1, layer2] (got {self.blocks})")
+        else:
+            if self.arch not in ARCHS:
+                raise ValueError(
+                    f"arch: unknown architecture {self.arch!r}; use one of {', '.join(ARCHS)}, or the import path of an "
+                    "nn.Module factory such as 'torchvision.models:resnet18' (with kwargs)"
+                )
+            if self.kwargs is not None or self.blocks is not None:
+                raise ValueError(f"'kwargs' and 'blocks' apply to a factory import path, not to the built-in {self.arch!r}; remove them")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        for key in ("kwargs", "blocks"):
+            if data.get(key) is None:
+                data.pop(key, None)  # studies without a factory resolve (and fingerprint) as before
+        return data
+
+    @property
+    def is_factory(self) -> bool:
+        """Whether ``arch`` is an import path (``package.module:callable``) rather than a built-in."""
+        return ":" in self.arch
+
+
+class BaselineSpec(_Strict):
+    """Baselines given instead of trained: safetensors weights or registered MLflow versions.
+
+    Exactly one of ``weights`` and ``model_uri``. Each is one entry per seed:
+    a list in the order of ``population.seeds``, or one string with
+    ``{seed}`` in it (``runs/s{seed}.safetensors``, ``models:/net/{seed}``); a
+    plain string serves a population of one seed. The weights must fit the
+    module ``model:`` builds (keys and shapes are checked, with a clear error).
+    A ``model_uri`` must hold a ``weights.safetensors`` (a compbias-logged
+    model, or an MLflow artifact folder holding one): pickled models are not
+    loaded.
+    """
+
+    weights: str | list[str] | None = None
+    model_uri: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "BaselineSpec":
+        if (self.weights is None) == (self.model_uri is None):
+            raise ValueError("give exactly one of 'weights' (safetensors files) or 'model_uri' (e.g. models:/name/3)")
+        value = self.weights if self.weights is not None else self.model_uri
+        if isinstance(value, list) and (not value or not all(isinstance(x, str) and x for x in value)):
+            raise ValueError("give one non-empty path or URI per seed")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``weights`` or ``model_uri``."""
+        return "weights" if self.weights is not None else "model_uri"
+
+    def source_for(self, seed: int, seeds: list[int]) -> str:
+        """The file or URI of the baseline of ``seed``.
+
+        Parameters
+        ----------
+        seed : int
+        seeds : list of int
+            The population's seeds (a list entry is matched by position).
+
+        Returns
+        -------
+        str
+        """
+        value = self.weights if self.weights is not None else self.model_uri
+        if isinstance(value, list):
+            return value[seeds.index(seed)]
+        return value.replace("{seed}", str(seed))
 
 
 class TrainSpec(_Strict):
@@ -232,11 +352,21 @@ class CompressionSpec(_Strict):
     performance-weighted loss (``pw``) to fine-tuning.
     """
 
-    method: Literal["magnitude", "structured", "quantize"]
+    method: Literal["magnitude", "structured", "quantize", "custom", "torch_pruning", "torch_prune", "torchao"]
     schedule: Literal["oneshot", "gradual", "scratch"] | None = None
     levels: list[Union[float, str]]
     finetune_epochs: int | None = Field(default=None, ge=0)
     mitigation: Literal["kd", "at", "pkt", "at_kd", "pkt_kd", "pw"] | None = None
+    function: str | None = None
+    options: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        for key in ("function", "options"):
+            if data.get(key) is None:
+                data.pop(key, None)  # built-in methods resolve (and fingerprint) as before
+        return data
 
     @field_validator("levels", mode="before")
     @classmethod
@@ -249,7 +379,13 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_levels(self) -> "CompressionSpec":
-        if self.method in PRUNING_METHODS:
+        if self.method != "custom" and self.function is not None:
+            raise ValueError(f"function: 'function' applies to method custom only; remove it from the {self.method} entry")
+        if self.method not in _METHOD_OPTIONS and self.options is not None:
+            raise ValueError(f"options: method {self.method} takes no options; options apply to {', '.join(_METHOD_OPTIONS)}")
+        if self.method in BYO_METHODS:
+            self._check_byo()
+        elif self.method in PRUNING_METHODS:
             out = []
             for i, lv in enumerate(self.levels):
                 if isinstance(lv, bool) or not isinstance(lv, (int, float)):
@@ -277,6 +413,53 @@ class CompressionSpec(_Strict):
         if len(set(keys)) != len(keys):
             raise ValueError(f"levels: duplicates in {keys}; list each level once")
         return self
+
+    def _check_byo(self) -> None:
+        m = self.method
+        if self.schedule is not None:
+            raise ValueError(f"schedule: 'schedule' applies to magnitude and structured; {m} prunes or quantizes at once, remove it")
+        if m in ("torch_pruning", "torch_prune"):
+            out = []
+            for i, lv in enumerate(self.levels):
+                if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0.0 < float(lv) < 1.0:
+                    what = "a channel pruning ratio" if m == "torch_pruning" else "a sparsity"
+                    raise ValueError(f"levels[{i}]: {lv!r} is not {what}; {m} levels are numbers in (0, 1) such as 0.5")
+                out.append(float(lv))
+            object.__setattr__(self, "levels", out)
+            if self.finetune_epochs is None:
+                object.__setattr__(self, "finetune_epochs", 0)
+            if self.mitigation is not None and not self.finetune_epochs:
+                raise ValueError("mitigation: a mitigation changes fine-tuning; give finetune_epochs >= 1 with it")
+            allowed = _METHOD_OPTIONS[m]
+            for key, value in (self.options or {}).items():
+                if key not in allowed:
+                    raise ValueError(f"options.{key}: unknown {m} option; allowed: {', '.join(allowed)}")
+                kind = allowed[key]
+                if isinstance(kind, tuple) and value not in kind:
+                    raise ValueError(f"options.{key}: {value!r} is not one of {', '.join(kind)}")
+                if kind is bool and not isinstance(value, bool):
+                    raise ValueError(f"options.{key}: give true or false, got {value!r}")
+                if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ValueError(f"options.{key}: give a positive integer, got {value!r}")
+            return
+        if self.mitigation is not None:
+            raise ValueError(f"mitigation: 'mitigation' applies to pruning; remove it from the {m} entry")
+        if self.finetune_epochs not in (None, 0):
+            raise ValueError(f"finetune_epochs: {m} does not fine-tune (a custom function may train on its own); remove it")
+        object.__setattr__(self, "finetune_epochs", 0)
+        if m == "torchao":
+            for i, lv in enumerate(self.levels):
+                if lv not in TORCHAO_LEVELS:
+                    raise ValueError(f"levels[{i}]: {lv!r} is not a torchao level; torchao levels are one of {', '.join(TORCHAO_LEVELS)}")
+            return
+        # custom
+        if not self.function:
+            raise ValueError("function: method custom needs 'function: package.module:function', called as function(model, bundle, level, seed)")
+        if not _IMPORT_PATH.match(self.function):
+            raise ValueError(f"function: {self.function!r} is not an import path; write 'package.module:function'")
+        for i, lv in enumerate(self.levels):
+            if isinstance(lv, bool) or not isinstance(lv, (int, float, str)) or lv == "":
+                raise ValueError(f"levels[{i}]: {lv!r}; custom levels are numbers or names, passed to the function as written")
 
     @property
     def name(self) -> str:
@@ -347,6 +530,7 @@ class StudySpec(_Strict):
     name: str = Field(pattern=_NAME_PATTERN, max_length=100)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
+    baseline: BaselineSpec | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)
     population: PopulationSpec = Field(default_factory=PopulationSpec)
     compression: list[CompressionSpec]
@@ -376,7 +560,25 @@ class StudySpec(_Strict):
                         f"(already in compression[{seen[key]}]); each (method, level) may appear once"
                     )
                 seen[key] = i
+        if self.baseline is not None:
+            seeds = self.population.seed_list()
+            value = self.baseline.weights if self.baseline.weights is not None else self.baseline.model_uri
+            key = f"baseline.{self.baseline.kind}"
+            if isinstance(value, list) and len(value) != len(seeds):
+                raise ValueError(f"{key}: {len(value)} entries for {len(seeds)} seeds {seeds}; give one per seed, in the order of population.seeds")
+            if isinstance(value, str) and "{seed}" not in value and len(seeds) > 1:
+                raise ValueError(
+                    f"{key}: one baseline for {len(seeds)} seeds; give one per seed (a list, or a path with {{seed}} in it), "
+                    "or population.seeds: 1"
+                )
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        if data.get("baseline") is None:
+            data.pop("baseline", None)  # studies that train their baselines resolve as before
+        return data
 
     # -- derived values -------------------------------------------------
     @property
@@ -438,6 +640,8 @@ class StudySpec(_Strict):
             "model": data["model"],
             "train": data["train"],
         }
+        if data.get("baseline") is not None:
+            part["baseline"] = data["baseline"]  # given baselines: the source is what determines the model
         if compression_index is not None:
             c = dict(data["compression"][compression_index])
             c.pop("levels")
@@ -490,6 +694,7 @@ _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "dataset": DatasetSpec,
     "dataset.imbalance": ImbalanceSpec,
     "model": ModelSpec,
+    "baseline": BaselineSpec,
     "train": TrainSpec,
     "population": PopulationSpec,
     "compression[]": CompressionSpec,

@@ -181,18 +181,25 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
     bundle = _dataset(spec)
     train = spec.train
     if task.role == "baseline":
-        model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, spec.model.width, seed=task.seed)
-        model, history = jobs.train_model(
-            model,
-            bundle,
-            epochs=train.epochs,
-            batch_size=train.batch_size,
-            lr=train.lr,
-            momentum=train.momentum,
-            weight_decay=train.weight_decay,
-            seed=task.seed,
-            log=_progress(task),
-        )
+        # A factory model is checked on one batch of the dataset's inputs here, before any training.
+        model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, spec.model.width, seed=task.seed,
+                                 kwargs=spec.model.kwargs, blocks=spec.model.blocks)
+        if spec.baseline is not None:
+            source = _load_given_baseline(spec, task, model)
+            history: list = []
+            _progress(task)(f"baseline from {spec.baseline.kind} {source} (not trained)")
+        else:
+            model, history = jobs.train_model(
+                model,
+                bundle,
+                epochs=train.epochs,
+                batch_size=train.batch_size,
+                lr=train.lr,
+                momentum=train.momentum,
+                weight_decay=train.weight_decay,
+                seed=task.seed,
+                log=_progress(task),
+            )
         sparsity, _ = jobs.measure_sparsity(model, "magnitude")
         info = {"sparsity": sparsity, **jobs.model_size_bytes(model), "history": history}
     else:
@@ -214,6 +221,8 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
             momentum=train.momentum,
             weight_decay=train.weight_decay,
             log=_progress(task),
+            function=entry.function,
+            options=entry.options,
         )
     evaluation = jobs.evaluate(model, bundle)
     info["pred_ties"] = evaluation.n_ties  # logged as a metric: examples whose top logits tie (see jobs.evaluate)
@@ -237,6 +246,57 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         positive_class=getattr(bundle, "positive_class", None),
         group_columns=list(getattr(bundle, "group_columns", None) or []),
     )
+
+
+def _resolve_path(text: str) -> Path:
+    """A baseline weights path: absolute, or relative to the working directory (or to ``$PWD``, where the
+    user launched compbias: Ray workers run elsewhere but inherit it)."""
+    p = Path(text).expanduser()
+    if p.is_absolute():
+        return p
+    for base in dict.fromkeys([os.getcwd(), os.environ.get("PWD") or os.getcwd()]):
+        if (Path(base) / p).exists():
+            return Path(base) / p
+    return p
+
+
+def _load_given_baseline(spec: StudySpec, task: ModelTask, model) -> str:
+    """Fill ``model`` (built by the study's ``model:``) with the baseline given in ``baseline:``; return its source.
+
+    Weights files and the ``weights.safetensors`` of a model URI are checked
+    against the model's state dict (keys and shapes) by
+    ``compbias.jobs.load_state_file``; nothing is unpickled.
+    """
+    from compbias import jobs
+
+    source = spec.baseline.source_for(task.seed, spec.seeds())
+    if spec.baseline.kind == "weights":
+        path = _resolve_path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"baseline.weights for seed {task.seed}: {source} not found (looked in {os.getcwd()})")
+        jobs.load_state_file(model, path)
+        return str(path)
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="compbias-baseline-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+        except Exception as exc:
+            raise ValueError(
+                f"baseline.model_uri for seed {task.seed}: cannot download {source!r} from {mlflow.get_tracking_uri()} "
+                f"({type(exc).__name__}: {exc}); check the name and version and the tracking/registry URI"
+            ) from None
+        found = [local] if local.is_file() and local.suffix == ".safetensors" else sorted(local.rglob("*.safetensors"))
+        if len(found) != 1:
+            files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())[:10] if local.is_dir() else [local.name]
+            raise ValueError(
+                f"baseline.model_uri for seed {task.seed}: {source!r} holds {len(found)} safetensors files (files: {files}); "
+                "compbias loads exactly one weights.safetensors and never unpickles a model (an MLflow pytorch-flavour "
+                "model is pickled): log the state dict as safetensors (safetensors.torch.save_file) in the version, or "
+                "register a model made by compbias study"
+            )
+        jobs.load_state_file(model, found[0])
+    return source
 
 
 def _split_frame(frame: pd.DataFrame, group_columns: list[str]) -> pd.DataFrame:
