@@ -27,11 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
     """
     sel = parser.add_argument_group("selection (none: every registered version not yet audited by this metrics version)")
-    sel.add_argument("--model", dest="registered_model", help="audit the versions of this registered model")
+    sel.add_argument("--model", "--registered-model", dest="registered_model", help="audit the versions of this registered model")
     sel.add_argument("--study", help="audit the versions tagged with this study (compbias.study)")
     sel.add_argument("--version", dest="versions", action="append", default=[], metavar="NAME/VERSION",
                      help="audit this model version (repeatable), e.g. compbias-digits/3")
     sel.add_argument("--force", action="store_true", help="with --model/--study: audit again versions already audited")
+    ev = parser.add_argument_group("bring your own models (docs/bring-your-own.md)")
+    ev.add_argument("--evaluate", type=Path, metavar="SPEC.yaml",
+                    help="first evaluate the selected versions that carry the lineage tags but have no predictions on the "
+                         "dataset this evaluation spec names, and log their predictions (with --watch: on every pass)")
+    ev.add_argument("--allow-pickle", action="store_true",
+                    help="with --evaluate: also load pickled models and pyfuncs; loading them executes code stored with "
+                         "the model, so only for registries whose writers you trust")
     thr = parser.add_argument_group("thresholds (override the study file's audit.thresholds)")
     thr.add_argument("--max-cev", type=float, help="fail versions whose CEV exceeds this")
     thr.add_argument("--max-sde", type=float, help="fail versions whose SDE exceeds this")
@@ -260,15 +267,35 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print_summary(r)
 
+    spec = None
+    if args.evaluate is not None:
+        from compbias.platform.evaluate import EvaluationError, load_spec
+
+        try:
+            spec = load_spec(args.evaluate)
+        except EvaluationError as exc:
+            print(f"compbias audit: {exc}", file=sys.stderr)
+            return 2
+    elif args.allow_pickle:
+        print("compbias audit: --allow-pickle applies to --evaluate SPEC.yaml only (models are loaded only to evaluate them)",
+              file=sys.stderr)
+        return 2
+
     if args.watch:
         if not selection.empty:
             print("compbias audit: --watch audits every new version; drop --model/--study/--version", file=sys.stderr)
             return 2
+        if spec is not None:
+            return _watch_with_evaluation(client, options, spec, args, interval, show, say)
         try:
             watch(client, options, interval=interval, max_passes=args.max_passes, on_pass=show, progress=say)
         except KeyboardInterrupt:
             say("stopped")
         return 0
+    if spec is not None:
+        code = _evaluate_selection(client, selection, spec, args, say)
+        if code:
+            return code
     try:
         results = run_audit(client, selection, options, progress=say)
     except ValueError as exc:
@@ -280,6 +307,69 @@ def _run(args: argparse.Namespace) -> int:
         if last is not None:
             print("nothing new to audit; the latest audit:")
             print_summary(last)
+    return 0
+
+
+def _evaluate_selection(client, selection: Selection, spec, args: argparse.Namespace, say) -> int:
+    """Evaluate the selected versions without predictions; 0 when all (or none) were, 2 otherwise."""
+    from compbias.platform.evaluate import EvaluationError, evaluate_versions, pending_versions
+
+    try:
+        todo, _ = pending_versions(client, selection, force=args.force)
+    except ValueError as exc:
+        print(f"compbias audit: {exc}", file=sys.stderr)
+        return 2
+    if not todo:
+        return 0
+    say(f"evaluating {len(todo)} version(s) without predictions with {args.evaluate}")
+    try:
+        report = evaluate_versions(client, todo, spec, allow_pickle=args.allow_pickle, progress=say)
+    except EvaluationError as exc:
+        print(f"compbias audit: {exc}", file=sys.stderr)
+        return 2
+    if report.errors:
+        for reason in report.errors.values():
+            print(f"compbias audit: {reason}", file=sys.stderr)
+        print(f"compbias audit: {len(report.errors)} version(s) could not be evaluated, so nothing was audited; fix them "
+              "or leave them out (--version NAME/VERSION for the others)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _watch_with_evaluation(client, options: AuditOptions, spec, args: argparse.Namespace, interval: float, show, say) -> int:
+    """``--watch --evaluate``: each pass evaluates new versions without predictions, then audits.
+
+    A version that cannot be evaluated is tagged ``error`` with the reason
+    (nothing else is written for it), so later passes do not retry it.
+    """
+    import time
+
+    from compbias.platform.evaluate import EvaluationError, evaluate_versions, load_data, pending_versions, tag_errors
+
+    try:
+        data = load_data(spec)  # once: a spec whose data cannot load stops the watch before any pass
+    except EvaluationError as exc:
+        print(f"compbias audit: {exc}", file=sys.stderr)
+        return 2
+    passes = 0
+    try:
+        while args.max_passes is None or passes < args.max_passes:
+            start = time.monotonic()
+            try:
+                todo, _ = pending_versions(client)
+                if todo:
+                    report = evaluate_versions(client, todo, spec, allow_pickle=args.allow_pickle, data=data, progress=say)
+                    tag_errors(client, todo, report.errors)
+            except Exception as exc:  # a failing pass must not end the watch
+                logging.getLogger("compbias.audit").exception("evaluation pass failed")
+                say(f"evaluation pass failed: {type(exc).__name__}: {exc}; retrying in {interval:.0f}s")
+            watch(client, options, interval=interval, max_passes=1, on_pass=show, progress=say)
+            passes += 1
+            if args.max_passes is not None and passes >= args.max_passes:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - start)))
+    except KeyboardInterrupt:
+        say("stopped")
     return 0
 
 
