@@ -169,6 +169,12 @@ def logged(client, run_id) -> set[str]:
     return {f.path for f in client.list_artifacts(run_id)}
 
 
+def nothing_written(client, run_id) -> bool:
+    """No contract artifact and no evaluation tag on the run."""
+    tags = client.get_run(run_id).data.tags
+    return not ({C.PREDICTIONS, C.MEMBER_FILE, C.STUDY_FILE} & logged(client, run_id)) and E.EVALUATED_KIND not in tags
+
+
 def read_predictions(client, run_id, tmp) -> pd.DataFrame:
     return pd.read_parquet(client.download_artifacts(run_id, C.PREDICTIONS, str(tmp)))
 
@@ -216,7 +222,7 @@ def test_pickled_models_are_refused_by_default_with_nothing_written_and_loaded_w
     assert report.evaluated == {}
     for words in ("executes code", "--allow-pickle", "state dict", "ONNX", "torch.export", "predictions only"):
         assert words in reason
-    assert logged(client, rec.run_id) == set()  # nothing half written
+    assert nothing_written(client, rec.run_id)  # nothing half written
     assert dict(client.get_model_version(MODEL, rec.version).tags) == before_tags
     assert dict(client.get_run(rec.run_id).data.tags) == before_run_tags
     with pytest.raises(E.PickleRefused):
@@ -246,7 +252,7 @@ def test_output_shape_mismatch_and_unreachable_model_are_clear_errors_with_nothi
     assert "shape (120, 3)" in report.errors[wide.key] and "2 classes" in report.errors[wide.key]
     assert "cannot be downloaded" in report.errors[gone.key] and str(gone_dir) in report.errors[gone.key]
     for rec in (wide, gone):
-        assert logged(client, rec.run_id) == set()
+        assert nothing_written(client, rec.run_id)
 
 
 def test_spec_errors_name_the_problem(tmp_path, table):
@@ -281,7 +287,7 @@ def test_state_dict_without_factory_and_wrong_factory(store, table, tmp_path):
     raw["state_dict"] = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 2}}
     report = E.evaluate_versions(client, [rec], E.load_spec(raw))
     assert "does not fit torch.nn:Linear" in report.errors[rec.key]
-    assert logged(client, rec.run_id) == set()
+    assert nothing_written(client, rec.run_id)
 
 
 def parse(argv):
@@ -333,7 +339,7 @@ def test_cli_exit_2_on_a_bad_version_and_on_a_bad_spec(store, table, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and f"version {bad.key}" in err and "--allow-pickle" in err and "nothing was audited" in err
     assert T.STATUS not in client.get_model_version(MODEL, good.version).tags
-    assert logged(client, bad.run_id) == set()
+    assert nothing_written(client, bad.run_id)
     missing = tmp_path / "nope.yaml"
     assert cli.run(parse(AUDIT_ARGS + ["--evaluate", str(missing)])) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -356,7 +362,7 @@ def test_watch_evaluates_new_versions_and_tags_the_unevaluable_ones_error(store,
         assert C.PREDICTIONS in logged(client, r.run_id)
     tags = client.get_model_version(MODEL, wide.version).tags
     assert tags[T.STATUS] == "error" and "shape (120, 3)" in tags[T.REASON]
-    assert logged(client, wide.run_id) == set()
+    assert nothing_written(client, wide.run_id)
     # a version registered later is evaluated and audited on the next pass
     later = register(store, log_state_dict(linear(8)), lineage(0, "compressed", recs[0].version, level="0.9"))
     assert cli.run(parse(argv)) == 0
