@@ -88,7 +88,7 @@ def _take(r, idx):
 
 def _model_resampler(base: Population, pop: Population | None, seed: int):
     """A function ``(b, c) -> (b', c')`` drawing models with replacement, seeded; one call per resample, in order."""
-    from compbias.platform.audit.compute import baseline_pairs
+    from compbias.platform.audit.gate import baseline_pairs
 
     rng = np.random.default_rng([seed, 7919])
     n_base = base.size

@@ -55,7 +55,7 @@ FIGURE_TAGS = (
 
 # Version of the audit's own outputs (metric keys, tags); bumping it makes
 # every version eligible for a new audit, like a new metrics version does.
-AUDIT_SCHEMA = "1"
+AUDIT_SCHEMA = "2"  # 2: one metric-key rule (compbias.contract.metric_key): "structured+at_kd" -> "structured_at_kd"
 
 
 def current_metrics_version() -> str:

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from compbias.contract import metric_key
 from compbias.platform.audit import AuditOptions, run_audit
 from compbias.platform.audit import tags as T
 from compbias.platform.audit import synthetic
@@ -85,7 +86,7 @@ def test_one_child_per_population_with_the_same_keys_as_the_parent_values(client
     pm = parent.data.metrics
     for name, kid in kids.items():
         method, level = name.split("@")
-        pk = f"{method.replace('+', '-')}/{level}"
+        pk = f"{metric_key(method)}/{metric_key(level)}"
         m = kid.data.metrics
         for key, folded in (("cev", f"cev/{pk}"), ("sde_ci_high", f"sde/{pk}/ci_high"), ("acc", f"acc/{pk}"),
                             ("acc_drop", f"acc_drop/{pk}"), ("pie", f"pie/{pk}"), ("cie_acc_top1pct", f"cie/acc_top1pct/{pk}"),

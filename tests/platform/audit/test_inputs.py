@@ -91,7 +91,7 @@ def test_verdict_and_key_names():
     status, reason = verdict({"cev": 30.0, "acc_drop": 3.0}, {"cev": 20, "acc_drop": 2, "sde": None})
     assert status == "fail" and reason == "cev 30 > 20; acc_drop 3 > 2"
     assert verdict({"cev": float("nan")}, {"cev": 1})[0] == "error"
-    assert key_part("structured+at_kd") == "structured-at_kd" and key_part("int8_static") == "int8_static"
+    assert key_part("structured+at_kd") == "structured_at_kd" and key_part("int8_static") == "int8_static"
     assert pct_name(0.01) == "top1pct" and pct_name(0.005) == "top0.5pct"
 
 

@@ -34,13 +34,13 @@ def test_audit_writes_metrics_tables_figures_report_and_tags(client, registered,
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     # metric keys line up per population; the injected bias shows: more pruning, more CEV; KD mitigates
-    for pk in ("magnitude/0.5", "magnitude/0.9", "magnitude-kd/0.9"):
+    for pk in ("magnitude/0.5", "magnitude/0.9", "magnitude_kd/0.9"):
         for key in ("cev", "sde", "pie", "cie/acc_top1pct", "acc", "acc_drop", "worst_group_fpr_change"):
             assert f"{key}/{pk}" in m, key
         assert m[f"cev/{pk}/ci_low"] <= m[f"cev/{pk}"] <= m[f"cev/{pk}/ci_high"]
     assert m["cev/magnitude/0.9"] > m["cev/magnitude/0.5"] > 0
-    assert m["cev/magnitude-kd/0.9"] < m["cev/magnitude/0.9"]
-    assert m["sde/magnitude/0.9"] > m["sde/magnitude-kd/0.9"]
+    assert m["cev/magnitude_kd/0.9"] < m["cev/magnitude/0.9"]
+    assert m["sde/magnitude/0.9"] > m["sde/magnitude_kd/0.9"]
     # the compressed population is much worse than the baselines on its CIE set, not off it
     assert m["cie/acc_top1pct/magnitude/0.9"] < m["cie/base_acc_top1pct/magnitude/0.9"] - 0.5
     assert m["cie/acc_off_top1pct/magnitude/0.9"] > 0.7
