@@ -85,3 +85,27 @@ def test_registered_weights_reload_from_factory_and_safetensors(study, tmp_path)
         np.testing.assert_array_equal(logged.sort_values("example_id")["pred"].to_numpy(), pred)
         if client.get_run(v.run_id).data.tags["compbias.method"] == "torch_pruning":
             assert model.features[0].out_channels == 4  # rebuilt at the pruned shapes
+
+
+def test_a_factory_with_the_wrong_number_of_classes_fails_before_training_and_registers_nothing(tmp_path, monkeypatch, capsys):
+    name = user_module(tmp_path, monkeypatch)
+    spec = {
+        "name": "byo-bad",
+        "dataset": {"kind": "digits", "max_train": 100, "max_test": 50},
+        "model": {"factory": f"{name}:tiny", "kwargs": {"num_classes": 4}},
+        "population": {"seeds": 1},
+        "compression": [{"method": "torch_pruning", "levels": [0.5]}],
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("COMPBIAS_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setattr(jobs, "train_model", lambda *a, **k: pytest.fail("trained a model whose outputs are wrong"))
+    assert cli.main(["study", str(path), "--tracking-uri", uri, "--executor", "local"]) == 1
+    assert "outputs shape (2, 4) on a batch of 2; the dataset has 10 classes" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("compbias/byo-bad").experiment_id
+    runs = client.search_runs([exp], "tags.`compbias.run_kind` = 'model'")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert "num_classes: 10" in next(r for r in runs if r.data.tags["compbias.method"] == "baseline").data.tags["compbias.error"]
+    assert list(client.search_model_versions("name = 'compbias-byo-bad'")) == []
