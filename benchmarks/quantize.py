@@ -2,7 +2,8 @@
 
 Baselines: the float32 model the int8 one was made from, and compbias's first
 int8 implementation (``simulate_int8``, an exact integer simulation in
-float64). Models: the digits small CNN (trained 3 epochs, so its weights are
+float64, kept as the tests' reference in ``tests/jobs/int8_simulation.py``).
+Models: the digits small CNN (trained 3 epochs, so its weights are
 realistic) on the 449 digits test images, and an untrained ResNet-20 on 128
 random 32x32 images. All on one torch thread; best of ``--repeat`` runs.
 The int8 and simulated predictions are compared and printed (agreement), so
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from compbias.jobs import build_model, load_dataset, quantize_model, train_model  # noqa: E402
-from compbias.jobs.quantize import simulate_int8  # noqa: E402
+from tests.jobs.int8_simulation import simulate_int8  # noqa: E402  (the float64 simulator is the tests' reference)
 
 
 def best(fn, repeat: int) -> float:

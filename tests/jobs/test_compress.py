@@ -20,8 +20,8 @@ from compbias.jobs.quantize import (
     Int8WeightOnlyLinear,
     QuantizedLinear,
     fold_batchnorm,
-    simulate_int8,
 )
+from tests.jobs.int8_simulation import set_input_range, set_weight, simulate_int8
 
 
 def _weights(model):
@@ -214,8 +214,8 @@ def test_simulation_computes_the_int8_pipeline_exactly(baseline, digits):
 def test_int8_static_layer_equals_integer_matmul():
     lin = nn.Linear(5, 3)
     q = QuantizedLinear(lin, "int8_static")
-    q.set_weight(lin.weight, lin.bias)
-    q.set_input_range(-1.0, 2.0)
+    set_weight(q, lin.weight, lin.bias)
+    set_input_range(q, -1.0, 2.0)
     x = torch.tensor([[0.3, -0.7, 1.9, 0.0, 1.2]])
     s, z = float(q.input_scale), int(q.input_zero_point)
     assert z == round(1.0 / s)  # zero maps to an integer

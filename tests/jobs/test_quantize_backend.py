@@ -30,10 +30,12 @@ from compbias.jobs.quantize import (
     output_linear,
     quantize_model,
     select_engine,
-    simulate_int8,
 )
-from compbias.jobs.quantize import _convert_mapping, _static_qconfig, _use_engine, activation_qmax
+from compbias.jobs.quantize import QUANT_FORMAT_VERSION, activation_qmax, quantization_format_version
+from compbias.jobs.quantize.engine import use_engine
+from compbias.jobs.quantize.static import convert_mapping, static_qconfig
 from tests.jobs import int8_reference
+from tests.jobs.int8_simulation import simulate_int8
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +150,14 @@ def _requantizing_classifier(q: nn.Module, baseline: nn.Module, calibration) -> 
     old = copy.deepcopy(q)
     folded, _ = fold_batchnorm(baseline)
     wrapper = Int8StaticLayer(copy.deepcopy(folded.fc))
-    wrapper.qconfig = _static_qconfig(engine)
-    with _use_engine(engine), torch.no_grad():
+    wrapper.qconfig = static_qconfig(engine)
+    with use_engine(engine), torch.no_grad():
         import torch.ao.quantization as tq
 
         tq.prepare(wrapper, inplace=True)
         for xb in calibration:
             wrapper(_fc_inputs(folded, xb))
-        tq.convert(wrapper, mapping=_convert_mapping(), inplace=True)
+        tq.convert(wrapper, mapping=convert_mapping(), inplace=True)
     wrapper.layer.compbias_engine = engine
     old.fc = wrapper
     return old
@@ -311,7 +313,7 @@ def test_torch_ao_models_saved_before_the_float_output_classifier_still_load(bas
     """A torch.ao int8_static save without 'output_layer' (every layer requantized) loads with its requantized fc."""
     q, info = static
     old = _requantizing_classifier(q, baseline, calibration)
-    record = {k: v for k, v in info["quantization"].items() if k != "output_layer"}
+    record = {k: v for k, v in info["quantization"].items() if k not in ("output_layer", "format_version")}  # as saved then
     record["accumulation"] = f"int32 in torch.ao.nn.quantized kernels ({q.compbias_engine}); each layer's output requantized to uint8"
     old.compbias_quantization = record
     save_model(old, None, tmp_path / "old")
@@ -335,6 +337,31 @@ def test_torch_ao_models_saved_before_the_float_output_classifier_still_load(bas
     save_model(q, None, tmp_path / "bad")
     with pytest.raises(ValueError, match="not an unfused linear layer"):
         load_model(tmp_path / "bad")
+
+
+def test_the_record_format_version_picks_the_modules_and_an_unknown_one_is_refused(baseline, static, tmp_path):
+    """int8 records carry format_version 3; records saved without one get theirs from backend / output_layer."""
+    q, info = static
+    assert info["quantization"]["format_version"] == QUANT_FORMAT_VERSION == 3
+    assert quantize_model(baseline, "int8_weight")[1]["quantization"]["format_version"] == 3
+    assert "format_version" not in quantize_model(baseline, "fp16")[1]["quantization"]  # a cast: nothing to version
+    record = {k: v for k, v in info["quantization"].items() if k != "format_version"}
+    assert quantization_format_version(record) == 3
+    assert quantization_format_version({k: v for k, v in record.items() if k != "output_layer"}) == 2
+    assert quantization_format_version({"mode": "int8_static"}) == 1  # the first version: no backend
+    assert quantization_format_version({"mode": "int8_weight", "backend": "compbias.simulation"}) == 1
+    with pytest.raises(ValueError, match="unknown quantization backend 'tensorrt'"):
+        quantization_format_version({"mode": "int8_static", "backend": "tensorrt"})
+    future = copy.deepcopy(q)
+    future.compbias_quantization = dict(info["quantization"], format_version=4)
+    save_model(future, None, tmp_path / "future")
+    with pytest.raises(ValueError, match="unknown quantization format_version 4; this compbias reads versions 1, 2, 3"):
+        load_model(tmp_path / "future")
+    broken = copy.deepcopy(q)
+    broken.compbias_quantization = {k: v for k, v in info["quantization"].items() if k != "output_layer"}
+    save_model(broken, None, tmp_path / "broken")
+    with pytest.raises(ValueError, match="format 3 names its output layer"):
+        load_model(tmp_path / "broken")
 
 
 def test_output_linear_finds_the_classifier_of_every_architecture():
