@@ -665,13 +665,7 @@ def _load_mlmodel(root: Path, spec: EvalSpec, allow_pickle: bool, what: str) -> 
             raise EvaluationError(f"{what}: its pytorch flavour has neither data/model.pt2 nor data/model.pth")
         if not allow_pickle:
             raise _refuse(what, "it is an MLflow pytorch model saved whole with pickle (data/model.pth)")
-        import mlflow.pytorch
-
-        try:
-            with _mlflow_pickle_allowed():
-                module = mlflow.pytorch.load_model(str(root), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise EvaluationError(f"{what}: cannot load the pickled pytorch model: {_first_line(exc)}") from None
+        module = _load_executing_code(root, "pytorch", what)
         module.eval()
         return LoadedModel("pytorch-pickle", _torch_module_predict(module))
     if pyfunc:
@@ -681,16 +675,29 @@ def _load_mlmodel(root: Path, spec: EvalSpec, allow_pickle: bool, what: str) -> 
             why = f"it is an MLflow pyfunc loaded by {pyfunc.get('loader_module')!r}, which may unpickle its data"
         if not allow_pickle:
             raise _refuse(what, why)
-        import mlflow.pyfunc
-
-        try:
-            with _mlflow_pickle_allowed():
-                model = mlflow.pyfunc.load_model(str(root))
-        except Exception as exc:
-            raise EvaluationError(f"{what}: cannot load the pyfunc model: {_first_line(exc)}") from None
+        model = _load_executing_code(root, "pyfunc", what)
         return LoadedModel("pyfunc", lambda x: np.asarray(_pyfunc_output(model.predict(x))), wants_frame=True)
     raise EvaluationError(f"{what}: its MLmodel has flavours {sorted(flavors)}; compbias evaluates the pytorch, "
                           "onnx and python_function flavours (or log predictions only: compbias register)")
+
+
+def _load_executing_code(root: Path, flavour: str, what: str):
+    """The one place compbias unpickles a model or runs code stored with it.
+
+    Reached only with ``allow_pickle=True`` (``--allow-pickle``); the
+    security scan (tests/reliability/test_rel_security.py) exempts this
+    function and nothing else.
+    """
+    import mlflow.pyfunc
+    import mlflow.pytorch
+
+    try:
+        with _mlflow_pickle_allowed():
+            if flavour == "pytorch":
+                return mlflow.pytorch.load_model(str(root), map_location="cpu", weights_only=False)
+            return mlflow.pyfunc.load_model(str(root))
+    except Exception as exc:
+        raise EvaluationError(f"{what}: cannot load the {flavour} model: {_first_line(exc)}") from None
 
 
 def _pyfunc_output(out):
