@@ -175,6 +175,11 @@ def _resolve_model_uri(client, model_uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
+def _quoted(text: str) -> str:
+    """``text`` inside a single-quoted MLflow filter string."""
+    return str(text).replace("\\", "\\\\").replace("'", "\\'")
+
+
 def _member_name(m: C.Member) -> str:
     return f"study {m.study!r} {m.role} seed {m.seed}" + ("" if m.role == C.ROLE_BASELINE else f" {m.method}@{m.level}")
 
@@ -416,11 +421,18 @@ def log_member(
         if started:
             client.set_terminated(rid, "FINISHED")
     except BaseException as exc:
-        if version is not None:
+        doomed = {version} if version is not None else set()
+        if tagged:  # a version created by a call that then failed (e.g. timed out waiting for it) is ours too
             try:
-                client.delete_model_version(name, version)
+                doomed |= {str(v.version) for v in client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{rid}'")
+                           if (v.tags or {}).get(C.STUDY) == member.study and (v.tags or {}).get(C.SOURCE) == member.source}
             except Exception:  # pragma: no cover - the store itself is gone
-                log.exception("could not delete version %s of %s", version, name)
+                log.exception("could not look for versions of run %s", rid)
+        for v in sorted(doomed):
+            try:
+                client.delete_model_version(name, v)
+            except Exception:  # pragma: no cover - the store itself is gone
+                log.exception("could not delete version %s of %s", v, name)
         try:
             if tagged:
                 for k in tags:  # the run is no member any more

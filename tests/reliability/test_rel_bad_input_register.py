@@ -182,6 +182,18 @@ def test_a_failing_registration_leaves_no_version_and_no_member_run(capsys, stor
     assert "read-only" in run.data.tags[C.ERROR]
 
 
+def test_a_version_created_by_a_call_that_then_fails_is_deleted(capsys, store, monkeypatch):
+    create = MlflowClient.create_model_version
+
+    def create_then_time_out(self, *a, **k):
+        create(self, *a, **k)
+        raise MlflowException("timed out waiting for the version to become READY")
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_time_out)
+    code, err, before = register(capsys, store, frame(noise_seed=2), *COMPRESSED)
+    assert_refused(code, err, before, store, "timed out waiting", "nothing was kept", runs_added=1)
+
+
 def test_a_good_compressed_member_after_refusals_is_registered(capsys, store):
     """The refusals above leave the store usable: the same member, fixed, registers as version 2."""
     code, err, _ = register(capsys, store, frame(example_id=np.arange(N) + 5), *COMPRESSED)
