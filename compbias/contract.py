@@ -395,9 +395,12 @@ def group_columns(frame: pd.DataFrame, declared: Sequence[str] | None = None) ->
     Returns
     -------
     list of str
-        The ``declared`` columns found in the table, else every integer or
-        boolean column outside :data:`NON_GROUP_COLUMNS`.
+        The ``declared`` columns found in the table (none when ``declared``
+        is an empty list: "no groups"), else every integer or boolean column
+        outside :data:`NON_GROUP_COLUMNS`.
     """
+    if declared is not None and len(declared) == 0:
+        return []
     if declared:
         found = [c for c in declared if c in frame.columns]
         if found:

@@ -140,6 +140,7 @@ def test_a_valid_table_is_sorted_by_example():
     out = C.validate_predictions(t, num_classes=2, groups=["ink"])
     assert out["example_id"].tolist() == [0, 1, 2, 3] and list(out.index) == [0, 1, 2, 3]
     assert C.group_columns(out) == ["ink"] and C.group_columns(out, ["ink", "absent"]) == ["ink"]
+    assert C.group_columns(out, []) == [] and C.group_columns(out, ["absent"]) == ["ink"]
 
 
 @pytest.mark.parametrize(
