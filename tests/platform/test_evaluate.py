@@ -368,3 +368,98 @@ def test_watch_evaluates_new_versions_and_tags_the_unevaluable_ones_error(store,
     assert cli.run(parse(argv)) == 0
     assert client.get_model_version(MODEL, later.version).tags[T.STATUS] in ("pass", "fail")
     assert client.get_model_version(MODEL, wide.version).tags[T.STATUS] == "error"  # not retried
+
+
+def test_a_state_dict_left_with_prune_masks_is_folded(store, table, tmp_path):
+    """``torch.nn.utils.prune`` without ``prune.remove`` saves ``weight_orig`` and ``weight_mask``."""
+    import torch.nn.utils.prune as prune
+
+    model = linear(6)
+    prune.l1_unstructured(model, "weight", amount=0.5)
+    assert {"weight_orig", "weight_mask"} <= set(model.state_dict())
+    rec = register(store, log_state_dict(model), lineage(0))
+    report = E.evaluate_versions(store["client"], [rec], table["spec"])
+    assert report.evaluated == {rec.key: "pytorch-state-dict"}, report.errors
+    check_predictions(store["client"], rec, model, table, tmp_path / "dl")  # the pruned model's argmax
+
+
+class ArgmaxOnly(torch.nn.Module):
+    """Returns class ids, not scores (``output: labels``)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).argmax(1)
+
+
+def test_a_model_returning_class_ids_needs_output_labels_or_is_read_as_ids(store, table, tmp_path):
+    model = linear(7)
+    rec = register(store, log_onnx(ArgmaxOnly(model), tmp_path), lineage(0))
+    report = E.evaluate_versions(store["client"], [rec], table["spec"])  # output: auto reads integer ids as labels
+    assert report.evaluated == {rec.key: "onnx"}, report.errors
+    got = read_predictions(store["client"], rec.run_id, tmp_path / "dl")
+    want = expected_preds(model, table["frame"])
+    assert np.array_equal(got["pred"].to_numpy(), want.loc[got["example_id"]].to_numpy()) and "prob" not in got
+    raw = yaml.safe_load(table["spec_path"].read_text())
+    raw["table"]["path"] = str(tmp_path / "eval.parquet")
+    raw["output"] = "logits"
+    rec2 = register(store, log_onnx(ArgmaxOnly(model), tmp_path), lineage(1))
+    report = E.evaluate_versions(store["client"], [rec2], E.load_spec(raw))
+    assert "shape (120,)" in report.errors[rec2.key] and nothing_written(store["client"], rec2.run_id)
+
+
+class TinyDigits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_a_study_files_dataset_section_is_evaluated_and_logged_with_it(store, tmp_path):
+    from compbias.jobs import load_dataset
+
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "d", "dataset": {"kind": "digits", "groups": ["ink"]}}))
+    spec = E.load_spec({"study": str(tmp_path / "study.yaml"), "batch_size": 100})
+    torch.manual_seed(0)
+    model = TinyDigits().eval()
+    example = np.zeros((2, 1, 8, 8), np.float32)
+
+    def log(run_id):
+        return mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=example,
+                                        pip_requirements=["torch"]).model_uri
+
+    rec = register(store, log, lineage(0))
+    report = E.evaluate_versions(store["client"], [rec], spec)
+    assert report.evaluated == {rec.key: "pytorch-pt2"}, report.errors
+    bundle = load_dataset("digits", groups=["ink"])
+    x, _ = bundle.test.batch(slice(None))
+    with torch.no_grad():
+        want = model(x).argmax(1).numpy()
+    got = read_predictions(store["client"], rec.run_id, tmp_path / "dl")
+    assert np.array_equal(got["example_id"], bundle.test_frame["example_id"]) and np.array_equal(got["pred"], want)
+    assert np.array_equal(got["ink"], bundle.test_frame["ink"])
+    logged_study = yaml.safe_load(Path(store["client"].download_artifacts(rec.run_id, C.STUDY_FILE, str(tmp_path / "s"))).read_text())
+    assert logged_study["dataset"]["kind"] == "digits" and logged_study["dataset"]["groups"] == ["ink"]
+
+
+def test_cli_exit_2_for_a_wrong_output_shape_and_an_unreachable_model(store, table, tmp_path, capsys):
+    client = store["client"]
+    wide = register(store, log_pt2(linear(3, out=3)), lineage(0))
+    gone_dir = tmp_path / "gone"
+    gone_dir.mkdir()
+    (gone_dir / "model.onnx").write_bytes(b"")
+    gone = register(store, lambda run_id: str(gone_dir), lineage(1))
+    (gone_dir / "model.onnx").unlink()
+    gone_dir.rmdir()
+    rc = cli.run(parse(AUDIT_ARGS + ["--evaluate", str(table["spec_path"]), "--model", MODEL]))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"version {wide.key}: the model returns outputs of shape (120, 3)" in err
+    assert f"version {gone.key}: its model files cannot be downloaded" in err
+    for rec in (wide, gone):
+        assert nothing_written(client, rec.run_id) and T.STATUS not in client.get_model_version(MODEL, rec.version).tags
+    assert client.search_runs([store["exp"]], "tags.`compbias.run_kind` = 'audit'") == []  # no audit run was started
