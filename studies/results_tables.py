@@ -480,13 +480,17 @@ def cifar(args) -> None:
         print("\n#### Pearson correlation of CEV with SVCCA distance across compressed versions, per layer\n")
         rcol = "pearson_r" if "pearson_r" in corr.columns else ("r" if "r" in corr.columns else None)
         ncol = "n" if "n" in corr.columns else ("n_versions" if "n_versions" in corr.columns else None)
-        pcol = "p" if "p" in corr.columns else ("p_value" if "p_value" in corr.columns else None)
-        print("| layer | versions | Pearson r [95% CI, Fisher z] | p |")
+        pcol = next((c for c in ("p", "p_value", "p_value_versions_independent") if c in corr.columns), None)
+        seed_level = "ci_low" in corr.columns  # the audit's interval resampling the baselines (pearson_cluster_ci)
+        what = "seed level: the baselines and their compressed models resampled" if seed_level else "Fisher z"
+        print(f"| layer | versions | Pearson r [95% CI, {what}] | p (versions taken as independent) |")
         print("|---|---:|---:|---:|")
         for _, r in corr.iterrows():
             rv = float(r[rcol]) if rcol else float("nan")
             nv = int(r[ncol]) if ncol else 0
-            if nv > 3 and abs(rv) < 1:
+            if seed_level:
+                lo, hi = float(r["ci_low"]), float(r["ci_high"])
+            elif nv > 3 and abs(rv) < 1:
                 z, se = math.atanh(rv), 1 / math.sqrt(nv - 3)
                 lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
             else:
