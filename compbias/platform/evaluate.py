@@ -1051,7 +1051,9 @@ def evaluate_versions(
             say(f"evaluated {r.key} ({model.kind}): {len(table)} examples, accuracy {acc:.4f}")
         except EvaluationError as exc:
             report.errors[r.key] = str(exc)
-            say(f"cannot evaluate {r.key}: {exc}")
+        except Exception as exc:  # an upload or registry failure: this version only, with what happened
+            log.debug("evaluating %s failed", r.key, exc_info=True)
+            report.errors[r.key] = f"{what}: evaluation failed with {type(exc).__name__}: {_first_line(exc)}"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - t0

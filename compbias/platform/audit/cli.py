@@ -360,6 +360,8 @@ def _watch_with_evaluation(client, options: AuditOptions, spec, args: argparse.N
                 if todo:
                     report = evaluate_versions(client, todo, spec, allow_pickle=args.allow_pickle, data=data, progress=say)
                     tag_errors(client, todo, report.errors)
+                    for reason in report.errors.values():
+                        say(f"cannot evaluate (tagged error; fix it and run compbias audit --evaluate SPEC --version NAME/VERSION): {reason}")
             except Exception as exc:  # a failing pass must not end the watch
                 logging.getLogger("compbias.audit").exception("evaluation pass failed")
                 say(f"evaluation pass failed: {type(exc).__name__}: {exc}; retrying in {interval:.0f}s")
