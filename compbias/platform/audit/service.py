@@ -18,9 +18,10 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from compbias import contract as C
 from compbias.platform.audit import tags as T
 from compbias.platform.audit.claims import DEFAULT_TTL_SECONDS, ClaimManager, backend_for
-from compbias.platform.audit.fetch import ArtifactFetcher, default_cache_dir
+from compbias.platform.audit.fetch import ArtifactFetcher, Fetched, default_cache_dir
 from compbias.platform.audit.population import PopulationError, build_study_data
 from compbias.platform.audit.registry import reconcile_alias, write_tags_batch, write_version_tags
 from compbias.platform.audit.selection import Selection, VersionRecord, list_versions, select_targets, study_groups
@@ -178,8 +179,6 @@ def resolve_facts(study_file: dict, info=None, *, class_names=None, info_problem
     -------
     StudyFacts
     """
-    from compbias import contract as C
-
     if info_problem:
         return StudyFacts(source=C.MEMBER_FILE, problem=info_problem)
     if info is not None:
@@ -348,7 +347,14 @@ def _audit_study(client, name, study, targets, context, options, claims, mv, say
     needed = sorted({r.key: r for r in [*needed, *targets]}.values(), key=VersionRecord.sort_key)
     say(f"auditing {len(targets)} version(s) of {name} (study {study}) against {len(baseline_keys)} baseline(s)")
     fetcher = ArtifactFetcher(client, options.cache_dir, workers=options.workers)
-    fetched = fetcher.fetch_all(needed)
+    broken = {}  # versions whose tags break the contract (another schema, a compressed one without lineage ...)
+    for r in needed:
+        try:
+            C.Member.from_tags(r.tags)
+        except C.ContractError as exc:
+            broken[r.key] = Fetched(r, error=f"its tags break the population contract (docs/contract.md): {exc}")
+    fetched = fetcher.fetch_all([r for r in needed if r.key not in broken])
+    fetched.update(broken)
     ordered = [r for r in needed if r.is_baseline] + [r for r in needed if not r.is_baseline]
     study_file = fetcher.study_config(ordered)
     info, info_problem = fetcher.member_info(ordered)

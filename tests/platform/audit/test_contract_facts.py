@@ -74,3 +74,16 @@ def test_a_member_whose_groups_disagree_is_an_error_of_that_version_only(client,
     bad = f"compbias-synth/{version}"
     assert res.statuses[bad] == "error" and "group column 'ink' disagrees" in res.reasons[bad]
     assert {s for k, s in res.statuses.items() if k != bad} <= {"pass", "fail"}
+
+
+def test_a_version_written_under_another_schema_or_without_lineage_is_an_error(client, registered, options):
+    newer = registered[(0, "magnitude", "0.9")]
+    client.set_model_version_tag("compbias-synth", newer, C.SCHEMA, "2")
+    orphan = registered[(1, "magnitude", "0.9")]
+    client.delete_model_version_tag("compbias-synth", orphan, C.BASELINE_VERSION)
+    (res,) = run_audit(client, Selection(registered_model="compbias-synth"), options)
+    assert res.statuses[f"compbias-synth/{newer}"] == "error"
+    assert "schema '2'" in res.reasons[f"compbias-synth/{newer}"] and "upgrade compbias" in res.reasons[f"compbias-synth/{newer}"]
+    assert res.statuses[f"compbias-synth/{orphan}"] == "error"
+    assert "needs the baseline it came from" in res.reasons[f"compbias-synth/{orphan}"]
+    assert {s for k, s in res.statuses.items() if k not in (f"compbias-synth/{newer}", f"compbias-synth/{orphan}")} <= {"pass", "fail"}
