@@ -140,6 +140,9 @@ class EvalSpec:
     audit : dict, optional
         An ``audit:`` section (thresholds...) logged with the dataset as the
         member's ``study.yaml``.
+    registered_models : list of str, optional
+        Evaluate only versions of these registered models (a registry with
+        models of several input kinds needs one spec per kind).
     source : path, optional
         The spec file.
     """
@@ -158,6 +161,7 @@ class EvalSpec:
     onnx_input: str | None = None
     onnx_output: str | None = None
     audit: dict | None = None
+    registered_models: list[str] | None = None
     source: Path | None = None
 
     def digest(self) -> str:
@@ -168,7 +172,7 @@ class EvalSpec:
 
 
 _SPEC_KEYS = {"dataset", "study", "table", "num_classes", "class_names", "positive_class", "batch_size", "output",
-              "normalize", "state_dict", "onnx", "audit"}
+              "normalize", "state_dict", "onnx", "audit", "registered_models"}
 
 
 def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
@@ -318,6 +322,13 @@ def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
         if not isinstance(onnx, dict) or set(onnx) - {"input", "output"}:
             raise EvaluationError(f"{where}: onnx: takes input and output (tensor names)")
         spec.onnx_input, spec.onnx_output = onnx.get("input"), onnx.get("output")
+    if raw.get("registered_models") is not None:
+        names = raw["registered_models"]
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise EvaluationError(f"{where}: registered_models must be a list of registered model names")
+        spec.registered_models = list(names)
     if raw.get("audit") is not None:
         if not isinstance(raw["audit"], dict):
             raise EvaluationError(f"{where}: audit: must be a mapping (a study file's audit section)")
@@ -905,7 +916,8 @@ def has_predictions(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
-def pending_versions(client: MlflowClient, selection=None, *, force: bool = False) -> tuple[list, list]:
+def pending_versions(client: MlflowClient, selection=None, *, force: bool = False,
+                     registered_models: Sequence[str] | None = None) -> tuple[list, list]:
     """The selected registered versions that carry lineage tags but whose runs have no predictions.
 
     Parameters
@@ -915,6 +927,8 @@ def pending_versions(client: MlflowClient, selection=None, *, force: bool = Fals
         As ``compbias audit`` selects; empty: every version not yet audited.
     force : bool
         Also consider versions already audited.
+    registered_models : sequence of str, optional
+        Only versions of these registered models (the spec's ``registered_models``).
 
     Returns
     -------
@@ -932,6 +946,8 @@ def pending_versions(client: MlflowClient, selection=None, *, force: bool = Fals
     selection = selection or Selection()
     records = list_versions(client, registered_model=selection.registered_model)
     targets = records if force and selection.empty else select_targets(records, selection, T.current_metrics_version())
+    if registered_models:
+        targets = [r for r in targets if r.name in set(registered_models)]
     todo, done = [], []
     for r in targets:
         (done if r.run_id and has_predictions(client, r.run_id) else todo).append(r)

@@ -463,3 +463,19 @@ def test_cli_exit_2_for_a_wrong_output_shape_and_an_unreachable_model(store, tab
     for rec in (wide, gone):
         assert nothing_written(client, rec.run_id) and T.STATUS not in client.get_model_version(MODEL, rec.version).tags
     assert client.search_runs([store["exp"]], "tags.`compbias.run_kind` = 'audit'") == []  # no audit run was started
+
+
+def test_registered_models_restricts_what_is_evaluated(store, table, tmp_path):
+    client = store["client"]
+    ours = register(store, log_pt2(linear(0)), lineage(0))
+    with mlflow.start_run(experiment_id=store["exp"]) as run:
+        info = mlflow.pytorch.log_model(linear(1), name="model", serialization_format="pt2",
+                                        input_example=np.zeros((2, N_FEATURES), np.float32), pip_requirements=["torch"])
+    other = mlflow.register_model(info.model_uri, "other-team", tags={**lineage(0), C.STUDY: "images"})
+    with pytest.raises(E.EvaluationError, match="registered_models must be a list"):
+        E.load_spec({"table": {"path": "x.csv", "features": ["f0"]}, "num_classes": 2, "registered_models": [1]})
+    todo, _ = E.pending_versions(client, registered_models=[MODEL])
+    assert [r.key for r in todo] == [ours.key]
+    todo, _ = E.pending_versions(client)
+    assert sorted(r.key for r in todo) == sorted([ours.key, f"other-team/{other.version}"])
+    assert run.info.run_id == other.run_id

@@ -315,7 +315,7 @@ def _evaluate_selection(client, selection: Selection, spec, args: argparse.Names
     from compbias.platform.evaluate import EvaluationError, evaluate_versions, pending_versions
 
     try:
-        todo, _ = pending_versions(client, selection, force=args.force)
+        todo, _ = pending_versions(client, selection, force=args.force, registered_models=spec.registered_models)
     except ValueError as exc:
         print(f"compbias audit: {exc}", file=sys.stderr)
         return 2
@@ -356,7 +356,7 @@ def _watch_with_evaluation(client, options: AuditOptions, spec, args: argparse.N
         while args.max_passes is None or passes < args.max_passes:
             start = time.monotonic()
             try:
-                todo, _ = pending_versions(client)
+                todo, _ = pending_versions(client, registered_models=spec.registered_models)
                 if todo:
                     report = evaluate_versions(client, todo, spec, allow_pickle=args.allow_pickle, data=data, progress=say)
                     tag_errors(client, todo, report.errors)
