@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from compbias import contract as C
 from compbias.platform import cli
-from conftest import census
+from tests.reliability.conftest import census
 
 N = 40
 
