@@ -209,7 +209,7 @@ def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise EvaluationError(f"{where} is not valid YAML: {exc}") from None
+            raise EvaluationError(f"{where} is not valid YAML{_yaml_where(exc)}") from None
         base = path.resolve().parent
     if not isinstance(raw, dict):
         raise EvaluationError(f"{where} must be a mapping with a dataset:, study: or table: section")
@@ -229,8 +229,10 @@ def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
         study_path = Path(rel(raw["study"]))
         try:
             study = yaml.safe_load(study_path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise EvaluationError(f"{where}: cannot read study file {study_path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise EvaluationError(f"{where}: study file {study_path} is not valid YAML{_yaml_where(exc)}") from None
         if not isinstance(study, dict) or not isinstance(study.get("dataset"), dict):
             raise EvaluationError(f"{where}: study file {study_path} has no dataset: section")
         spec.dataset = dict(study["dataset"])
@@ -270,6 +272,8 @@ def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
                       "shape": shape}
         if raw.get("num_classes") is None and not raw.get("class_names"):
             raise EvaluationError(f"{where}: a table dataset needs num_classes (or class_names)")
+    if spec.dataset is not None:
+        _dataset_spec(spec.dataset)  # a bad section is named before any model is downloaded
     if raw.get("num_classes") is not None:
         n = raw["num_classes"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -336,6 +340,13 @@ def load_spec(source: str | os.PathLike | Mapping) -> EvalSpec:
     return spec
 
 
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: <problem>`` in one line."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{at}: {getattr(exc, 'problem', None) or _first_line(exc)}"
+
+
 # --------------------------------------------------------------------------
 # The evaluation data
 # --------------------------------------------------------------------------
@@ -399,12 +410,8 @@ def load_data(spec: EvalSpec) -> EvaluationData:
 
 def _load_dataset_section(spec: EvalSpec) -> EvaluationData:
     from compbias.jobs import load_dataset
-    from compbias.platform.config import DatasetSpec
 
-    try:
-        dspec = DatasetSpec.model_validate(spec.dataset)
-    except Exception as exc:
-        raise EvaluationError(f"the evaluation spec's dataset section is invalid: {exc}") from None
+    dspec = _dataset_spec(spec.dataset)
     try:
         bundle = load_dataset(dspec.kind, **dspec.loader_options())
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -429,6 +436,21 @@ def _load_dataset_section(spec: EvalSpec) -> EvaluationData:
     if spec.audit:
         study_yaml["audit"] = spec.audit
     return EvaluationData(frame=frame, inputs=x.numpy().astype(np.float32), features=None, info=info, study_yaml=study_yaml)
+
+
+def _dataset_spec(section: dict):
+    """Validate a study file's dataset section with compbias's own schema; one-line errors."""
+    from compbias.platform.config import DatasetSpec
+
+    try:
+        return DatasetSpec.model_validate(section)
+    except Exception as exc:
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            text = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'dataset'}: {e.get('msg')}" for e in errors())
+        else:
+            text = _first_line(exc)
+        raise EvaluationError(f"the evaluation spec's dataset section is invalid: {text}") from None
 
 
 def _load_table(spec: EvalSpec) -> EvaluationData:
