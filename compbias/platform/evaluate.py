@@ -603,15 +603,20 @@ def _load_state_dict(path: Path, spec: EvalSpec, what: str) -> LoadedModel:
             f"{what} is a state dict ({path.name}) without its architecture; name the function that builds the "
             "model in the evaluation spec: state_dict: {factory: 'torchvision.models:resnet18', kwargs: {num_classes: 2}}"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
+        except Exception as exc:
+            raise EvaluationError(f"{what}: {path.name} is corrupt or truncated ({_first_line(exc)}); log it again") from None
+    else:
+        try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)  # the restricted unpickler: tensors only
-    except Exception as exc:
-        raise _refuse(what, f"{path.name} is not a plain tensor state dict ({_first_line(exc)})") from None
+        except Exception as exc:
+            if "weights_only" in str(exc) or "Weights only" in str(exc):
+                raise _refuse(what, f"{path.name} holds objects other than tensors ({_first_line(exc)})") from None
+            raise EvaluationError(f"{what}: {path.name} cannot be read ({_first_line(exc)}); log it again") from None
     if not isinstance(state, Mapping):
         raise EvaluationError(f"{what}: {path.name} holds a {type(state).__name__}, not a state dict")
     state = _fold_prune_masks(dict(state))

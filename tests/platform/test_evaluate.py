@@ -479,3 +479,41 @@ def test_registered_models_restricts_what_is_evaluated(store, table, tmp_path):
     todo, _ = E.pending_versions(client)
     assert sorted(r.key for r in todo) == sorted([ours.key, f"other-team/{other.version}"])
     assert run.info.run_id == other.run_id
+
+
+class _Payload:
+    """Unpickling this object would create the file named by ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_state_dict_with_a_code_payload_is_refused_without_running_it(table, tmp_path):
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    torch.save({**linear(0).state_dict(), "extra": _Payload(marker)}, folder / "state_dict.pth")
+    with pytest.raises(E.PickleRefused, match="holds objects other than tensors.*--allow-pickle"):
+        E.load_local_model(folder, table["spec"])
+    assert not marker.exists()
+    (folder / "state_dict.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(E.EvaluationError, match="cannot be read"):
+        E.load_local_model(folder, table["spec"])
+
+
+def test_a_pt2_archive_holding_pickled_objects_is_refused_then_loaded_with_the_opt_in(store, table, tmp_path):
+    """torchao's int8 weights are tensor subclasses: a torch.export archive can only hold them pickled."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = linear(9)
+    quantize_(model, Int8WeightOnlyConfig())
+    rec = register(store, log_pt2(model), lineage(0))
+    report = E.evaluate_versions(store["client"], [rec], table["spec"])
+    assert "torch.export archive holds a pickled payload" in report.errors[rec.key]
+    assert nothing_written(store["client"], rec.run_id)
+    report = E.evaluate_versions(store["client"], [rec], table["spec"], allow_pickle=True)
+    assert report.evaluated == {rec.key: "pytorch-pt2"}, report.errors
+    check_predictions(store["client"], rec, model, table, tmp_path / "dl")
