@@ -202,3 +202,21 @@ def test_a_good_compressed_member_after_refusals_is_registered(capsys, store):
     assert code == 0, err
     mv = MlflowClient(store["uri"], store["uri"]).get_model_version("tab-mlp", "2")
     assert mv.tags[C.ROLE] == "compressed" and mv.tags[C.BASELINE_VERSION] == "1" and mv.tags[C.BASELINE_RUN_ID]
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_and_fast(capsys, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    path = tmp_path / "p.csv"
+    frame().to_csv(path, index=False)
+    t0 = time.perf_counter()
+    code = cli.main(["register", str(path), "--study", "tab", "--role", "baseline", "--seed", "0",
+                     "--registered-model", "tab-mlp", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - t0 < 30
+    assert err.strip().startswith("compbias register: the tracking server") and "does not answer" in err
+    assert len(err.strip().splitlines()) == 1
