@@ -782,6 +782,12 @@ def load_local_model(root: str | os.PathLike, spec: EvalSpec, *, allow_pickle: b
         base = root
         if (root / "MLmodel").is_file():
             return _load_mlmodel(root, spec, allow_pickle, what)
+        nested = sorted(p.parent for p in root.rglob("MLmodel"))
+        if len(nested) == 1:  # a version registered from a folder that holds the MLflow model
+            return _load_mlmodel(nested[0], spec, allow_pickle, what)
+        if len(nested) > 1:
+            raise EvaluationError(f"{what}: its artifacts hold {len(nested)} MLflow models "
+                                  f"({[str(p.relative_to(root)) for p in nested]}); register one model per version")
         files = sorted(p for p in root.rglob("*") if p.is_file())
     by_suffix = {}
     for f in files:
@@ -852,7 +858,7 @@ def evaluate_model(model: LoadedModel, data: EvaluationData, spec: EvalSpec, *, 
             batch = data.features.iloc[start:stop]
         else:
             batch = data.inputs[start:stop]
-            if stop - start < bs and n > bs:  # pad the last batch: models exported with a fixed batch size
+            if stop - start < bs:  # pad a short batch: models exported with a fixed batch size
                 batch = np.concatenate([batch, np.repeat(batch[-1:], bs - (stop - start), axis=0)])
         try:
             out = np.asarray(model.predict(batch))

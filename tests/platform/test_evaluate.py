@@ -125,12 +125,13 @@ def log_state_dict(model):
     return log
 
 
-def log_onnx(model, tmp: Path, flavour: bool = True):
+def log_onnx(model, tmp: Path, flavour: bool = True, batch: int | None = None):
+    """ONNX with a dynamic batch dimension, or exported for a fixed ``batch`` size."""
     import onnx
 
     path = tmp / f"m{id(model)}.onnx"
-    torch.onnx.export(model, (torch.zeros(2, N_FEATURES),), str(path), input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(model, (torch.zeros(batch or 2, N_FEATURES),), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes=None if batch else {"x": {0: "batch"}}, dynamo=False)
 
     def log(run_id):
         if flavour:
@@ -516,4 +517,12 @@ def test_a_pt2_archive_holding_pickled_objects_is_refused_then_loaded_with_the_o
     assert nothing_written(store["client"], rec.run_id)
     report = E.evaluate_versions(store["client"], [rec], table["spec"], allow_pickle=True)
     assert report.evaluated == {rec.key: "pytorch-pt2"}, report.errors
+    check_predictions(store["client"], rec, model, table, tmp_path / "dl")
+
+
+def test_a_model_exported_for_a_fixed_batch_size_is_evaluated_with_that_batch_size(store, table, tmp_path):
+    model = linear(11)
+    rec = register(store, log_onnx(model, tmp_path, batch=32), lineage(0))  # the spec's batch_size; 120 = 3 x 32 + 24
+    report = E.evaluate_versions(store["client"], [rec], table["spec"])
+    assert report.evaluated == {rec.key: "onnx"}, report.errors
     check_predictions(store["client"], rec, model, table, tmp_path / "dl")
