@@ -175,6 +175,10 @@ def _resolve_model_uri(client, model_uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _quoted(text: str) -> str:
     """``text`` inside a single-quoted MLflow filter string."""
     return str(text).replace("\\", "\\\\").replace("'", "\\'")
@@ -335,11 +339,14 @@ def log_member(
     ref_frame, ref_info = (None, None)
     if reference is not None:
         ref_frame, ref_info = _fetch_reference(client, reference)
+    if num_classes is not None:
+        C.MemberInfo(num_classes=num_classes)  # a bad value is refused by name before it is compared
     if ref_info is not None:  # the population's facts are the default, and must not be contradicted
         if num_classes is not None and int(num_classes) != ref_info.num_classes:
             raise C.ContractError(
                 f"num_classes {num_classes} differs from the population's {ref_info.num_classes} "
-                f"(version {reference.version}'s {C.MEMBER_FILE}); members of a study share their classes"
+                f"(version {reference.version}'s {C.MEMBER_FILE}); members of a study share their classes: "
+                "leave num_classes out to take the population's"
             )
         num_classes = ref_info.num_classes if num_classes is None else num_classes
         class_names = ref_info.class_names if class_names is None else class_names
@@ -354,6 +361,15 @@ def log_member(
         num_classes=num_classes, class_names=class_names, positive_class=positive_class,
         groups=groups if groups is not None else C.group_columns(checked),
     )
+    if ref_info is not None:
+        for what in ("num_classes", "class_names", "positive_class", "groups"):
+            mine, theirs = getattr(info, what), getattr(ref_info, what)
+            if theirs is not None and mine != theirs:
+                raise C.ContractError(
+                    f"{what} {_plain(mine)} differs from the population's {_plain(theirs)} (version "
+                    f"{reference.version}'s {C.MEMBER_FILE}); members of a study share their classes and groups: "
+                    f"leave {what} out to take the population's"
+                )
     checked = C.validate_predictions(checked, num_classes=info.num_classes, groups=info.groups, where=where)
     if ref_frame is not None:
         C.validate_population(

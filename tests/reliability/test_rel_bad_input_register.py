@@ -123,6 +123,17 @@ def test_a_prediction_out_of_range_is_refused(capsys, store):
     assert_refused(code, err, before, store, "pred value(s) out of range", "for 2 classes")
     code, err, before = register(capsys, store, frame(), *COMPRESSED, "--num-classes", "3")
     assert_refused(code, err, before, store, "num_classes 3 differs from the population's 2")
+    code, err, before = register(capsys, store, frame(), *COMPRESSED, "--num-classes", "1")
+    assert_refused(code, err, before, store, "num_classes must be an integer of at least 2, got 1")
+
+
+def test_facts_that_contradict_the_population_are_refused(capsys, store):
+    code, err, before = register(capsys, store, frame(), *COMPRESSED, "--positive-class", "benign")
+    assert_refused(code, err, before, store, "positive_class 0 differs from the population's 1", "leave positive_class out")
+    code, err, before = register(capsys, store, frame(), *COMPRESSED, "--class-names", "b,m")
+    assert_refused(code, err, before, store, "class_names ['b', 'm'] differs from the population's ['benign', 'malignant']")
+    code, err, before = register(capsys, store, frame(other=1), *COMPRESSED, "--groups", "large,other")
+    assert_refused(code, err, before, store, "groups ['large', 'other'] differs from the population's ['large']")
 
 
 def test_duplicated_rows_are_refused(capsys, store):
