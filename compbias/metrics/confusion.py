@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import PARALLEL_MIN_WORK, kernel, threads_for
+from compbias.metrics._numba import kernel, threads_for
 
 __all__ = [
     "ClassRates",
@@ -52,36 +52,146 @@ ERR_GROUPING = "grouping {value!r} is not one of {allowed}."
 _MIN_CHUNK = 32_768
 # upper bound on the private count buffers of a chunked run
 _MAX_BUFFER_BYTES = 256 * 2**20
+# examples per block at most: a block's private counts are int32
+_MAX_BLOCK = 2**31 - 1
+# Below this many label reads the single-pass counting kernels (confusion
+# counts, modal labels, CIE scores) run on one thread. They read every label
+# once at about 1 ns per label on one core, so 250,000 labels are about
+# 0.25 ms of work per thread on two threads: more than a parallel region
+# costs to start on a quiet machine.
+PARALLEL_MIN_LABELS = 250_000
+
+
+def threads_for_labels(n_labels: int) -> int:
+    """Threads for a counting kernel reading ``n_labels`` labels: numba's setting, or 1 below :data:`PARALLEL_MIN_LABELS`.
+
+    The counting kernels split their work statically over the number of
+    threads they are given; with one thread the caller runs the kernel's
+    serial twin (no parallel region, and numba's thread count is not
+    changed, which costs about 20 us per change).
+    """
+    return numba.get_num_threads() if n_labels >= PARALLEL_MIN_LABELS else 1
 
 
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
-@kernel(parallel=True)
-def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks):  # pragma: no cover - numba
-    """Counts per (model, chunk) block; each block writes only its own slice.
+@kernel()
+def _count_block(row, key, flat, n_classes):  # pragma: no cover - numba
+    """``flat[key[i] + min(row[i], C)] += 1`` for every ``i``, ``row[i]`` read as unsigned.
 
-    The offset of (group, true class) in a block, ``(g * C + t) * C``, is
-    the same for every model and computed once per example.
+    A separate function over views of the block's examples, with unsigned
+    indices: LLVM then compiles a plain loop without numba's negative-index
+    wraparound on each access (as part of the parallel loop's body, with
+    signed offsets, the same loop ran 1.5x slower on one thread).
     """
-    n_models, n = y_pred.shape
-    block = n_groups * n_classes * n_classes
-    out = np.zeros((n_models * n_chunks, n_groups, n_classes, n_classes), np.int64)
-    flat = out.reshape(-1)
-    key = np.empty(n, np.int64)
-    for i in range(n):
+    cu = np.uint64(n_classes)
+    for i in range(row.shape[0]):
+        flat[np.uint64(key[i]) + min(np.uint64(row[i]), cu)] += 1
+
+
+@kernel()
+def _flush_block(table, block, n_classes):  # pragma: no cover - numba
+    """Copy the ``G * C`` by ``C`` counts of ``table`` to ``block`` and zero ``table``.
+
+    Returns the number of predictions out of range (the last column) of
+    examples whose true label and group are valid (the other rows).
+    """
+    rows = block.shape[0]
+    bad = 0
+    for r in range(rows):
+        bad += table[r, n_classes]
+    for r in range(rows):
+        for p in range(n_classes):
+            block[r, p] = table[r, p]
+    table[:] = 0
+    return bad
+
+
+@kernel()
+def _confusion_keys(y_true, groups, has_groups, n_groups, n_classes, key, bad):  # pragma: no cover - numba
+    """Fill ``key`` with each example's row offset in the count table; flag bad true labels and groups in ``bad``."""
+    c1 = n_classes + 1
+    dead = n_groups * n_classes * c1  # the row of examples with a bad label or group
+    for i in range(y_true.shape[0]):
+        t = y_true[i]
         g = groups[i] if has_groups else 0
-        key[i] = (g * n_classes + y_true[i]) * n_classes
+        if t < 0 or t >= n_classes:
+            bad[0] = 1
+            key[i] = dead
+        elif g < 0 or g >= n_groups:
+            bad[2] = 1
+            key[i] = dead
+        else:
+            key[i] = (g * n_classes + t) * c1
+
+
+@kernel()
+def _confusion_thread(y_pred, key, n_groups, n_classes, n_chunks, th, n_threads, out):  # pragma: no cover - numba
+    """Count blocks ``th, th + n_threads, ...`` into ``out`` with one private table; the number of bad predictions."""
+    n = y_pred.shape[1]
+    rows = n_groups * n_classes
+    table = np.zeros((rows + 1, n_classes + 1), np.int32)
+    flat = table.reshape(-1)
     chunk = (n + n_chunks - 1) // n_chunks
-    for b in numba.prange(n_models * n_chunks):
-        m = b // n_chunks
+    bad = 0
+    for b in range(th, out.shape[0], n_threads):
         start = (b % n_chunks) * chunk
         stop = min(n, start + chunk)
-        offset = b * block
-        row = y_pred[m]
-        for i in range(start, stop):
-            flat[offset + key[i] + row[i]] += 1
-    return out
+        _count_block(y_pred[b // n_chunks, start:stop], key[start:stop], flat, n_classes)
+        bad += _flush_block(table, out[b], n_classes)
+    return bad
+
+
+@kernel()
+def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
+    """Confusion counts per (model, chunk) block, validating every label in the same pass.
+
+    Returns ``(counts, bad)``: ``counts`` of shape ``(n_models * n_chunks,
+    G, C, C)``, block ``b`` counting model ``b // n_chunks`` on its
+    ``b % n_chunks``-th slice of examples, and ``bad`` (int64, 3) flags of
+    a ``y_true``, ``y_pred`` or ``groups`` value outside its range (the
+    caller then finds the first one and raises).
+
+    One pass reads each label once. ``key`` (int32 or int64, shape (N,)) is
+    filled with each example's row offset ``(g * C + t) * (C + 1)`` in a
+    private int32 table of ``G * C + 1`` rows of ``C + 1`` columns, shared by
+    all models. A prediction ``p`` is counted at ``key + min(p, C)`` with
+    ``p`` read as unsigned, so every id outside ``[0, C)`` (negative ids
+    wrap to huge unsigned values) lands in the last column, and an example
+    with a bad true label or group in the last row: range checks without a
+    branch in the counting loop and no write outside the table. Only the
+    ``G * C`` by ``C`` part of the table is copied to the int64 output.
+    The work of ``n_threads`` threads (blocks ``t, t + n_threads, ...``,
+    each with its own table) runs here one after the other:
+    :func:`_confusion_kernel_parallel` runs it on numba's threads. This
+    serial twin serves small inputs, which must not wait for a parallel
+    region (on a loaded machine its second thread may not be scheduled for
+    milliseconds).
+    """
+    n_models, n = y_pred.shape
+    bad = np.zeros(3, np.int64)
+    _confusion_keys(y_true, groups, has_groups, n_groups, n_classes, key, bad)
+    out = np.empty((n_models * n_chunks, n_groups * n_classes, n_classes), np.int64)
+    for th in range(n_threads):
+        if _confusion_thread(y_pred, key, n_groups, n_classes, n_chunks, th, n_threads, out) > 0:
+            bad[1] = 1
+    return out.reshape(n_models * n_chunks, n_groups, n_classes, n_classes), bad
+
+
+@kernel(parallel=True)
+def _confusion_kernel_parallel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
+    """:func:`_confusion_kernel` with the threads' work on numba's threads (``prange``)."""
+    n_models, n = y_pred.shape
+    bad = np.zeros(3, np.int64)
+    _confusion_keys(y_true, groups, has_groups, n_groups, n_classes, key, bad)
+    out = np.empty((n_models * n_chunks, n_groups * n_classes, n_classes), np.int64)
+    bad_pred = np.zeros(n_threads, np.int64)
+    for th in numba.prange(n_threads):
+        bad_pred[th] = _confusion_thread(y_pred, key, n_groups, n_classes, n_chunks, th, n_threads, out)
+    if bad_pred.sum() > 0:
+        bad[1] = 1
+    return out.reshape(n_models * n_chunks, n_groups, n_classes, n_classes), bad
 
 
 @kernel(parallel=True)
@@ -107,14 +217,19 @@ def _ovr_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, weights
     return tp, pc
 
 
-def _n_chunks(n_models: int, n: int, block_bytes: int) -> int:
-    threads = numba.get_num_threads()
-    if n_models >= threads or n < 2 * _MIN_CHUNK or n_models * n < PARALLEL_MIN_WORK:
-        return 1
+def _n_chunks(n_models: int, n: int, block_bytes: int, threads: int | None = None) -> int:
+    """Slices of examples per model: enough blocks for every thread when models are few.
+
+    Every block has at most ``_MAX_BLOCK`` examples (its counts are int32).
+    """
+    threads = numba.get_num_threads() if threads is None else threads
+    at_least = -(-n // _MAX_BLOCK) if n else 1
+    if n_models >= threads or n < 2 * _MIN_CHUNK or n_models * n < PARALLEL_MIN_LABELS:
+        return max(1, at_least)
     want = -(-threads // n_models)
     by_size = n // _MIN_CHUNK
     by_memory = max(1, _MAX_BUFFER_BYTES // max(1, block_bytes * n_models))
-    return int(max(1, min(want, by_size, by_memory)))
+    return int(max(1, at_least, min(want, by_size, by_memory)))
 
 
 # --------------------------------------------------------------------------
@@ -134,10 +249,12 @@ def validate_labels(y_true, y_pred, n_classes, *, pred_name="y_pred"):
     return y_true, y_pred, n_classes
 
 
-def validate_groups(groups, n_groups, n):
+def validate_groups(groups, n_groups, n, *, check_range=True):
     """Validate group codes of ``n`` examples against ``n_groups``: ``(groups, has_groups, n_groups)``.
 
     Shared by the metrics modules; raises ValueError naming the problem.
+    With ``check_range=False`` codes below ``n_groups`` (when it is given)
+    are left to the counting kernel, which checks them in its own pass.
     """
     if groups is None:
         if n_groups is not None:
@@ -149,9 +266,48 @@ def validate_groups(groups, n_groups, n):
         n_groups = int(groups.max()) + 1 if groups.size else 1
         if groups.size and groups.min() < 0:
             v.check_range(groups, n_groups, "groups", "n_groups")
+        return groups, True, v.check_positive_int(n_groups, "n_groups")
     n_groups = v.check_positive_int(n_groups, "n_groups")
-    v.check_range(groups, n_groups, "groups", "n_groups")
+    if check_range:
+        v.check_range(groups, n_groups, "groups", "n_groups")
     return groups, True, n_groups
+
+
+def as_label_ids(x, name, *, ndims=(1,)):
+    """Predictions (or any labels) as a C-contiguous array of ids in their own integer dtype.
+
+    Like :func:`compbias.metrics._validation.check_int_ids` (same checks,
+    same messages) but integer arrays keep their dtype (int8 predictions
+    are read as 1 byte each, not copied to int64) and booleans are read as
+    uint8; floats are checked to be whole numbers and become int64. Values
+    are not range checked here: the counting kernels check every value in
+    the pass that counts it, and :func:`raise_first_out_of_range` reports
+    the first bad one.
+    """
+    arr = v.as_array(x, name)
+    if arr.ndim not in ndims:
+        expected = " or ".join(f"{d} dimension{'s' if d != 1 else ''}" for d in ndims)
+        raise ValueError(v.ERR_NDIM.format(name=name, expected=expected, shape=arr.shape))
+    kind = arr.dtype.kind
+    if kind in "iub":
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        arr = np.ascontiguousarray(arr)
+        return arr.view(np.uint8) if kind == "b" else arr
+    return v.check_int_ids(arr, name, ndims=ndims)
+
+
+def raise_first_out_of_range(checks) -> None:
+    """Raise the range error of the first ``(array, n, name, n_name)`` holding an id outside ``[0, n)``.
+
+    Called only after a counting kernel flagged a bad value, with the
+    checks in the order the validators always made them, so that the
+    message (first bad value and its index) is the one
+    :func:`compbias.metrics._validation.check_range` gives.
+    """
+    for arr, n, name, n_name in checks:
+        v.check_range(arr, n, name, n_name)
+    raise AssertionError("a counting kernel flagged an id out of range that the range checks did not find")
 
 
 # --------------------------------------------------------------------------
@@ -197,11 +353,17 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
         \mathrm{counts}_{m,g,t,p} = \sum_{i=1}^{N}
             [y_i = t]\,[\hat y_{m,i} = p]\,[g_i = g]
 
-    The numba kernel runs in parallel over blocks of (model, slice of
-    examples); each block owns its private counts, so no two threads ever
-    increment the same counter. The result is identical to
+    One pass of a numba kernel reads every label once, in the predictions'
+    own integer dtype (int8 predictions are not copied to int64), and checks
+    its range in the same pass (an id outside ``[0, C)`` raises the same
+    ValueError, naming the first bad value and its index, as the separate
+    checks did). Threads split the work in blocks of (model, slice of
+    examples), each with private int32 counts, so no two threads ever
+    increment the same counter; inputs below :data:`PARALLEL_MIN_LABELS`
+    labels run on one thread. The result is identical to
     ``sklearn.metrics.confusion_matrix(y_true, y_pred, labels=range(C))``
-    applied per model and group.
+    applied per model and group, and to ``np.bincount((g * C + t) * C + p,
+    minlength=G * C * C)`` per model.
 
     References
     ----------
@@ -214,14 +376,25 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
            [0, 1, 1],
            [0, 0, 1]])
     """
-    y_true, y_pred, n_classes = validate_labels(y_true, y_pred, n_classes)
-    groups_arr, has_groups, n_groups_ = validate_groups(groups, n_groups, y_true.shape[0])
+    n_classes = v.check_positive_int(n_classes, "n_classes")
+    y_true = v.check_int_ids(y_true, "y_true", ndims=(1,))
+    y_pred = as_label_ids(y_pred, "y_pred", ndims=(1, 2))
+    v.check_same_length(y_pred, y_true.shape[0], "y_pred")
+    n = y_true.shape[0]
+    groups_arr, has_groups, n_groups_ = validate_groups(groups, n_groups, n, check_range=False)
     single = y_pred.ndim == 1
     preds = y_pred.reshape(1, -1) if single else y_pred
-    block_bytes = n_groups_ * n_classes * n_classes * 8
-    n_chunks = _n_chunks(preds.shape[0], preds.shape[1], block_bytes)
-    with threads_for(preds.size):
-        out = _confusion_kernel(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks)
+    n_threads = threads_for_labels(preds.size)
+    n_chunks = _n_chunks(preds.shape[0], n, n_groups_ * n_classes * n_classes * 8, n_threads)
+    n_threads = max(1, min(n_threads, preds.shape[0] * n_chunks))
+    wide = (n_groups_ * n_classes + 1) * (n_classes + 1) >= 2**31
+    key = np.empty(n, np.int64 if wide else np.int32)
+    run = _confusion_kernel if n_threads == 1 else _confusion_kernel_parallel
+    out, bad = run(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks, n_threads, key)
+    if bad.any():
+        raise_first_out_of_range([(y_true, n_classes, "y_true", "n_classes"),
+                                  (y_pred, n_classes, "y_pred", "n_classes"),
+                                  (groups_arr, n_groups_, "groups", "n_groups")])
     if n_chunks > 1:
         out = out.reshape(preds.shape[0], n_chunks, n_groups_, n_classes, n_classes).sum(axis=1)
     if not has_groups:

@@ -9,7 +9,8 @@ import numba
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel, threads_for
+from compbias.metrics._numba import kernel
+from compbias.metrics.confusion import as_label_ids, raise_first_out_of_range, threads_for_labels
 
 __all__ = ["CIECut", "cie_cut", "cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
@@ -22,89 +23,211 @@ ERR_EXAMPLES_MISMATCH = (
     "must be evaluated on the same test examples in the same order."
 )
 
-_BLOCK = 1024  # examples per parallel block
+# Examples per block of the vote-counting kernels: the block's vote table
+# (block x (C + 1) int32 counts) stays within about 32 KiB, an L1 data cache.
+_TABLE_BYTES = 32 * 1024
+
+
+@kernel()
+def _block_size(n_classes):  # pragma: no cover - numba
+    return max(8, min(256, _TABLE_BYTES // (4 * (n_classes + 1))))
+
+
+@kernel()
+def _modal_block(preds, start, stop, n_classes, counts, best, out):  # pragma: no cover - numba
+    """Modal labels of examples ``start .. stop - 1`` into ``out``; True if a label was out of range.
+
+    Reads each model's labels of the block as one contiguous run and counts
+    them in ``counts``, a zeroed (block, C + 1) table, row by example. A
+    label is read as unsigned and clamped to ``C`` (the last column catches
+    every id outside ``[0, C)``, negative ones included): the range check
+    costs no branch and nothing is written outside the table. A second pass
+    over the same labels (now in cache) takes, per example, the maximum of
+    ``count * (C + 1) + class`` and zeroes the count it read: the largest
+    count wins, ties go to the largest class id, and a class seen again
+    after its count was zeroed scores below every counted class.
+    ``best``: scratch of the block's length.
+    """
+    n_models = preds.shape[0]
+    nb = stop - start
+    c1 = np.uint64(n_classes + 1)
+    cu = np.uint64(n_classes)
+    bad = False
+    for m in range(n_models):
+        row = preds[m, start:stop]
+        for j in range(nb):
+            p = min(np.uint64(row[j]), cu)
+            bad |= p == cu
+            counts[np.uint64(j) * c1 + p] += 1
+    for j in range(nb):
+        best[j] = 0
+    for m in range(n_models):
+        row = preds[m, start:stop]
+        for j in range(nb):
+            p = min(np.uint64(row[j]), cu)
+            idx = np.uint64(j) * c1 + p
+            best[j] = max(best[j], np.uint64(counts[idx]) * c1 + p)
+            counts[idx] = 0
+    for j in range(nb):
+        out[start + j] = np.int64(best[j] % c1)
+    return bad
+
+
+@kernel()
+def _modal_thread(preds, n_classes, th, n_threads, out):  # pragma: no cover - numba
+    """Modal labels of thread ``th``'s contiguous share of the examples, block by block; True if a label was out of range."""
+    n = preds.shape[1]
+    block = _block_size(n_classes)
+    share = (n + n_threads - 1) // n_threads
+    counts = np.zeros(block * (n_classes + 1), np.int32)
+    best = np.zeros(block, np.uint64)
+    bad = False
+    for start in range(th * share, min(n, (th + 1) * share), block):
+        stop = min(n, start + block, (th + 1) * share)
+        bad |= _modal_block(preds, start, stop, n_classes, counts, best, out)
+    return bad
+
+
+@kernel()
+def _modal_kernel(preds, n_classes, n_threads):  # pragma: no cover - numba
+    """Modal label of every example; ``(labels, bad)``, ``bad`` True if a label was out of range.
+
+    Thread ``t`` of ``n_threads`` takes the ``t``-th contiguous share of the
+    examples, in blocks of :func:`_block_size` examples, with its own table;
+    here the shares run one after the other (the serial twin, for small
+    inputs), in :func:`_modal_kernel_parallel` on numba's threads.
+    """
+    out = np.empty(preds.shape[1], np.int64)
+    bad = False
+    for th in range(n_threads):
+        bad |= _modal_thread(preds, n_classes, th, n_threads, out)
+    return out, bad
 
 
 @kernel(parallel=True)
-def _modal_kernel(preds, n_classes):  # pragma: no cover - numba
-    n_models, n = preds.shape
-    out = np.empty(n, np.int64)
-    n_blocks = (n + _BLOCK - 1) // _BLOCK
-    for b in numba.prange(n_blocks):
-        counts = np.zeros(n_classes, np.int64)
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            for m in range(n_models):
-                counts[preds[m, i]] += 1
-            best = -1
-            best_count = 0
-            for m in range(n_models):
-                c = preds[m, i]
-                k = counts[c]
-                if k > best_count or (k == best_count and c > best):
-                    best = c
-                    best_count = k
-            for m in range(n_models):
-                counts[preds[m, i]] = 0
-            out[i] = best
-    return out
+def _modal_kernel_parallel(preds, n_classes, n_threads):  # pragma: no cover - numba
+    """:func:`_modal_kernel` with the shares on numba's threads (``prange``)."""
+    out = np.empty(preds.shape[1], np.int64)
+    bad = np.zeros(n_threads, np.bool_)
+    for th in numba.prange(n_threads):
+        bad[th] = _modal_thread(preds, n_classes, th, n_threads, out)
+    return out, bad.any()
 
 
-@kernel(parallel=True)
-def _cie_kernel(base, comp, n_classes):  # pragma: no cover - numba
-    """Integer numerators sum_c |n_c * M' - n'_c * M| of the CIE score."""
-    m1, n = base.shape
+@kernel()
+def _cie_block(base, comp, start, stop, n_classes, cb, cc, acc, num):  # pragma: no cover - numba
+    """Integer CIE numerators of examples ``start .. stop - 1`` into ``num``; True if a label was out of range.
+
+    ``cb``/``cc``: zeroed (block, C + 1) vote tables of the two populations
+    (labels clamped to ``C`` as in :func:`_modal_block`); ``acc``: scratch
+    of the block's length. After the ``M`` baseline votes, with no
+    compressed vote yet, the numerator ``sum_c |n_c M' - n'_c M|`` is
+    ``M M'``; each compressed vote for class ``c`` then changes it by
+    ``|n_c M' - (n'_c + 1) M| - |n_c M' - n'_c M|``. So every label is
+    counted once, no class is ever scanned, and the tables are zeroed by
+    replaying the labels (in cache).
+    """
+    m1 = base.shape[0]
     m2 = comp.shape[0]
-    out = np.empty(n, np.int64)
-    n_blocks = (n + _BLOCK - 1) // _BLOCK
-    for b in numba.prange(n_blocks):
-        cb = np.zeros(n_classes, np.int64)
-        cc = np.zeros(n_classes, np.int64)
-        seen = np.zeros(n_classes, np.bool_)
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            for m in range(m1):
-                cb[base[m, i]] += 1
-            for m in range(m2):
-                cc[comp[m, i]] += 1
-            total = 0
-            for m in range(m1):
-                c = base[m, i]
-                if not seen[c]:
-                    seen[c] = True
-                    total += abs(cb[c] * m2 - cc[c] * m1)
-            for m in range(m2):
-                c = comp[m, i]
-                if not seen[c]:
-                    seen[c] = True
-                    total += abs(cb[c] * m2 - cc[c] * m1)
-            for m in range(m1):
-                c = base[m, i]
-                cb[c] = 0
-                cc[c] = 0
-                seen[c] = False
-            for m in range(m2):
-                c = comp[m, i]
-                cb[c] = 0
-                cc[c] = 0
-                seen[c] = False
-            out[i] = total
-    return out
+    nb = stop - start
+    c1 = np.uint64(n_classes + 1)
+    cu = np.uint64(n_classes)
+    bad = False
+    for m in range(m1):
+        row = base[m, start:stop]
+        for j in range(nb):
+            p = min(np.uint64(row[j]), cu)
+            bad |= p == cu
+            cb[np.uint64(j) * c1 + p] += 1
+    for j in range(nb):
+        acc[j] = m1 * m2
+    for m in range(m2):
+        row = comp[m, start:stop]
+        for j in range(nb):
+            p = min(np.uint64(row[j]), cu)
+            bad |= p == cu
+            idx = np.uint64(j) * c1 + p
+            bv = np.int64(cb[idx]) * m2
+            cv = np.int64(cc[idx]) * m1
+            cc[idx] += 1
+            acc[j] += abs(bv - cv - m1) - abs(bv - cv)
+    for m in range(m1):
+        row = base[m, start:stop]
+        for j in range(nb):
+            cb[np.uint64(j) * c1 + min(np.uint64(row[j]), cu)] = 0
+    for m in range(m2):
+        row = comp[m, start:stop]
+        for j in range(nb):
+            cc[np.uint64(j) * c1 + min(np.uint64(row[j]), cu)] = 0
+    for j in range(nb):
+        num[start + j] = acc[j]
+    return bad
 
 
-def _check_population(preds, n_classes, name):
-    arr = v.check_int_ids(preds, name, ndims=(2,))
+@kernel()
+def _cie_thread(base, comp, n_classes, th, n_threads, out):  # pragma: no cover - numba
+    """CIE numerators of thread ``th``'s contiguous share of the examples; True if a label was out of range."""
+    n = base.shape[1]
+    block = _block_size(n_classes)
+    share = (n + n_threads - 1) // n_threads
+    cb = np.zeros(block * (n_classes + 1), np.int32)
+    cc = np.zeros(block * (n_classes + 1), np.int32)
+    acc = np.zeros(block, np.int64)
+    bad = False
+    for start in range(th * share, min(n, (th + 1) * share), block):
+        stop = min(n, start + block, (th + 1) * share)
+        bad |= _cie_block(base, comp, start, stop, n_classes, cb, cc, acc, out)
+    return bad
+
+
+@kernel()
+def _cie_kernel(base, comp, n_classes, n_threads):  # pragma: no cover - numba
+    """Integer numerators ``sum_c |n_c * M' - n'_c * M|`` of the CIE score; ``(numerators, bad)``.
+
+    The shares of ``n_threads`` threads one after the other (the serial
+    twin, for small inputs); :func:`_cie_kernel_parallel` on numba's threads.
+    """
+    out = np.empty(base.shape[1], np.int64)
+    bad = False
+    for th in range(n_threads):
+        bad |= _cie_thread(base, comp, n_classes, th, n_threads, out)
+    return out, bad
+
+
+@kernel(parallel=True)
+def _cie_kernel_parallel(base, comp, n_classes, n_threads):  # pragma: no cover - numba
+    """:func:`_cie_kernel` with the shares on numba's threads (``prange``)."""
+    out = np.empty(base.shape[1], np.int64)
+    bad = np.zeros(n_threads, np.bool_)
+    for th in numba.prange(n_threads):
+        bad[th] = _cie_thread(base, comp, n_classes, th, n_threads, out)
+    return out, bad.any()
+
+
+def _check_population(preds, name):
+    arr = as_label_ids(preds, name, ndims=(2,))
     if arr.shape[0] < 1:
         raise ValueError(ERR_POPULATION.format(name=name, shape=arr.shape))
-    v.check_range(arr, n_classes, name, "n_classes")
     return arr
 
 
 def _check_two_populations(base_preds, comp_preds, n_classes):
     n_classes = v.check_positive_int(n_classes, "n_classes")
-    base = _check_population(base_preds, n_classes, "base_preds")
-    comp = _check_population(comp_preds, n_classes, "comp_preds")
+    base = _check_population(base_preds, "base_preds")
+    comp = _check_population(comp_preds, "comp_preds")
     if base.shape[1] != comp.shape[1]:
         raise ValueError(ERR_EXAMPLES_MISMATCH.format(n1=base.shape[1], n2=comp.shape[1]))
     return base, comp, n_classes
+
+
+def _modal(preds, n_classes, name):
+    """Modal labels of a validated population, its labels range checked in the counting pass."""
+    n_threads = threads_for_labels(preds.size)
+    run = _modal_kernel if n_threads == 1 else _modal_kernel_parallel
+    labels, bad = run(preds, n_classes, n_threads)
+    if bad:
+        raise_first_out_of_range([(preds, n_classes, name, "n_classes")])
+    return labels
 
 
 def modal_labels(preds, n_classes):
@@ -131,6 +254,12 @@ def modal_labels(preds, n_classes):
     Ties go to the **largest** class id, as in the released code of Hooker
     et al. (``pandas.Series.mode().max()``).
 
+    One numba pass counts the votes of each block of examples (reading each
+    model's labels of the block contiguously, in their own integer dtype)
+    and checks every label's range in the same pass; an id outside
+    ``[0, n_classes)`` raises the validators' ValueError naming the first
+    one.
+
     References
     ----------
     Hooker, Courville, Clark, Dauphin, Frome (2019), "What Do Compressed
@@ -144,9 +273,7 @@ def modal_labels(preds, n_classes):
     array([2])
     """
     n_classes = v.check_positive_int(n_classes, "n_classes")
-    arr = _check_population(preds, n_classes, "preds")
-    with threads_for(arr.size):
-        return _modal_kernel(arr, n_classes)
+    return _modal(_check_population(preds, "preds"), n_classes, "preds")
 
 
 def pie_mask(base_preds, comp_preds, n_classes, *, definition="modal", pairs=None):
@@ -201,13 +328,13 @@ def pie_mask(base_preds, comp_preds, n_classes, *, definition="modal", pairs=Non
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
     if definition == "modal":
-        with threads_for(base.size + comp.size):
-            return _modal_kernel(base, n_classes) != _modal_kernel(comp, n_classes)
+        return _modal(base, n_classes, "base_preds") != _modal(comp, n_classes, "comp_preds")
     if definition != "unanimous":
         raise ValueError(f"definition must be 'modal' or 'unanimous', got {definition!r}")
+    v.check_range(base, n_classes, "base_preds", "n_classes")
+    v.check_range(comp, n_classes, "comp_preds", "n_classes")
     if pairs is None:
-        with threads_for(base.size):
-            teacher = np.broadcast_to(_modal_kernel(base, n_classes), comp.shape)
+        teacher = np.broadcast_to(_modal(base, n_classes, "base_preds"), comp.shape)
     else:
         idx = np.asarray(pairs)
         if idx.shape != (comp.shape[0],) or not np.issubdtype(idx.dtype, np.integer) or (idx < 0).any() or (idx >= base.shape[0]).any():
@@ -245,7 +372,11 @@ def cie_scores(base_preds, comp_preds, n_classes):
             = \frac{\sum_c \lvert n_{c,i} M' - n'_{c,i} M \rvert}{M M'}
 
     The integer numerator is computed exactly and divided once, so equal
-    scores are exactly equal and ties in :func:`cie_mask` are reliable.
+    scores are exactly equal and ties in :func:`cie_mask` are reliable. It
+    is accumulated vote by vote in one pass over the labels (range checked
+    in the same pass): after the :math:`M` baseline votes it is
+    :math:`M M'`, and a compressed vote for :math:`c` adds
+    :math:`\lvert n_c M' - (n'_c + 1) M \rvert - \lvert n_c M' - n'_c M \rvert`.
 
     References
     ----------
@@ -258,8 +389,12 @@ def cie_scores(base_preds, comp_preds, n_classes):
     array([1., 2.])
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
-    with threads_for(base.size + comp.size):
-        num = _cie_kernel(base, comp, n_classes)
+    n_threads = threads_for_labels(base.size + comp.size)
+    run = _cie_kernel if n_threads == 1 else _cie_kernel_parallel
+    num, bad = run(base, comp, n_classes, n_threads)
+    if bad:
+        raise_first_out_of_range([(base, n_classes, "base_preds", "n_classes"),
+                                  (comp, n_classes, "comp_preds", "n_classes")])
     return num / float(base.shape[0] * comp.shape[0])
 
 

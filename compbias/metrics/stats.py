@@ -121,32 +121,48 @@ def _resample_compact(seed, b, y_true):  # pragma: no cover - numba
 
 
 @kernel()
+def _recount(row, idx, wts, off, ys, n_cells, table):  # pragma: no cover - numba
+    """One model's weighted counts on a resample, one increment per resampled example.
+
+    ``table`` (2 * n_cells, zeroed) gets, for every distinct resampled
+    example ``k`` with prediction ``p = row[idx[k]]``, ``wts[k]`` added at
+    ``off[k] + p`` when ``p`` is wrong and at ``n_cells + off[k] + p`` when
+    it is right (``p == ys[k]``): predictions per cell are the sum of the
+    two halves, true positives the second half. ``off[k]``: the example's
+    group offset ``g * C`` (or 0). One read-modify-write per example where
+    separate predicted and true-positive arrays took two (1.3x faster here;
+    unsigned indices, which speed up the confusion kernel, made this
+    gather 2x slower).
+    """
+    for k in range(idx.shape[0]):
+        p = np.int64(row[idx[k]])
+        table[(p == ys[k]) * n_cells + off[k] + p] += wts[k]
+
+
+@kernel()
 def _mean_rates(preds, idx, wts, ys, n_classes, tc, n_total, smoothing):  # pragma: no cover - numba
     """Mean over models of per-class FPR and FNR (NaN where undefined).
 
     ``idx``/``wts``/``ys``: the distinct resampled examples, how often each
     was drawn, and their true labels; ``tc``: weighted true-class counts.
+    Each model's counts come from :func:`_recount` (one increment per
+    resampled example).
     """
     n_models = preds.shape[0]
-    tp = np.zeros(n_classes, np.int64)
-    pc = np.zeros(n_classes, np.int64)
+    table = np.zeros(2 * n_classes, np.int64)
+    off = np.zeros(idx.shape[0], np.int64)
     sum_fpr = np.zeros(n_classes)
     sum_fnr = np.zeros(n_classes)
     for m in range(n_models):
-        tp[:] = 0
-        pc[:] = 0
-        row = preds[m]
-        for k in range(idx.shape[0]):
-            p = np.int64(row[idx[k]])
-            wk = wts[k]
-            pc[p] += wk
-            tp[p] += wk * (p == ys[k])
+        table[:] = 0
+        _recount(preds[m], idx, wts, off, ys, n_classes, table)
         for c in range(n_classes):
-            fp = pc[c] - tp[c]
-            fn = tc[c] - tp[c]
-            tn = n_total - tp[c] - fp - fn
+            tp = table[n_classes + c]
+            fp = table[c]
+            fn = tc[c] - tp
+            tn = n_total - tp - fp - fn
             d1 = fp + tn + 2.0 * smoothing
-            d2 = fn + tp[c] + 2.0 * smoothing
+            d2 = fn + tp + 2.0 * smoothing
             sum_fpr[c] += (fp + smoothing) / d1 if d1 > 0 else np.nan
             sum_fnr[c] += (fn + smoothing) / d2 if d2 > 0 else np.nan
     return sum_fpr / n_models, sum_fnr / n_models
@@ -200,15 +216,16 @@ def _ovr_resampled_kernel(y_true, preds, groups, has_groups, n_groups, n_classes
         tcj = tc[j].reshape(-1)
         for k in range(idx.shape[0]):
             tcj[off[k] + ys[k]] += wts[k]
+        cells = n_groups * n_classes
+        table = np.zeros(2 * cells, np.int64)
         for m in range(n_models):
-            row = preds[m]
+            table[:] = 0
+            _recount(preds[m], idx, wts, off, ys, cells, table)
             pcm = pc[j, m].reshape(-1)
             tpm = tp[j, m].reshape(-1)
-            for k in range(idx.shape[0]):
-                p = np.int64(row[idx[k]])
-                wk = wts[k]
-                pcm[off[k] + p] += wk
-                tpm[off[k] + p] += wk * (p == ys[k])
+            for q in range(cells):
+                tpm[q] = table[cells + q]
+                pcm[q] = table[q] + table[cells + q]
     return tp, pc, tc
 
 
