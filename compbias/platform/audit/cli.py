@@ -253,20 +253,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     selection = Selection(registered_model=args.registered_model, study=args.study,
                           versions=tuple(args.versions), force=args.force)
-    from compbias.platform.tracking import configure_tracking
-
-    client = configure_tracking()  # MLFLOW_TRACKING_URI; the registry in the same store
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-
-    def show(results):
-        for r in results:
-            if args.json:
-                print(json.dumps({"run_id": r.run_id, "study": r.study, "registered_model": r.registered_model,
-                                  "statuses": r.statuses, "reasons": r.reasons, "report": r.report_path,
-                                  "alias_version": r.alias_version, "timings": r.timings}, default=str))
-            else:
-                print_summary(r)
-
     spec = None
     if args.evaluate is not None:
         from compbias.platform.evaluate import EvaluationError, load_spec
@@ -280,6 +266,20 @@ def _run(args: argparse.Namespace) -> int:
         print("compbias audit: --allow-pickle applies to --evaluate SPEC.yaml only (models are loaded only to evaluate them)",
               file=sys.stderr)
         return 2
+
+    from compbias.platform.tracking import configure_tracking
+
+    client = configure_tracking()  # MLFLOW_TRACKING_URI; the registry in the same store
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+
+    def show(results):
+        for r in results:
+            if args.json:
+                print(json.dumps({"run_id": r.run_id, "study": r.study, "registered_model": r.registered_model,
+                                  "statuses": r.statuses, "reasons": r.reasons, "report": r.report_path,
+                                  "alias_version": r.alias_version, "timings": r.timings}, default=str))
+            else:
+                print_summary(r)
 
     if args.watch:
         if not selection.empty:
