@@ -164,7 +164,7 @@ from pathlib import Path
 from mlflow.models import Model
 from compbias.platform import tracking
 t0 = time.perf_counter()
-tracking._save_pyfunc(Path(sys.argv[3]), Path(sys.argv[2]), tuple(int(x) for x in sys.argv[4:]), Model())
+tracking.save_pyfunc(Path(sys.argv[3]), Path(sys.argv[2]), tuple(int(x) for x in sys.argv[4:]), Model())
 print(time.perf_counter() - t0)
 """
 

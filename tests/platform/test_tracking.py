@@ -176,10 +176,10 @@ def test_a_failure_after_registration_deletes_the_version_and_fails_the_run(stor
             raise RuntimeError("store went away")
         real(client, run_id, ok)
 
-    monkeypatch.setattr(tracking, "finish_run", broken)
+    monkeypatch.setattr(tracking.runs, "finish_run", broken)  # what log_model_run calls
     with pytest.raises(RuntimeError, match="store went away"):
         tracking.log_model_run(store, exp, parent, spec, "x", _result(task))
-    monkeypatch.setattr(tracking, "finish_run", real)
+    monkeypatch.setattr(tracking.runs, "finish_run", real)
     assert list(store.search_model_versions(f"name = '{spec.registered_model_name}'")) == []
     runs = store.search_runs([exp], "tags.`compbias.run_kind` = 'model'")
     assert [r.info.status for r in runs] == ["FAILED"]
@@ -305,7 +305,7 @@ for task in plan_study(study):
     base[task.key] = fm
 tracking.finish_run(client, parent, True)
 print("logged", len(base))
-print("scratch", tracking._scratch_dir())
+print("scratch", tracking.scratch_dir())
 """
 
 
@@ -354,9 +354,9 @@ def test_models_are_still_saved_after_the_code_copy_directory_is_removed(tmp_pat
 
     files = {"weights.safetensors": b"\x01" * 32, "model_spec.json": b"{}"}
     weights = tracking.write_model_files(files, tmp_path / "w" / "weights")
-    tracking._save_pyfunc(tmp_path / "m0", weights, (1, 8, 8), Model())
-    shutil.rmtree(tracking._scratch_dir())
-    tracking._save_pyfunc(tmp_path / "m1", weights, (1, 8, 8), Model())
+    tracking.save_pyfunc(tmp_path / "m0", weights, (1, 8, 8), Model())
+    shutil.rmtree(tracking.scratch_dir())
+    tracking.save_pyfunc(tmp_path / "m1", weights, (1, 8, 8), Model())
     assert _tree(tmp_path / "m1").keys() == _tree(tmp_path / "m0").keys()
     assert (tmp_path / "m1" / "code" / "compbias" / "jobs" / "__init__.py").is_file()
     assert (tmp_path / "m1" / "artifacts" / "weights" / "weights.safetensors").read_bytes() == files["weights.safetensors"]
