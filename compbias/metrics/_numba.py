@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numba
 
-__all__ = ["PARALLEL_MIN_WORK", "kernel", "threads_for"]
+__all__ = ["PARALLEL_MIN_LABELS", "PARALLEL_MIN_WORK", "kernel", "threads_for", "threads_for_labels"]
 
 
 def kernel(*, parallel: bool = False) -> Callable[[Callable[..., Any]], Any]:
@@ -69,3 +69,22 @@ def threads_for(work: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+# Below this many label reads the single-pass counting kernels (confusion
+# counts, modal labels, CIE scores) run on one thread. They read every label
+# once at about 1 ns per label on one core, so 250,000 labels are about
+# 0.25 ms of work per thread on two threads: more than a parallel region
+# costs to start on a quiet machine.
+PARALLEL_MIN_LABELS = 250_000
+
+
+def threads_for_labels(n_labels: int) -> int:
+    """Threads for a counting kernel reading ``n_labels`` labels: numba's setting, or 1 below :data:`PARALLEL_MIN_LABELS`.
+
+    The counting kernels split their work statically over the number of
+    threads they are given; with one thread the caller runs the kernel's
+    serial twin (no parallel region, and numba's thread count is not
+    changed, which costs about 20 us per change).
+    """
+    return numba.get_num_threads() if n_labels >= PARALLEL_MIN_LABELS else 1

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel, threads_for
+from compbias.metrics._numba import PARALLEL_MIN_LABELS, kernel, threads_for, threads_for_labels
 
 __all__ = [
     "ClassRates",
@@ -54,23 +54,6 @@ _MIN_CHUNK = 32_768
 _MAX_BUFFER_BYTES = 256 * 2**20
 # examples per block at most: a block's private counts are int32
 _MAX_BLOCK = 2**31 - 1
-# Below this many label reads the single-pass counting kernels (confusion
-# counts, modal labels, CIE scores) run on one thread. They read every label
-# once at about 1 ns per label on one core, so 250,000 labels are about
-# 0.25 ms of work per thread on two threads: more than a parallel region
-# costs to start on a quiet machine.
-PARALLEL_MIN_LABELS = 250_000
-
-
-def threads_for_labels(n_labels: int) -> int:
-    """Threads for a counting kernel reading ``n_labels`` labels: numba's setting, or 1 below :data:`PARALLEL_MIN_LABELS`.
-
-    The counting kernels split their work statically over the number of
-    threads they are given; with one thread the caller runs the kernel's
-    serial twin (no parallel region, and numba's thread count is not
-    changed, which costs about 20 us per change).
-    """
-    return numba.get_num_threads() if n_labels >= PARALLEL_MIN_LABELS else 1
 
 
 # --------------------------------------------------------------------------

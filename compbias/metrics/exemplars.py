@@ -9,8 +9,8 @@ import numba
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel
-from compbias.metrics.confusion import as_label_ids, raise_first_out_of_range, threads_for_labels
+from compbias.metrics._numba import kernel, threads_for_labels
+from compbias.metrics.confusion import as_label_ids, raise_first_out_of_range
 
 __all__ = ["CIECut", "cie_cut", "cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
