@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["PACKAGE_DIR", "source_checkout", "configs_dir", "mlproject_dir", "cache_dir"]
+__all__ = ["CACHE_ENV", "PACKAGE_DIR", "source_checkout", "configs_dir", "mlproject_dir", "cache_dir"]
+
+#: The environment variable naming the root of every compbias cache (datasets, audit artifacts, numba).
+CACHE_ENV = "COMPBIAS_CACHE_DIR"
 
 #: The directory of the imported ``compbias`` package.
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -63,11 +66,17 @@ def cache_dir(*parts: str) -> Path:
     Returns
     -------
     pathlib.Path
+        ``$COMPBIAS_CACHE_DIR/...`` when that is set; else
         ``<checkout>/.cache/...`` in a source checkout; otherwise
         ``$XDG_CACHE_HOME/compbias/...`` (default ``~/.cache/compbias/...``).
+        The one rule for every cache: decoded datasets under ``datasets``,
+        downloaded audit artifacts under ``audit``, numba's under ``numba``.
     """
+    root = os.environ.get(CACHE_ENV)
     checkout = source_checkout()
-    if checkout is not None:
+    if root:
+        base = Path(root)
+    elif checkout is not None:
         base = checkout / ".cache"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compbias"

@@ -39,6 +39,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from compbias._locations import CACHE_ENV
+from compbias._locations import cache_dir as _cache_root  # the parameter cache_dir shadows the name
+
 __all__ = [
     "DATASET_KINDS",
     "DatasetBundle",
@@ -216,7 +219,7 @@ def load_dataset(
         ``cifar10`` / ``cifar100`` only: download when the files are missing.
     cache_dir : path, optional
         Directory for an on-disk ``.npy`` cache of decoded images, keyed by a
-        hash of the files and options (default: ``$COMPBIAS_CACHE_DIR`` if set).
+        hash of the files and options (default: ``$COMPBIAS_CACHE_DIR/datasets`` if that variable is set, else none).
         Decoded images are also kept in memory for the life of the process.
 
     Returns
@@ -305,7 +308,8 @@ def load_dataset(
     if len(train.keys) == 0 or len(test.keys) == 0:
         raise ValueError(f"empty split after selection: {len(train.keys)} train / {len(test.keys)} test examples")
 
-    cache_dir = cache_dir if cache_dir is not None else os.environ.get("COMPBIAS_CACHE_DIR")
+    if cache_dir is None and os.environ.get(CACHE_ENV):
+        cache_dir = str(_cache_root("datasets"))
     train_x = _pool_images(train, root_path, image_size, cache_dir)
     test_x = _pool_images(test, root_path, image_size, cache_dir)
     if train_x.shape[1:] != test_x.shape[1:]:

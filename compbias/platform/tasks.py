@@ -135,7 +135,7 @@ def _dataset(spec: StudySpec):
     if spec.dataset.kind != "digits":
         from compbias._locations import cache_dir
 
-        cache = os.environ.get("COMPBIAS_CACHE_DIR") or str(cache_dir("datasets"))
+        cache = str(cache_dir("datasets"))  # under $COMPBIAS_CACHE_DIR when set
         opts["cache_dir"] = cache
     key = repr((spec.dataset.kind, sorted(opts.items(), key=lambda kv: kv[0])))
     if key not in _DATASETS:
@@ -152,7 +152,9 @@ def _load_files(files: ModelFiles):
         return jobs.load_model(tmp)
 
 
-def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | None = None) -> TaskResult:
+def execute_task(
+    task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | None = None, *, tracking_uri: str | None = None
+) -> TaskResult:
     """Train or compress one model and evaluate it.
 
     Parameters
@@ -163,6 +165,9 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         travels to workers without pickling pydantic objects.
     baseline : dict of str to bytes, optional
         The baseline model's files; required for compressed tasks.
+    tracking_uri : str, optional
+        The store (tracking and registry) a ``baseline: {model_uri: ...}`` is
+        downloaded from; default: MLflow's current URIs (read, not set).
 
     Returns
     -------
@@ -185,7 +190,7 @@ def execute_task(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFile
         model = jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, spec.model.width, seed=task.seed,
                                  kwargs=spec.model.kwargs, blocks=spec.model.blocks)
         if spec.baseline is not None:
-            source = _load_given_baseline(spec, task, model)
+            source = _load_given_baseline(spec, task, model, tracking_uri=tracking_uri)
             history: list = []
             _progress(task)(f"baseline from {spec.baseline.kind} {source} (not trained)")
         else:
@@ -260,7 +265,7 @@ def _resolve_path(text: str) -> Path:
     return p
 
 
-def _load_given_baseline(spec: StudySpec, task: ModelTask, model) -> str:
+def _load_given_baseline(spec: StudySpec, task: ModelTask, model, *, tracking_uri: str | None = None) -> str:
     """Fill ``model`` (built by the study's ``model:``) with the baseline given in ``baseline:``; return its source.
 
     Weights files and the ``weights.safetensors`` of a model URI are checked
@@ -280,10 +285,21 @@ def _load_given_baseline(spec: StudySpec, task: ModelTask, model) -> str:
 
     with tempfile.TemporaryDirectory(prefix="compbias-baseline-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+            if tracking_uri:
+                from mlflow import MlflowClient
+
+                from compbias.platform.tracking.store import scoped_tracking_uri
+
+                # MLflow's models:/ repository looks the version up in the process's registry whatever it is
+                # told: the study's store for this one call, then the process's URIs as they were
+                with scoped_tracking_uri(MlflowClient(tracking_uri, tracking_uri)):
+                    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri))
+            else:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
         except Exception as exc:
             raise ValueError(
-                f"baseline.model_uri for seed {task.seed}: cannot download {source!r} from {mlflow.get_tracking_uri()} "
+                f"baseline.model_uri for seed {task.seed}: cannot download {source!r} from {tracking_uri or mlflow.get_tracking_uri()} "
                 f"({type(exc).__name__}: {exc}); check the name and version and the tracking/registry URI"
             ) from None
         found = [local] if local.is_file() and local.suffix == ".safetensors" else sorted(local.rglob("*.safetensors"))

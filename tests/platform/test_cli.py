@@ -42,6 +42,7 @@ def test_version_is_the_installed_distributions(capsys):
 def test_caches_of_an_installed_package_go_to_the_user_cache(tmp_path, monkeypatch):
     from compbias import _locations
 
+    monkeypatch.delenv("COMPBIAS_CACHE_DIR", raising=False)
     assert _locations.source_checkout() == REPO and _locations.cache_dir("numba") == REPO / ".cache" / "numba"
     monkeypatch.setattr(_locations, "PACKAGE_DIR", tmp_path / "lib" / "python3.11" / "site-packages" / "compbias")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -50,6 +51,17 @@ def test_caches_of_an_installed_package_go_to_the_user_cache(tmp_path, monkeypat
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert _locations.cache_dir("datasets") == tmp_path / "home" / ".cache" / "compbias" / "datasets"
+
+
+def test_one_cache_root_for_datasets_audit_artifacts_and_numba(tmp_path, monkeypatch):
+    """COMPBIAS_CACHE_DIR is the root of every cache: the dataset cache and the audit's artifacts sit under it."""
+    from compbias import _locations
+    from compbias.platform.audit.fetch import default_cache_dir
+
+    monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "c"))
+    assert _locations.cache_dir("datasets") == tmp_path / "c" / "datasets"
+    assert default_cache_dir() == tmp_path / "c" / "audit"
+    assert _locations.cache_dir("numba") == tmp_path / "c" / "numba"
 
 
 def test_bad_study_file_exits_2_naming_the_key(tmp_path, capsys):

@@ -62,15 +62,17 @@ class Fetched:
 
 
 def default_cache_dir() -> Path:
-    """Return the artifact cache directory.
+    """Return the artifact cache directory: ``audit`` under compbias's cache root.
 
     Returns
     -------
     pathlib.Path
-        ``$COMPBIAS_CACHE_DIR/audit`` when set, else ``~/.cache/compbias/audit``.
+        :func:`compbias._locations.cache_dir` ``("audit")``
+        (``$COMPBIAS_CACHE_DIR/audit`` when that is set).
     """
-    root = os.environ.get("COMPBIAS_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "compbias") / "audit"
+    from compbias._locations import cache_dir
+
+    return cache_dir("audit")
 
 
 class ArtifactFetcher:
