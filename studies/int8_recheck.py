@@ -550,7 +550,9 @@ def _recheck(args, client, registered: str, pairs: dict[int, dict[str, Any]], sc
 
     opts = spec.dataset.loader_options()
     if spec.dataset.kind != "digits":
-        opts["cache_dir"] = os.environ.get("COMPBIAS_CACHE_DIR") or str(Path(__file__).resolve().parents[2] / ".cache" / "datasets")
+        from compbias._locations import cache_dir
+
+        opts["cache_dir"] = str(cache_dir("datasets"))  # as the study's tasks do
     try:
         bundle = jobs.load_dataset(spec.dataset.kind, **opts)
     except (FileNotFoundError, ValueError) as exc:
