@@ -355,10 +355,12 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         )
 
 
-def _remote_body(task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | TaskResult | None) -> TaskResult:
+def _remote_body(
+    task: ModelTask, spec_data: dict[str, Any], baseline: ModelFiles | TaskResult | None, tracking_uri: str | None = None
+) -> TaskResult:
     if isinstance(baseline, TaskResult):
         baseline = baseline.model_files
-    return execute_task(task, spec_data, baseline)
+    return execute_task(task, spec_data, baseline, tracking_uri=tracking_uri)
 
 
 def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
@@ -422,9 +424,10 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, spec: StudySpec):
+    def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None):
         import ray
 
+        self.tracking_uri = tracking_uri  # the study's store, passed to each task (a given baseline's model_uri)
         init_ray()
         self._ray = ray
         self.spec_data = spec.resolved()
@@ -445,7 +448,7 @@ class RayExecutor:
         -------
         ray.ObjectRef
         """
-        return self._remote.options(name=task.label, **self.options).remote(task, self._spec_ref, baseline)
+        return self._remote.options(name=task.label, **self.options).remote(task, self._spec_ref, baseline, self.tracking_uri)
 
     def put(self, files: ModelFiles):
         """Store model files once in the object store to share among tasks.
@@ -549,8 +552,9 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, spec: StudySpec):
+    def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None):
         self.spec_data = spec.resolved()
+        self.tracking_uri = tracking_uri
 
     def submit(self, task: ModelTask, baseline: Any = None) -> _Done:
         """Run the task now.
@@ -569,7 +573,7 @@ class LocalExecutor:
                 return _Done(error=RuntimeError(f"baseline of {task.label} failed: {baseline.error}"))
             baseline = baseline.value.model_files
         try:
-            return _Done(value=execute_task(task, self.spec_data, baseline))
+            return _Done(value=execute_task(task, self.spec_data, baseline, tracking_uri=self.tracking_uri))
         except Exception as exc:  # reported by result()
             return _Done(error=exc)
 
@@ -615,20 +619,22 @@ class LocalExecutor:
         return handle.value
 
 
-def make_executor(kind: str, spec: StudySpec):
+def make_executor(kind: str, spec: StudySpec, *, tracking_uri: str | None = None):
     """Build an executor by name.
 
     Parameters
     ----------
     kind : {"ray", "local"}
     spec : StudySpec
+    tracking_uri : str, optional
+        The study's store, handed to every task (a baseline given by ``model_uri`` is downloaded from it).
 
     Returns
     -------
     RayExecutor or LocalExecutor
     """
     if kind == "ray":
-        return RayExecutor(spec)
+        return RayExecutor(spec, tracking_uri=tracking_uri)
     if kind == "local":
-        return LocalExecutor(spec)
+        return LocalExecutor(spec, tracking_uri=tracking_uri)
     raise ValueError(f"unknown executor {kind!r}; use 'ray' or 'local'")

@@ -93,6 +93,8 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _client(client=None):
+    """The given client, else an explicit one of MLflow's current URIs (the user's ``mlflow.set_tracking_uri``
+    or ``MLFLOW_TRACKING_URI``: read, never set)."""
     from mlflow.tracking import MlflowClient
 
     if client is not None:
@@ -380,7 +382,7 @@ def log_member(
     if model_uri:
         source, model_id = _resolve_model_uri(client, model_uri)
 
-    active = mlflow.active_run()
+    active = mlflow.active_run()  # fluent by design: the user's own ``with mlflow.start_run():`` (read, not started)
     started = False
     if run_id:
         try:
@@ -430,9 +432,12 @@ def log_member(
                 client.create_registered_model(name, tags={C.STUDY: member.study})
             except Exception:
                 client.get_registered_model(name)  # created concurrently
-        mv = client.create_model_version(
-            name, source=source or run.info.artifact_uri, run_id=rid, tags=tags, await_creation_for=60, model_id=model_id
-        )
+        from compbias.platform.tracking import scoped_tracking_uri
+
+        with scoped_tracking_uri(client):  # a SQL registry resolves a models:/<model_id> source with the process URI
+            mv = client.create_model_version(
+                name, source=source or run.info.artifact_uri, run_id=rid, tags=tags, await_creation_for=60, model_id=model_id
+            )
         version = str(mv.version)
         if started:
             client.set_terminated(rid, "FINISHED")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import mlflow
+from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from compbias import contract as C
@@ -159,6 +159,7 @@ def run_study(
     methods: Iterable[str] | None = None,
     levels: Iterable[str] | None = None,
     tracking_uri: str | None = None,
+    client: MlflowClient | None = None,
     step: str = "study",
     log: Callable[[str], None] = _default_log,
 ) -> StudyOutcome:
@@ -177,7 +178,11 @@ def run_study(
     methods, levels : iterable of str, optional
         Restrict the compressed tasks (``compbias compress --method ... --level ...``).
     tracking_uri : str, optional
-        Overrides ``MLFLOW_TRACKING_URI``.
+        The store (tracking and registry); default ``MLFLOW_TRACKING_URI`` or
+        MLflow's default. Read into a client, never set process-wide.
+    client : MlflowClient, optional
+        A client of the store, instead of ``tracking_uri`` (as
+        :func:`compbias.platform.tracking.configure_tracking` makes it).
     step : str
         Recorded as the parent run's ``compbias.step`` tag.
     log : callable
@@ -217,7 +222,7 @@ def run_study(
         check_ray_address()  # a dead RAY_ADDRESS fails here, before anything is logged
 
     with watch:
-        client = tracking.configure_tracking(tracking_uri)
+        client = client if client is not None else tracking.configure_tracking(tracking_uri)
         exp_id = tracking.ensure_experiment(client, spec.experiment_name)
         tracking.ensure_registered_model(client, spec)
         project_run = os.environ.get("MLFLOW_RUN_ID")
@@ -267,7 +272,7 @@ def run_study(
         study=spec.name,
         experiment_id=exp_id,
         parent_run_id=parent_id,
-        tracking_uri=mlflow.get_tracking_uri(),
+        tracking_uri=str(client.tracking_uri),
         interrupted=list(state.interrupted),
         deleted_versions=list(state.deleted_versions),
     )
@@ -325,7 +330,7 @@ def run_study(
 
 
 def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, executor_kind, watch, log) -> None:
-    ex = make_executor(executor_kind, spec)
+    ex = make_executor(executor_kind, spec, tracking_uri=str(client.tracking_uri))
     handles: dict = {}
     task_of: dict = {}
     baseline_refs: dict = {}

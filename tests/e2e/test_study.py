@@ -52,11 +52,9 @@ def study(tmp_path_factory, ray_cluster):
     path = d / "study.yaml"
     path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
     uri = f"sqlite:///{d}/mlflow.db"
-    old = mlflow.get_tracking_uri()
     code = cli.main(["study", str(path), "--tracking-uri", uri])
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     yield {"path": path, "uri": uri, "client": client, "code": code}
-    mlflow.set_tracking_uri(old)
 
 
 def _model_runs(client, exp_id, status=None):
@@ -141,8 +139,10 @@ def test_every_model_is_a_registered_version_with_lineage(study):
     assert len(by_run) == N_MODELS
 
 
-def test_registered_model_loads_with_pyfunc_and_predicts_what_was_logged(study):
+def test_registered_model_loads_with_pyfunc_and_predicts_what_was_logged(study, monkeypatch):
     from compbias.jobs import load_dataset
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study["uri"])  # a user's mlflow.pyfunc.load_model reads the store from it
 
     client = study["client"]
     v = next(v for v in _versions(client) if v.tags["compbias.method"] == "quantize")

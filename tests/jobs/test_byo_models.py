@@ -146,7 +146,7 @@ def test_a_baseline_from_an_mlflow_model_uri(tmp_path, monkeypatch):
 
     name = user_module(tmp_path, monkeypatch)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's store, for their fluent mlflow calls
     theirs = build_model(f"{name}:tiny", 10, (1, 8, 8), seed=3, kwargs={"hidden": 4}).eval()
     save_file(dict(theirs.state_dict()), str(tmp_path / "weights.safetensors"))
     (tmp_path / "pickled").mkdir()

@@ -39,7 +39,6 @@ def study(tmp_path_factory):
     path = d / "byo.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     uri = f"sqlite:///{d}/mlflow.db"
-    old_t, old_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mp.setenv("COMPBIAS_ARTIFACT_ROOT", str(d / "artifacts"))
     try:
         code = cli.main(["study", str(path), "--tracking-uri", uri, "--executor", "local"])
@@ -47,8 +46,6 @@ def study(tmp_path_factory):
         yield {"code": code, "client": client, "dir": d, "module": name, "uri": uri}
     finally:
         mp.undo()
-        mlflow.set_tracking_uri(old_t)
-        mlflow.set_registry_uri(old_r)
 
 
 def test_the_study_trains_compresses_and_registers(study):
@@ -67,8 +64,9 @@ def test_the_study_trains_compresses_and_registers(study):
     assert len(list(client.search_model_versions("name = 'compbias-byo-tiny'"))) == 2
 
 
-def test_registered_weights_reload_from_factory_and_safetensors(study, tmp_path):
+def test_registered_weights_reload_from_factory_and_safetensors(study, tmp_path, monkeypatch):
     client = study["client"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study["uri"])  # MLflow's models:/ download asks the process's registry
     bundle = jobs.load_dataset("digits", groups=["ink"], max_train=300, max_test=200)
     x = bundle.test.batch(torch.arange(len(bundle.test)))[0]
     versions = list(client.search_model_versions("name = 'compbias-byo-tiny'"))

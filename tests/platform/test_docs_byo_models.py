@@ -49,7 +49,6 @@ def test_the_bring_your_own_models_snippets_run(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(uri)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MPLBACKEND="Agg",
                NUMBA_CACHE_DIR=str(REPO / ".cache" / "numba"), PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")

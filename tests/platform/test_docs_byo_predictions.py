@@ -37,7 +37,6 @@ def test_the_bring_your_own_predictions_snippets_run(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(uri)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MPLBACKEND="Agg",
                NUMBA_CACHE_DIR=str(REPO / ".cache" / "numba"), PYTHONPATH=str(REPO))

@@ -43,11 +43,9 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("byo", artifact_location=str(tmp_path / "artifacts"))
     yield {"uri": uri, "client": client, "exp": exp, "root": tmp_path}
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ def study(tmp_path_factory):
     path = d / "lm-tiny.yaml"
     path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
     uri = f"sqlite:///{d}/mlflow.db"
-    old_t, old_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mp = pytest.MonkeyPatch()
     mp.setenv("COMPBIAS_ARTIFACT_ROOT", str(d / "artifacts"))
     try:
@@ -49,8 +48,6 @@ def study(tmp_path_factory):
         yield {"client": client, "exp": exp, "runs": {r.info.run_id: r for r in runs}, "uri": uri}
     finally:
         mp.undo()
-        mlflow.set_tracking_uri(old_t)
-        mlflow.set_registry_uri(old_r)
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +106,20 @@ def test_each_version_is_registered_from_its_logged_model(study):
     assert client.get_run(base.info.run_id).inputs.model_inputs == []
 
 
-def test_a_registered_version_loads_and_predicts_what_compbias_jobs_predicts(study, bundle):
+def test_a_registered_version_loads_and_predicts_what_compbias_jobs_predicts(study, bundle, monkeypatch):
     client = study["client"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study["uri"])  # a user's mlflow.pyfunc.load_model reads the store from it
     idx = torch.arange(0, 200, 17)
     x, _ = bundle.test.batch(idx)
     for v in client.search_model_versions(f"name = '{REGISTERED}'"):
         served = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/{v.version}")
         out = served.predict(x.numpy())
-        files = tracking.version_model_files(REGISTERED, str(v.version))
+        files = tracking.version_model_files(REGISTERED, str(v.version), client=client)
         assert set(files) >= {"weights.safetensors", "model_spec.json"}
         with_jobs = jobs.predict_logits(_load(files), x).argmax(axis=1)
         np.testing.assert_array_equal(out["pred"].to_numpy(), with_jobs)
-        logged = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="predictions.parquet"))
+        logged = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="predictions.parquet",
+                                                                     tracking_uri=study["uri"]))
         np.testing.assert_array_equal(logged.set_index("example_id").loc[idx.numpy(), "pred"].to_numpy(), with_jobs)
 
 
@@ -152,10 +151,11 @@ def test_each_model_run_has_its_train_and_test_splits_as_dataset_inputs(study, b
 def test_the_csv_twins_hold_the_same_tables_as_the_parquet_files(study):
     for rid in study["runs"]:
         for stem in ("predictions", "rates/per_class", "rates/per_group"):
-            pq = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"{stem}.parquet"))
+            pq = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"{stem}.parquet", tracking_uri=study["uri"]))
             # text columns stay text ("0".."9" class names would otherwise be read as numbers)
             text = {c: str for c in pq.columns if pd.api.types.is_string_dtype(pq[c])}
-            csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"{stem}.csv"), dtype=text)
+            csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"{stem}.csv", tracking_uri=study["uri"]),
+                              dtype=text)
             assert len(pq) > 0, stem
             assert list(csv.columns) == list(pq.columns), stem
             pd.testing.assert_frame_equal(csv, pq, check_dtype=False, check_exact=True, obj=stem)

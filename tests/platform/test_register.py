@@ -30,9 +30,7 @@ def store(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's store, as log_member reads it (nothing sets it process-wide)
     return {"uri": uri, "client": MlflowClient(uri, uri), "tmp": tmp_path}
 
 

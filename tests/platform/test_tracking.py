@@ -5,6 +5,7 @@ training); the end-to-end test in tests/e2e drives the real jobs through Ray.
 """
 
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -30,10 +31,8 @@ STUDY = {
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d}/mlflow.db"
-    old = mlflow.get_tracking_uri()
     client = tracking.configure_tracking(uri)
     yield client
-    mlflow.set_tracking_uri(old)
 
 
 def _result(task, *, acc_pred=None, nan_class=None):
@@ -127,7 +126,8 @@ def test_logged_run_has_tags_metrics_artifacts_and_a_registered_version(store, t
     assert {"predictions.parquet", "study.yaml", "rates/per_class.parquet", "rates/per_group.parquet"} <= names
     assert {"predictions.csv", "rates/per_class.csv", "rates/per_group.csv"} <= names  # what MLflow's viewer previews
     assert "model" not in names  # the model lives in its LoggedModel's own artifact location
-    back = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=comp.run_id, artifact_path="predictions.parquet"))
+    back = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=comp.run_id, artifact_path="predictions.parquet",
+                                                               tracking_uri=store.tracking_uri))
     assert list(back.columns[:4]) == ["example_id", "label", "pred", "prob"] and len(back) == 40
 
     mv = store.get_model_version(spec.registered_model_name, comp.version)
@@ -188,20 +188,17 @@ def test_a_failure_after_registration_deletes_the_version_and_fails_the_run(stor
     assert [(m.source_run_id, m.status) for m in models] == [(runs[0].info.run_id, LoggedModelStatus.FAILED)]
 
 
-def test_logging_uses_the_given_client_not_the_process_tracking_uri(store, tmp_path):
+def test_logging_uses_the_given_client_not_the_process_tracking_uri(store, tmp_path, monkeypatch):
     """MLflow's SQL registry resolves a models:/<model_id> source with the process's URI; the client's store must still be used."""
     spec = parse_study({**STUDY, "name": "trk-uri"})
     other = f"sqlite:///{tmp_path}/other.db"
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(other)
-    try:
-        exp = tracking.ensure_experiment(store, spec.experiment_name)
-        tracking.ensure_registered_model(store, spec)
-        parent = tracking.start_parent_run(store, exp, spec, "x")
-        fm = tracking.log_model_run(store, exp, parent, spec, "x", _result(plan_study(spec)[0]))
-        assert mlflow.get_tracking_uri() == other  # left as it was
-    finally:
-        mlflow.set_tracking_uri(old)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)  # the process's URI names another store
+    exp = tracking.ensure_experiment(store, spec.experiment_name)
+    tracking.ensure_registered_model(store, spec)
+    parent = tracking.start_parent_run(store, exp, spec, "x")
+    fm = tracking.log_model_run(store, exp, parent, spec, "x", _result(plan_study(spec)[0]))
+    assert mlflow.get_tracking_uri() == other  # left as it was
+    assert os.environ["MLFLOW_TRACKING_URI"] == other
     mv = store.get_model_version(spec.registered_model_name, fm.version)
     assert mv.source == f"models:/{fm.model_id}" and store.get_logged_model(fm.model_id).source_run_id == fm.run_id
     assert store.get_run(fm.run_id).info.status == "FINISHED"
@@ -257,11 +254,7 @@ def test_a_sqlite_store_configured_by_compbias_is_in_wal_mode(tmp_path):
 
     db = tmp_path / "new" / "mlflow.db"
     db.parent.mkdir()
-    old = mlflow.get_tracking_uri()
-    try:
-        tracking.configure_tracking(f"sqlite:///{db}").search_experiments()  # a new store: MLflow creates its tables
-    finally:
-        mlflow.set_tracking_uri(old)
+    tracking.configure_tracking(f"sqlite:///{db}").search_experiments()  # a new store: MLflow creates its tables
     con = sqlite3.connect(db)
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent: every later user gets it
@@ -316,11 +309,7 @@ def test_two_processes_logging_at_once_to_one_wal_store_lose_nothing(tmp_path):
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    old = mlflow.get_tracking_uri()
-    try:
-        tracking.configure_tracking(uri).search_experiments()  # the schema exists before the two writers start
-    finally:
-        mlflow.set_tracking_uri(old)
+    tracking.configure_tracking(uri).search_experiments()  # the schema exists before the two writers start
     script = tmp_path / "writer.py"
     script.write_text(_WRITER.format(repo=str(Path(__file__).resolve().parents[2]), test_file=str(Path(__file__).resolve())))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
@@ -361,3 +350,22 @@ def test_models_are_still_saved_after_the_code_copy_directory_is_removed(tmp_pat
     assert (tmp_path / "m1" / "code" / "compbias" / "jobs" / "__init__.py").is_file()
     assert (tmp_path / "m1" / "artifacts" / "weights" / "weights.safetensors").read_bytes() == files["weights.safetensors"]
     assert Model.load(str(tmp_path / "m1" / "MLmodel")).flavors["python_function"]["artifacts"]["weights"]["path"] == "artifacts/weights"
+
+
+def test_configure_tracking_sets_no_process_wide_uri(tmp_path, monkeypatch):
+    """Library code hands out an explicit client; MLflow's process globals and their environment variables stay as they were."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    uri = f"sqlite:///{tmp_path}/own.db"
+    client = tracking.configure_tracking(uri)
+    assert (client.tracking_uri, client._registry_uri) == (uri, uri)
+    assert (tracking_utils._tracking_uri, registry_utils._registry_uri) == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    with tracking.scoped_tracking_uri(client):
+        assert mlflow.get_tracking_uri() == uri
+    assert (tracking_utils._tracking_uri, registry_utils._registry_uri) == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -137,7 +137,7 @@ def census(uri: str) -> Census:
 
 @pytest.fixture(autouse=True)
 def _quiet_mlflow():
-    """Quiet MLflow's loggers (tests/conftest.py restores its process-wide URIs)."""
+    """Quiet MLflow's loggers (nothing in compbias sets MLflow's process-wide URIs)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -179,8 +179,4 @@ def finished_store(tmp_path, finished_template, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_ARTIFACT_ROOT", str(store / "artifacts"))
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     yield {"uri": uri, "store": store, "study": study, "work": work, "tmp": tmp_path}

@@ -45,7 +45,8 @@ def _world(tmp_path_factory):
     """
     tmp_path = tmp_path_factory.mktemp("bad-evaluate")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)  # the suite's conftest restores the process-wide URIs after the module
+    mp = pytest.MonkeyPatch()  # the user's store for their fluent mlflow calls below, undone at once
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("bad", artifact_location=str(tmp_path / "artifacts"))
     client.create_registered_model(MODEL)
@@ -75,6 +76,7 @@ def _world(tmp_path_factory):
     logged("gone", lambda run: str(gone), _tags(4))
     shutil.rmtree(gone)
     logged("no_seed", state_dict, {C.STUDY: "bad", C.ROLE: "baseline"})
+    mp.undo()
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"example_id": np.arange(N), "label": rng.integers(0, 2, N), "g": rng.integers(0, 2, N),
                           **{f"f{j}": rng.normal(size=N) for j in range(3)}})
@@ -89,7 +91,6 @@ def world(_world, monkeypatch):
     monkeypatch.chdir(_world["tmp"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _world["uri"])
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(_world["tmp"] / "cache"))
-    mlflow.set_tracking_uri(_world["uri"])
     return _world
 
 

@@ -25,6 +25,7 @@ from compbias.platform.audit.fetch import ArtifactFetcher, Fetched, default_cach
 from compbias.platform.audit.population import PopulationError, build_study_data
 from compbias.platform.audit.registry import reconcile_alias, write_tags_batch, write_version_tags
 from compbias.platform.audit.selection import Selection, VersionRecord, list_versions, select_targets, study_groups
+from compbias.platform.tracking import configure_tracking
 
 log = logging.getLogger("compbias.audit")
 
@@ -265,7 +266,8 @@ def run_audit(
     Parameters
     ----------
     client : MlflowClient, optional
-        Default: the store ``MLFLOW_TRACKING_URI`` names.
+        Default: a client of the store ``MLFLOW_TRACKING_URI`` names
+        (:func:`~compbias.platform.tracking.configure_tracking`; no process-wide URI is set).
     selection : Selection, optional
         Empty (default): every compbias version not yet audited by the
         current metrics version.
@@ -287,7 +289,7 @@ def run_audit(
         When an explicit selection names versions, models or studies that do
         not exist.
     """
-    client = client or MlflowClient()
+    client = client if client is not None else configure_tracking()  # explicit: no process URI is set
     selection = selection or Selection()
     options = options or AuditOptions()
     say = progress or (lambda msg: log.info(msg))
@@ -557,7 +559,7 @@ def watch(
     int
         Number of audit runs logged.
     """
-    client = client or MlflowClient()
+    client = client if client is not None else configure_tracking()  # explicit: no process URI is set
     say = progress or (lambda msg: log.info(msg))
     n_runs = passes = 0
     while max_passes is None or passes < max_passes:

@@ -50,10 +50,14 @@ class ModelLoader:
     ----------
     cache_dir : path or None
         Model files are kept under ``<cache_dir>/models/<name>/<version>``.
+    client : MlflowClient, optional
+        The store to download from (its tracking and registry URIs); default:
+        MLflow's current URIs (read, not set).
     """
 
-    def __init__(self, cache_dir: Path | None):
+    def __init__(self, cache_dir: Path | None, client=None):
         self.cache_dir = Path(cache_dir) / "models" if cache_dir is not None else None
+        self.client = client
         self._tmp: list[str] = []
 
     def directory(self, record: VersionRecord) -> Path:
@@ -72,7 +76,12 @@ class ModelLoader:
                 return cached
         tmp = tempfile.mkdtemp(prefix="compbias-model-")
         self._tmp.append(tmp)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{record.name}/{record.version}", dst_path=tmp))
+        if self.client is None:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{record.name}/{record.version}", dst_path=tmp))
+        else:  # through the client: MLflow's models:/ repository would look the version up in the process's registry
+            location = self.client.get_model_version_download_uri(record.name, record.version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                             tracking_uri=self.client.tracking_uri))
         hits = sorted(p.parent for p in local.rglob("model_spec.json") if "code" not in p.relative_to(local).parts)
         if not hits:
             raise FileNotFoundError(f"version {record.key} has no saved weights (no model_spec.json in its model artifacts)")
@@ -193,7 +202,7 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
         out.notes.append(f"SVCCA/CKA left out: compbias.jobs is not importable ({exc})")
         return out
     base_by_version = {r.version: r for r in data.baseline.records}
-    loader = ModelLoader(getattr(cache, "cache_dir", None))
+    loader = ModelLoader(getattr(cache, "cache_dir", None), client)
     try:
         try:
             probe = probe_inputs(study_file, settings.probe_size, settings.seed)

@@ -30,8 +30,8 @@ here:
 - :mod:`.resume`: :func:`scan_study` and downloads of model files.
 
 Library functions take an explicit :class:`~mlflow.MlflowClient`; none sets
-MLflow's process-wide URIs (a CLI entry point may, with
-:func:`use_process_tracking`).
+MLflow's process-wide URIs (:func:`scoped_tracking_uri` swaps the tracking URI
+for the one MLflow call that reads it, and restores it).
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from compbias.platform.tracking.store import (
     scoped_tracking_uri,
     sqlite_store_path,
     tracking_error_message,
-    use_process_tracking,
     use_sqlite_wal,
 )
 
@@ -70,7 +69,6 @@ __all__ = [
     "PACKAGE_DIR",
     "PYFUNC_CODE",
     "configure_tracking",
-    "use_process_tracking",
     "scoped_tracking_uri",
     "use_sqlite_wal",
     "sqlite_store_path",

@@ -170,12 +170,12 @@ def version_model_files(registered_model: str, version: str, *, client: MlflowCl
     """
     from compbias.platform.tasks import model_files_from_dir
 
-    uri = f"models:/{registered_model}/{version}"
-    where = {}
-    if client is not None:
-        where = {"tracking_uri": client.tracking_uri, "registry_uri": getattr(client, "_registry_uri", None) or client.tracking_uri}
     with tempfile.TemporaryDirectory(prefix="compbias-dl-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, **where))
+        if client is None:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}/{version}", dst_path=tmp))
+        else:  # the version's location through the client: MLflow's models:/ repository would ask the process's registry
+            location = client.get_model_version_download_uri(registered_model, version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=client.tracking_uri))
         hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
         if not hits:
             raise FileNotFoundError(f"version {version} of {registered_model} has no saved weights (model_spec.json)")

@@ -1,12 +1,10 @@
 """The tracking store: client set-up, reachability, SQLite WAL, error messages, experiment and registered model.
 
-No function here sets MLflow's process-wide tracking or registry URI: a
-library caller gets an explicit :class:`~mlflow.MlflowClient` from
-:func:`configure_tracking` and passes it on.  Only a command-line entry point
-calls :func:`use_process_tracking` (so that the user's own fluent MLflow
-calls and the Ray workers it starts see the same store), and
-:func:`scoped_tracking_uri` is the one place that changes the process URI
-for the length of one MLflow call that reads it, and puts it back.
+No function here sets MLflow's process-wide tracking or registry URI for
+good: a caller gets an explicit :class:`~mlflow.MlflowClient` from
+:func:`configure_tracking` and passes it on.  :func:`scoped_tracking_uri` is
+the one place that changes the process URI, for the length of the one MLflow
+call that reads it although it is given a client, and puts it back exactly.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ __all__ = [
     "scoped_tracking_uri",
     "sqlite_store_path",
     "tracking_error_message",
-    "use_process_tracking",
     "use_sqlite_wal",
 ]
 
@@ -104,61 +101,64 @@ def configure_tracking(tracking_uri: str | None = None) -> MlflowClient:
     MlflowClient
         With ``tracking_uri`` and ``registry_uri`` both the resolved URI.
     """
-    if tracking_uri:  # TEMP(split commit): globals removed in the next commit
-        mlflow.set_tracking_uri(tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    uri = str(tracking_uri) if tracking_uri else mlflow.get_tracking_uri()
     check_tracking_reachable(uri)
     use_sqlite_wal(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def use_process_tracking(client: MlflowClient) -> None:
-    """Make a client's store MLflow's process-wide tracking and registry URI: for command-line entry points only.
-
-    A ``compbias`` command owns its process, so it may point the fluent MLflow
-    API (and, through ``MLFLOW_TRACKING_URI``, which ``mlflow.set_tracking_uri``
-    exports, the Ray workers it starts) at the store it was given. Library
-    code never calls this; it passes the client.
-
-    Parameters
-    ----------
-    client : MlflowClient
-    """
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(getattr(client, "_registry_uri", None) or client.tracking_uri)
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # what mlflow.set_*_uri export for subprocesses
 
 
 @contextlib.contextmanager
-def scoped_tracking_uri(client: MlflowClient):
-    """MLflow's process-wide tracking URI set to the client's while the block runs, then put back exactly.
+def _process_uris(tracking_uri: str, registry_uri: str | None = None):
+    """Set MLflow's process-wide tracking (and registry) URI for the block, then restore them exactly (see scoped_tracking_uri).
 
-    For the one MLflow call that reads the process URI although it is given a
-    client: a SQL registry store resolves a ``models:/<model_id>`` version
-    source with a fresh ``MlflowClient()`` (an MLflow TODO), not with the
-    client that asked; for a client of another store the lookup would miss.
-    Both the module global and ``MLFLOW_TRACKING_URI`` (which
-    ``mlflow.set_tracking_uri`` exports) are restored, as MLflow's own
-    ``_use_tracking_uri`` does for the global. Not thread-safe: only the
-    driver's one logging thread calls it.
+    Exactly: the module globals MLflow keeps (None when only the environment
+    named the store) and the environment variables ``mlflow.set_*_uri``
+    export, as MLflow's own ``_use_tracking_uri`` does for the global.
     """
-    from mlflow.tracking._tracking_service import utils as tracking_utils  # the global MLflow itself swaps
+    from mlflow.tracking._model_registry import utils as registry_utils  # the globals MLflow itself swaps
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    uri = client.tracking_uri
-    if not uri or uri == mlflow.get_tracking_uri():
-        yield
-        return
-    saved_global = getattr(tracking_utils, "_tracking_uri", None)
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None),
+             {k: os.environ.get(k) for k in _URI_ENV})
+    mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri is not None:
+        mlflow.set_registry_uri(registry_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_global)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        mlflow.set_tracking_uri(saved[0])
+        if registry_uri is not None:
+            mlflow.set_registry_uri(saved[1])
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def scoped_tracking_uri(client: MlflowClient):
+    """MLflow's process-wide tracking and registry URIs set to the client's while the block runs, then put back exactly.
+
+    For the MLflow calls that read the process URIs although they are given
+    a client or URIs: a SQL registry store resolves a ``models:/<model_id>``
+    version source with a fresh ``MlflowClient()`` (an MLflow TODO), and
+    MLflow's ``models:/`` artifact repository looks a version up with
+    ``mlflow.get_registry_uri()`` whatever ``download_artifacts`` is told.
+    For a client of another store either would miss. Not thread-safe: only
+    the driver's one logging thread (or one task) calls it.
+
+    Returns
+    -------
+    context manager
+    """
+    uri = client.tracking_uri
+    registry = getattr(client, "_registry_uri", None) or uri
+    if not uri or (uri == mlflow.get_tracking_uri() and registry == mlflow.get_registry_uri()):
+        return contextlib.nullcontext()
+    return _process_uris(uri, registry)
 
 
 _WAL_FILES: set[str] = set()

@@ -56,11 +56,7 @@ def store(tmp_path, monkeypatch, request, _templates):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("COMPBIAS_CACHE_DIR", str(tmp_path / "cache"))
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
     yield {"uri": uri, "artifacts": str(root / "artifacts"), "root": tmp_path, "versions": versions}
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
