@@ -79,9 +79,9 @@ class ModelLoader:
         if self.client is None:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{record.name}/{record.version}", dst_path=tmp))
         else:  # through the client: MLflow's models:/ repository would look the version up in the process's registry
-            location = self.client.get_model_version_download_uri(record.name, record.version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                             tracking_uri=self.client.tracking_uri))
+            from compbias.platform.tracking import download_version
+
+            local = download_version(self.client, record.name, record.version, tmp)
         hits = sorted(p.parent for p in local.rglob("model_spec.json") if "code" not in p.relative_to(local).parts)
         if not hits:
             raise FileNotFoundError(f"version {record.key} has no saved weights (no model_spec.json in its model artifacts)")

@@ -48,7 +48,7 @@ from compbias.platform.tracking.packaging import (
     scratch_dir,
 )
 from compbias.platform.tracking.records import member_info, model_metrics, model_tags
-from compbias.platform.tracking.resume import ResumeState, download_model_files, scan_study, version_model_files
+from compbias.platform.tracking.resume import ResumeState, download_model_files, download_version, scan_study, version_model_files
 from compbias.platform.tracking.runs import FinishedModel, Stopwatch, finish_run, log_failed_run, log_model_run, start_parent_run
 from compbias.platform.tracking.store import (
     ARTIFACT_ROOT_ENV,
@@ -90,6 +90,7 @@ __all__ = [
     "FinishedModel",
     "scan_study",
     "download_model_files",
+    "download_version",
     "version_model_files",
     "metric_key",
     "Stopwatch",

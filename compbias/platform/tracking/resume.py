@@ -23,7 +23,7 @@ from compbias.platform.config import StudySpec
 from compbias.platform.tracking.packaging import finalize_failed
 from compbias.platform.tracking.runs import FinishedModel, finish_run
 
-__all__ = ["ResumeState", "download_model_files", "scan_study", "version_model_files"]
+__all__ = ["ResumeState", "download_model_files", "download_version", "scan_study", "version_model_files"]
 
 
 @dataclass
@@ -148,6 +148,22 @@ def _version_model_id(version) -> str:
     return m.group(1) if m else ""
 
 
+def download_version(client: MlflowClient, registered_model: str, version: str, dst: str) -> Path:
+    """Download a registered version's artifacts into ``dst`` through ``client``; returns the local directory.
+
+    What MLflow's ``models:/<name>/<version>`` repository does (the version's
+    download location, then everything under it: nothing when it was
+    deleted), except that the version is looked up with the client: that
+    repository asks the process's registry URI whatever it is given.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    location = client.get_model_version_download_uri(registered_model, version)
+    repo = get_artifact_repository(location, tracking_uri=client.tracking_uri,
+                                   registry_uri=getattr(client, "_registry_uri", None) or client.tracking_uri)
+    return Path(repo.download_artifacts("", dst_path=dst))
+
+
 def version_model_files(registered_model: str, version: str, *, client: MlflowClient | None = None) -> dict[str, bytes]:
     """The saved-model files (weights and ``model_spec.json``) of one registered version.
 
@@ -173,9 +189,8 @@ def version_model_files(registered_model: str, version: str, *, client: MlflowCl
     with tempfile.TemporaryDirectory(prefix="compbias-dl-") as tmp:
         if client is None:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}/{version}", dst_path=tmp))
-        else:  # the version's location through the client: MLflow's models:/ repository would ask the process's registry
-            location = client.get_model_version_download_uri(registered_model, version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=client.tracking_uri))
+        else:
+            local = download_version(client, registered_model, version, tmp)
         hits = [p.parent for p in local.rglob("model_spec.json") if "code" not in p.parts]
         if not hits:
             raise FileNotFoundError(f"version {version} of {registered_model} has no saved weights (model_spec.json)")
