@@ -71,6 +71,10 @@ INCOMPLETE = PREFIX + "incomplete"
 PROJECT_RUN_ID = PREFIX + "project_run_id"
 STUDY_RUN_ID = PREFIX + "study_run_id"
 QUANT_FORMAT = PREFIX + "quant_format"
+#: Written by ``compbias audit --evaluate`` on the run of a member it evaluated: the model format it loaded
+#: (``pytorch-pt2``, ``pytorch-state-dict``, ``onnx``...) and a hash of the evaluation spec.
+EVALUATION_MODEL_KIND = PREFIX + "evaluation.model_kind"
+EVALUATION_SPEC_HASH = PREFIX + "evaluation.spec_hash"
 
 ROLE_BASELINE = "baseline"
 ROLE_COMPRESSED = "compressed"

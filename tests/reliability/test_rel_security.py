@@ -105,7 +105,7 @@ def test_the_scanner_catches_each_unpickling_construct():
 
 #: The explicit opt-in (``compbias audit --evaluate --allow-pickle``, docs/bring-your-own.md): the one
 #: function allowed to unpickle a user's model; its default refusal is tested in tests/platform/test_evaluate.py.
-OPT_IN = {"compbias/platform/evaluate.py": "_load_executing_code"}
+OPT_IN = {"compbias/platform/evaluate/loaders.py": "_load_executing_code"}
 
 
 def _opt_in_lines(source: str, filename: str) -> set[int]:
