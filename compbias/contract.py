@@ -103,8 +103,18 @@ AUDIT_METRICS_VERSION = AUDIT_PREFIX + "metrics_version"
 AUDIT_REASON = AUDIT_PREFIX + "reason"
 AUDIT_AUDITED_AT = AUDIT_PREFIX + "audited_at"
 AUDIT_ALIAS = AUDIT_PREFIX + "alias"
-#: Tag on a registered model naming the audit run that holds its audit lock.
-AUDIT_CLAIM_PREFIX = AUDIT_PREFIX + "claim."
+AUDIT_POPULATION = AUDIT_PREFIX + "population"
+AUDIT_VERSIONS = AUDIT_PREFIX + "versions"
+AUDIT_TARGETS = AUDIT_PREFIX + "targets"
+AUDIT_UNDEFINED = AUDIT_PREFIX + "undefined"
+AUDIT_INCOMPLETE = AUDIT_PREFIX + "incomplete"
+AUDIT_ABANDONED = AUDIT_PREFIX + "abandoned"
+#: The registered model an audit run (and its per-population children) audited.
+REGISTERED_MODEL = PREFIX + "registered_model"
+#: Tags of the claim runs that keep two auditors from auditing one version at once.
+CLAIM_OWNER = PREFIX + "claim.owner"
+CLAIM_HEARTBEAT = PREFIX + "claim.heartbeat"
+CLAIM_TARGET = PREFIX + "claim.target"
 
 # --- artifacts ----------------------------------------------------------------
 PREDICTIONS = "predictions.parquet"

@@ -44,10 +44,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from compbias import contract as C
+
 CLAIM_PREFIX = "compbias-claim-"
-OWNER = "compbias.claim.owner"
-HEARTBEAT = "compbias.claim.heartbeat"
-TARGET = "compbias.claim.target"
+OWNER = C.CLAIM_OWNER
+HEARTBEAT = C.CLAIM_HEARTBEAT
+TARGET = C.CLAIM_TARGET
 DEFAULT_TTL_SECONDS = 900.0
 _GEN = re.compile(r"^(?P<base>.+)-g(?P<gen>\d+)$")
 

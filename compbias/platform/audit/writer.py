@@ -34,6 +34,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from compbias import contract as C
 from compbias.platform.audit import figures as F
 from compbias.platform.audit import tags as T
 from compbias.platform.audit.compute import StudyAudit, key_part
@@ -45,7 +46,7 @@ GALLERY_PER_POPULATION = 12
 GALLERY_MAX_POPULATIONS = 4
 
 #: ``compbias.run_kind`` of the child run an audit logs per compressed population
-RUN_KIND_AUDIT_POPULATION = "audit_population"
+RUN_KIND_AUDIT_POPULATION = C.RUN_KIND_AUDIT_POPULATION
 #: tag MLflow's UI nests a child run under its parent by
 PARENT_RUN_TAG = "mlflow.parentRunId"
 #: tag MLflow puts on a dataset input: what the run did with it
@@ -263,14 +264,14 @@ def population_runs(outcome: StudyAudit, *, study: str, registered_model: str, m
         tags = {
             T.RUN_KIND: RUN_KIND_AUDIT_POPULATION,
             T.STUDY: study,
-            "compbias.registered_model": registered_model,
+            C.REGISTERED_MODEL: registered_model,
             T.METRICS_VERSION: metrics_version,
-            "compbias.audit.population": name,
-            "compbias.audit.versions": ",".join(members["version"].astype(str))[:5000] if len(members) else "",
+            C.AUDIT_POPULATION: name,
+            C.AUDIT_VERSIONS: ",".join(members["version"].astype(str))[:5000] if len(members) else "",
             "mlflow.runName": name,
         }
         if undefined:
-            tags["compbias.audit.undefined"] = ",".join(undefined)
+            tags[C.AUDIT_UNDEFINED] = ",".join(undefined)
         out.append(PopulationRun(method, level, name, params, clean, tags))
     return out
 
@@ -344,7 +345,7 @@ def _fail_children(client: MlflowClient, run_ids: list[str], why: str) -> None:
     """Mark the children of an audit run that did not finish as FAILED (each on its own: one failing call stops none)."""
     for cid in run_ids:
         try:
-            client.set_tag(cid, "compbias.audit.incomplete", why)
+            client.set_tag(cid, C.AUDIT_INCOMPLETE, why)
             _end_run_quietly(client, cid, "FAILED")
         except Exception:  # the store may be what failed; the next audit closes what is left RUNNING
             log.warning("could not mark audit child run %s as failed", cid, exc_info=True)
@@ -405,9 +406,9 @@ def write_audit_run(
     run_tags = {
         T.RUN_KIND: T.RUN_KIND_AUDIT,
         T.STUDY: study,
-        "compbias.registered_model": registered_model,
+        C.REGISTERED_MODEL: registered_model,
         T.METRICS_VERSION: metrics_version,
-        "compbias.audit.targets": ",".join(sorted(outcome.versions))[:5000],
+        C.AUDIT_TARGETS: ",".join(sorted(outcome.versions))[:5000],
         "mlflow.runName": f"audit-{study}-{stamp}",
     }
     run = client.create_run(experiment_id, tags=run_tags)
