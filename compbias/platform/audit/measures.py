@@ -94,8 +94,8 @@ def field_measures(data: StudyData, base: Population, pop: Population, brates, c
     out: dict = {"recall_intensification": None, "worst_group_acc_change_pp": None}
     try:
         out["recall_intensification"] = finite(M.recall_intensification(
-            np.nanmean(np.asarray(brates.cls.recall, float), axis=0),
-            np.nanmean(np.asarray(crates.cls.recall, float), axis=0)).intensification)
+            nanmean(np.asarray(brates.cls.recall, float), axis=0),
+            nanmean(np.asarray(crates.cls.recall, float), axis=0)).intensification)
     except ValueError:  # fewer than two classes with a defined baseline recall
         pass
     if data.group_names:
