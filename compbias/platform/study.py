@@ -220,6 +220,10 @@ def run_study(
     tasks = plan_study(spec, roles=roles, methods=methods, levels=levels)
     if executor == "ray":
         check_ray_address()  # a dead RAY_ADDRESS fails here, before anything is logged
+    if any(t.role == "baseline" for t in tasks):
+        from compbias.platform.tasks import check_study_model
+
+        check_study_model(spec)  # a factory model that does not fit the dataset: refused before anything trains
 
     with watch:
         client = client if client is not None else tracking.configure_tracking(tracking_uri)

@@ -144,6 +144,37 @@ def _dataset(spec: StudySpec):
     return _DATASETS[key]
 
 
+def study_dataset(spec: StudySpec):
+    """The study's dataset, loaded once per process (the cache the tasks of this process share)."""
+    return _dataset(spec)
+
+
+def check_study_model(spec: StudySpec) -> None:
+    """Build the study's model for its dataset once and check its output, before any task runs.
+
+    A built-in architecture is right by construction; a factory model
+    (``model: package.module:callable``) is run on one batch of the dataset's
+    inputs (:func:`compbias.jobs.check_model_output`), so that a model with
+    the wrong number of outputs, or one that cannot take the dataset's
+    images, is refused before anything trains or is logged.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem and what to change in the study file.
+    """
+    from compbias import jobs
+
+    if ":" not in str(spec.model.arch):
+        return
+    bundle = _dataset(spec)
+    try:
+        jobs.build_model(spec.model.arch, bundle.n_classes, bundle.input_shape, spec.model.width, seed=0,
+                         kwargs=spec.model.kwargs, blocks=spec.model.blocks)
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ValueError(f"model: {spec.model.arch!r} cannot be built: {type(exc).__name__}: {exc}") from None
+
+
 def _load_files(files: ModelFiles):
     from compbias import jobs
 

@@ -477,7 +477,7 @@ def close_abandoned_runs(client: MlflowClient, experiment_id: str, ttl: float) -
             return []
 
     def close(run) -> None:
-        client.set_tag(run.info.run_id, "compbias.audit.abandoned", why)
+        client.set_tag(run.info.run_id, C.AUDIT_ABANDONED, why)
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
 
