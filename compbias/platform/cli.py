@@ -361,6 +361,12 @@ def drop_empty_options(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: What the CLI sets in its own environment (only where the user has not): numba's cache and threading
+#: layer, and MLflow's "View run ... at <url>" lines off stdout (they would break ``compbias audit --json``).
+#: Called in-process (``main([...])``), the CLI puts them back when it returns.
+CLI_ENV = ("NUMBA_CACHE_DIR", "NUMBA_THREADING_LAYER", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compbias`` command.
 
@@ -374,6 +380,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The exit code.
     """
+    saved = {k: os.environ.get(k) for k in CLI_ENV}
+    try:
+        return _main(argv)
+    finally:
+        if argv is not None:  # in-process: leave the caller's environment as it was
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from compbias._locations import cache_dir
 
     # the checkout's .cache/numba, or the user's cache directory when installed (never site-packages)

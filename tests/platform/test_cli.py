@@ -1,5 +1,6 @@
 """The `compbias` command line: config lookup, bad input, step preconditions, audit delegation."""
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -127,3 +128,17 @@ def test_audit_without_the_audit_service_exits_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "compbias.platform.audit.cli", None)  # import raises ModuleNotFoundError
     assert cli.main(["audit", "--study", "x"]) == 2
     assert "not installed" in capsys.readouterr().err
+
+
+def test_the_cli_called_in_process_leaves_the_callers_environment_as_it_was(tmp_path, monkeypatch, capsys):
+    """main([...]) sets numba's and MLflow's switches for its own run only (a leaked
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT silenced a later caller's MLflow run links)."""
+    for key in cli.CLI_ENV:
+        monkeypatch.delenv(key, raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncompression: 3\n")
+    assert cli.main(["study", str(bad)]) == 2
+    assert {k: os.environ.get(k) for k in cli.CLI_ENV} == {k: None for k in cli.CLI_ENV}
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")  # the user's own choice is kept
+    assert cli.main(["study", str(bad)]) == 2
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "false"
