@@ -349,13 +349,17 @@ class CompressionSpec(_Strict):
     ``structured``) and names in ``fp16 | bf16 | int8_weight | int8_static``
     for ``quantize``. ``mitigation`` (pruning only) adds distillation from the
     baseline (``kd``, ``at``, ``pkt``, ``at_kd``, ``pkt_kd``) or the
-    performance-weighted loss (``pw``) to fine-tuning.
+    performance-weighted loss (``pw``) to fine-tuning. ``finetune_lr`` sets
+    the learning rate of that fine-tuning (and of a ``scratch`` schedule's
+    training); unset, the jobs layer's default (``compress_model``'s ``lr``,
+    0.01) applies and the study's fingerprint is what it was without it.
     """
 
     method: Literal["magnitude", "structured", "quantize", "custom", "torch_pruning", "torch_prune", "torchao"]
     schedule: Literal["oneshot", "gradual", "scratch"] | None = None
     levels: list[Union[float, str]]
     finetune_epochs: int | None = Field(default=None, ge=0)
+    finetune_lr: float | None = Field(default=None, gt=0.0)
     mitigation: Literal["kd", "at", "pkt", "at_kd", "pkt_kd", "pw"] | None = None
     function: str | None = None
     options: dict[str, Any] | None = None
@@ -363,7 +367,7 @@ class CompressionSpec(_Strict):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
         data = handler(self)
-        for key in ("function", "options"):
+        for key in ("function", "options", "finetune_lr"):
             if data.get(key) is None:
                 data.pop(key, None)  # built-in methods resolve (and fingerprint) as before
         return data
@@ -409,6 +413,11 @@ class CompressionSpec(_Strict):
             if self.finetune_epochs not in (None, 0):
                 raise ValueError("finetune_epochs: 'finetune_epochs' applies to pruning only; post-training quantization does not fine-tune")
             object.__setattr__(self, "finetune_epochs", 0)
+        if self.finetune_lr is not None and not self.finetune_epochs and self.schedule != "scratch":
+            raise ValueError(
+                f"finetune_lr: the {self.method} entry does not fine-tune (finetune_epochs is {self.finetune_epochs or 0}); "
+                "give finetune_epochs >= 1 with it, or remove it"
+            )
         keys = [format_level(x) for x in self.levels]
         if len(set(keys)) != len(keys):
             raise ValueError(f"levels: duplicates in {keys}; list each level once")

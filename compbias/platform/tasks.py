@@ -259,6 +259,7 @@ def execute_task(
             log=_progress(task),
             function=entry.function,
             options=entry.options,
+            **({"lr": entry.finetune_lr} if entry.finetune_lr is not None else {}),
         )
     evaluation = jobs.evaluate(model, bundle)
     info["pred_ties"] = evaluation.n_ties  # logged as a metric: examples whose top logits tie (see jobs.evaluate)

@@ -198,3 +198,26 @@ def test_default_digits_study_meets_the_brief():
     assert mag and len(mag[0].levels) >= 3 and max(mag[0].levels) >= 0.95
     assert any(c.method == "quantize" and any(str(lv).startswith("int8") for lv in c.levels) for c in spec.compression)
     assert any(c.mitigation in ("kd", "at", "pkt", "at_kd", "pkt_kd") for c in spec.compression)
+
+
+def _with_compression(entries):
+    return parse_study({"name": "lr", "compression": entries})
+
+
+def test_finetune_lr_is_set_from_the_study_file_and_leaves_unset_fingerprints_alone():
+    plain = _with_compression([{"method": "magnitude", "levels": [0.5], "finetune_epochs": 2}])
+    same = _with_compression([{"method": "magnitude", "levels": [0.5], "finetune_epochs": 2, "finetune_lr": None}])
+    tuned = _with_compression([{"method": "magnitude", "levels": [0.5], "finetune_epochs": 2, "finetune_lr": 0.003}])
+    assert tuned.compression[0].finetune_lr == 0.003 and plain.compression[0].finetune_lr is None
+    assert "finetune_lr" not in plain.resolved()["compression"][0]  # older studies resolve (and resume) as before
+    assert tuned.resolved()["compression"][0]["finetune_lr"] == 0.003
+    assert same.model_fingerprint(0) == plain.model_fingerprint(0) != tuned.model_fingerprint(0)
+
+
+@pytest.mark.parametrize("entry", [
+    {"method": "quantize", "levels": ["int8_weight"], "finetune_lr": 0.01},
+    {"method": "magnitude", "levels": [0.5], "finetune_epochs": 0, "finetune_lr": 0.01},
+])
+def test_finetune_lr_without_fine_tuning_is_refused_naming_the_key(entry):
+    with pytest.raises(StudyConfigError, match="finetune_lr"):
+        _with_compression([entry])
