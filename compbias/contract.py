@@ -70,7 +70,6 @@ INTERRUPTED = PREFIX + "interrupted"
 INCOMPLETE = PREFIX + "incomplete"
 PROJECT_RUN_ID = PREFIX + "project_run_id"
 STUDY_RUN_ID = PREFIX + "study_run_id"
-QUANT_FORMAT = PREFIX + "quant_format"
 #: Written by ``compbias audit --evaluate`` on the run of a member it evaluated: the model format it loaded
 #: (``pytorch-pt2``, ``pytorch-state-dict``, ``onnx``...) and a hash of the evaluation spec.
 EVALUATION_MODEL_KIND = PREFIX + "evaluation.model_kind"

@@ -225,14 +225,11 @@ def test_baseline_section():
 
 def test_the_bring_your_own_docs_snippets_run(tmp_path, monkeypatch):
     """Every study file in docs/bring-your-own.md's section validates; its Python files build and compress."""
-    import re
-    from pathlib import Path
-
     import yaml
 
-    text = Path(__file__).resolve().parents[2].joinpath("docs", "bring-your-own.md").read_text()
-    section = text.split("## Bring your own architecture and compression", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```(yaml|python)\n(.*?)```", section, re.S)
+    from tests.doc_snippets import section_snippets
+
+    blocks = section_snippets("bring-your-own.md", "## Bring your own architecture and compression", ("yaml", "python"))
     studies = [parse_study(yaml.safe_load(body)) for kind, body in blocks if kind == "yaml"]
     assert len(studies) == 5
     files = {}

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from compbias import contract as C
 from compbias.platform import evaluate as E
+from tests.doc_snippets import section_snippets
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,7 @@ HEADING = "## Bring your own models"
 
 
 def snippets() -> list[tuple[str, str]]:
-    text = (REPO / "docs" / "bring-your-own.md").read_text()
-    assert HEADING in text
-    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```(python|bash|yaml)\n(.*?)```", section, re.S)
+    return section_snippets("bring-your-own.md", HEADING, ("python", "bash", "yaml"))
 
 
 def test_the_section_shows_the_formats_the_spec_and_the_opt_in():

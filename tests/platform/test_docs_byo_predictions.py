@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from compbias import contract as C
+from tests.doc_snippets import section_snippets
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,7 @@ HEADING = "## Bring your own predictions"
 
 
 def snippets() -> list[tuple[str, str]]:
-    text = (REPO / "docs" / "bring-your-own.md").read_text()
-    assert HEADING in text
-    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```(python|bash)\n(.*?)```", section, re.S)
+    return section_snippets("bring-your-own.md", HEADING, ("python", "bash"))
 
 
 def test_the_section_has_the_python_and_command_line_paths():

@@ -194,18 +194,24 @@ class ArtifactFetcher:
         dict
             The parsed ``study.yaml``; empty when no run has a readable one.
         """
-        for r in records:
-            if not r.run_id:
-                continue
+        for _, path in self._artifact_paths(records, STUDY_FILE):
             try:
-                with open(self.path(r.run_id, STUDY_FILE)) as fh:
-                    data = yaml.safe_load(fh)
-            except (ArtifactError, OSError, yaml.YAMLError):
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
                 continue
             if isinstance(data, dict):
                 return data
         return {}
 
+    def _artifact_paths(self, records: Sequence[VersionRecord], artifact: str):
+        """``(run_id, local path)`` of ``artifact`` for each run that has it, in the order of ``records``."""
+        for r in records:
+            if not r.run_id:
+                continue
+            try:
+                yield r.run_id, self.path(r.run_id, artifact)
+            except (ArtifactError, OSError):
+                continue
 
     def member_info(self, records: Sequence[VersionRecord]) -> tuple[C.MemberInfo | None, str | None]:
         """Read ``member.json`` (:class:`compbias.contract.MemberInfo`) from the first run that has one.
@@ -225,17 +231,13 @@ class ArtifactFetcher:
             such problem), so that the audit can report it rather than guess.
         """
         problem = None
-        for r in records:
-            if not r.run_id:
-                continue
+        for run_id, path in self._artifact_paths(records, MEMBER_FILE):
             try:
-                text = self.path(r.run_id, MEMBER_FILE).read_text()
-            except (ArtifactError, OSError):
+                return C.MemberInfo.from_json(path.read_text()), None
+            except OSError:
                 continue
-            try:
-                return C.MemberInfo.from_json(text), None
             except C.ContractError as exc:
-                problem = problem or f"{MEMBER_FILE} of run {r.run_id} is unusable: {exc}"
+                problem = problem or f"{MEMBER_FILE} of run {run_id} is unusable: {exc}"
         return None, problem
 
     def class_names(self, records: Sequence[VersionRecord]) -> list[str] | None:
@@ -250,12 +252,10 @@ class ArtifactFetcher:
         list of str or None
             The ``class_name`` column of the first run whose per-class table has one.
         """
-        for r in records:
-            if not r.run_id:
-                continue
+        for _, path in self._artifact_paths(records, "rates/per_class.parquet"):
             try:
-                frame = pd.read_parquet(self.path(r.run_id, "rates/per_class.parquet"))
-            except Exception:  # missing or unreadable: try the next run
+                frame = pd.read_parquet(path)
+            except Exception:  # unreadable: try the next run
                 continue
             if "class_name" in frame.columns and len(frame):
                 if "class" in frame.columns:

@@ -331,7 +331,7 @@ def _reconcile_all(client: MlflowClient, records: list[VersionRecord], mv: str) 
     for r in records:
         by_model.setdefault(r.name, []).append(r)
     for name, recs in by_model.items():
-        aliases = {r.tags.get(f"{T.AUDIT_PREFIX}alias") for r in recs if r.audited(mv)} - {None}
+        aliases = {r.tags.get(C.AUDIT_ALIAS) for r in recs if r.audited(mv)} - {None}
         for alias in aliases:
             reconcile_alias(client, name, alias, mv, recs)
 
