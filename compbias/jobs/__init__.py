@@ -6,6 +6,8 @@ for the datasets, models and compression methods.
 """
 
 import os as _os
+import sys as _sys
+import types as _types
 
 
 def _quiet_numba_threads() -> None:
@@ -31,15 +33,55 @@ def _quiet_numba_threads() -> None:
 
 _quiet_numba_threads()
 
-from .compress import METHODS, SCHEDULES, compress_model, method_name
-from .data import DATASET_KINDS, DatasetBundle, TensorImageDataset, load_dataset
-from .distill import MITIGATIONS, pw_targets, pw_weights
-from .evaluate import Evaluation, evaluate, predict_logits
-from .io import load_model, load_state_file, load_weights, model_spec, save_model
-from .models import ARCHS, build_model, capture_blocks, layer_activations
-from .prune import measure_sparsity, model_size_bytes
-from .quantize import QUANT_LEVELS, quantize_model
-from .train import resolve_device, train_model
+#: Public name -> the module that defines it. The torch modules load on first
+#: use, so ``compbias.jobs.vocabulary`` (and the study config built on it)
+#: imports without torch.
+_EXPORTS = {
+    "METHODS": "vocabulary", "SCHEDULES": "vocabulary", "DATASET_KINDS": "vocabulary", "MITIGATIONS": "vocabulary",
+    "ARCHS": "vocabulary", "QUANT_LEVELS": "vocabulary",
+    "compress_model": "compress", "method_name": "compress",
+    "DatasetBundle": "data", "TensorImageDataset": "data", "load_dataset": "data",
+    "pw_targets": "distill", "pw_weights": "distill",
+    "Evaluation": "evaluate", "evaluate": "evaluate", "predict_logits": "evaluate",
+    "load_model": "io", "load_state_file": "io", "load_weights": "io", "model_spec": "io", "save_model": "io",
+    "build_model": "models", "capture_blocks": "models", "layer_activations": "models",
+    "measure_sparsity": "prune", "model_size_bytes": "prune",
+    "quantize_model": "quantize",
+    "resolve_device": "train", "train_model": "train",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compbias.jobs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(_types.ModuleType):
+    """Keeps ``compbias.jobs.evaluate`` the function when its submodule of the same name is imported.
+
+    Importing a submodule binds it on its package; an eager ``__init__`` rebound
+    the name to the function afterwards. Loading lazily, the package refuses
+    that one binding instead (the submodule stays in ``sys.modules``).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "ARCHS", "DATASET_KINDS", "METHODS", "MITIGATIONS", "QUANT_LEVELS", "SCHEDULES",

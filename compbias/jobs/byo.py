@@ -40,15 +40,7 @@ __all__ = [
     "torch_prune_compress",
 ]
 
-BYO_METHODS = ("custom", "torch_pruning", "torch_prune", "torchao")
-TORCH_PRUNE_STYLES = ("global_unstructured", "l1_unstructured", "random_unstructured", "ln_structured")
-#: Options each method accepts in a study file's ``options:`` mapping.
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "custom": (),  # free-form: passed on to nothing; the function gets (model, bundle, level, seed)
-    "torch_pruning": ("importance", "global_pruning", "round_to"),
-    "torch_prune": ("style", "n"),
-    "torchao": (),
-}
+from .vocabulary import BYO_METHODS, METHOD_OPTIONS, TORCH_PRUNE_STYLES
 
 
 def count_params(model: nn.Module) -> int:

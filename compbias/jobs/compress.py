@@ -46,9 +46,7 @@ from .train import fit, resolve_device
 
 __all__ = ["METHODS", "SCHEDULES", "compress_model", "method_name"]
 
-BUILTIN_METHODS = ("magnitude", "structured", "quantize")
-METHODS = BUILTIN_METHODS + ("custom", "torch_pruning", "torch_prune", "torchao")
-SCHEDULES = ("oneshot", "gradual", "scratch")
+from .vocabulary import BUILTIN_METHODS, METHODS, SCHEDULES
 
 
 def method_name(method: str, mitigation: str | None = None) -> str:

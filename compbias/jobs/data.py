@@ -49,7 +49,7 @@ __all__ = [
     "load_dataset",
 ]
 
-DATASET_KINDS = ("digits", "imagefolder", "celeba", "cifar10", "cifar100")
+from .vocabulary import DATASET_KINDS
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 _CACHE_VERSION = 1
 

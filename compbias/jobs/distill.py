@@ -46,7 +46,7 @@ __all__ = [
     "make_objective",
 ]
 
-MITIGATIONS = ("kd", "at", "pkt", "at_kd", "pkt_kd", "pw")
+from .vocabulary import MITIGATIONS
 
 _WEIGHTS = {
     "kd": (0.1, 0.9, 0.0),

@@ -27,7 +27,7 @@ __all__ = [
     "is_factory", "import_object", "check_model_output", "reshape_to_state", "load_weights",
 ]
 
-ARCHS = ("smallcnn", "resnet20", "resnet32", "resnet18")
+from .vocabulary import ARCHS
 _FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 __all__ = ["TORCHAO_LEVELS", "TorchaoUnavailable", "torchao_quantize", "torchao_structure", "flatten_state", "unflatten_state"]
 
-TORCHAO_LEVELS = ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only", "float8_dynamic")
+from .vocabulary import TORCHAO_LEVELS
 
 _CONFIGS: dict[str, str] = {
     "int8_weight_only": "Int8WeightOnlyConfig",

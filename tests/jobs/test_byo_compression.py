@@ -202,7 +202,7 @@ def test_study_file_levels_match_the_jobs():
 
     assert config.METHODS == METHODS
     assert config._METHOD_OPTIONS["torch_prune"]["style"] == TORCH_PRUNE_STYLES
-    assert {m: tuple(v) for m, v in config._METHOD_OPTIONS.items()} == {m: v for m, v in METHOD_OPTIONS.items() if v}
+    assert config._METHOD_OPTIONS == {m: v for m, v in METHOD_OPTIONS.items() if v}
 
 
 def test_study_file_entries_for_the_new_methods():

@@ -8,13 +8,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..vocabulary import INT8_LEVELS, QUANT_LEVELS
+
 __all__ = ["HALF_DTYPES", "INT8_LEVELS", "QUANT_LEVELS", "apply_half_precision", "half_precision_info"]
 
-QUANT_LEVELS = ("fp16", "bf16", "int8_weight", "int8_static")
 #: The levels that are a cast of the whole model, and their dtypes.
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-#: The int8 levels (weights on an int8 grid; :mod:`compbias.jobs.quantize.weight_only`, :mod:`compbias.jobs.quantize.static`).
-INT8_LEVELS = ("int8_weight", "int8_static")
 
 
 def apply_half_precision(model: nn.Module, level: str) -> nn.Module:
