@@ -33,6 +33,15 @@ from pathlib import Path
 import pandas as pd
 
 from compbias import contract as C
+from compbias.platform.register_checks import (
+    check_predictions,
+    find_reference,
+    first_line,
+    member_name,
+    member_versions,
+    refuse_duplicate,
+    resolve_model_uri,
+)
 
 __all__ = ["RegisteredMember", "log_member", "read_predictions"]
 
@@ -105,89 +114,9 @@ def _client(client=None):
     return MlflowClient(tracking_uri=uri, registry_uri=mlflow.get_registry_uri() or uri)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _versions(client, name: str) -> list:
-    """The compbias member versions of a registered model (empty when it does not exist)."""
-    from compbias.platform.audit.selection import list_versions
-
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        return []
-    return list_versions(client, registered_model=name)
-
-
-def _fetch_reference(client, record) -> tuple[pd.DataFrame, C.MemberInfo | None]:
-    """The predictions and ``member.json`` of a registered member (the population's reference)."""
-    from compbias.platform.audit.fetch import ArtifactFetcher
-
-    fetcher = ArtifactFetcher(client, cache_dir=None, workers=1)
-    fetched = fetcher.predictions(record)
-    if not fetched.ok:
-        raise C.ContractError(
-            f"the population's reference, version {record.version} of {record.name}, has no usable predictions "
-            f"({fetched.error}); repair or delete that version first"
-        )
-    info, problem = fetcher.member_info([record])
-    if problem:
-        raise C.ContractError(f"version {record.version} of {record.name}: {problem}")
-    return fetched.predictions, info
-
-
-def _resolve_model_uri(client, model_uri: str) -> tuple[str, str | None]:
-    """``(source, model_id)`` of the model a version is registered from; ContractError when it cannot be found."""
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-
-    uri = str(model_uri)
-    what = f"model_uri {uri!r}"
-    try:
-        if RunsArtifactRepository.is_runs_uri(uri):
-            rid, path = RunsArtifactRepository.parse_runs_uri(uri)
-            path = (path or "").strip("/")
-            names = {Path(a.path).name for a in client.list_artifacts(rid, path)} if path else set()
-            if "MLmodel" in names:
-                return f"{client.get_run(rid).info.artifact_uri.rstrip('/')}/{path}", None
-            run = client.get_run(rid)
-            found = client.search_logged_models(
-                experiment_ids=[run.info.experiment_id],
-                filter_string=f"source_run_id = '{rid}' AND name = '{path}'",
-            )
-            if not found:
-                raise C.ContractError(f"{what}: run {rid} has no model at {path!r} (no MLmodel there, no logged model of that name)")
-            model_id = found[0].model_id
-            return f"models:/{model_id}", model_id
-        if uri.startswith("models:/m-"):
-            model_id = uri[len("models:/"):].strip("/")
-            client.get_logged_model(model_id)
-            return uri, model_id
-        if uri.startswith("models:/"):
-            parts = uri[len("models:/"):].strip("/").split("/")
-            if len(parts) != 2:
-                raise C.ContractError(f"{what}: write models:/<model_id> or models:/<registered model>/<version>")
-            client.get_model_version(parts[0], parts[1])
-            return uri, None
-    except C.ContractError:
-        raise
-    except Exception as exc:
-        raise C.ContractError(f"{what} cannot be reached: {_short(exc)}; log the model first or leave model_uri out") from None
-    return uri, None
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _quoted(text: str) -> str:
     """``text`` inside a single-quoted MLflow filter string."""
     return str(text).replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _member_name(m: C.Member) -> str:
-    return f"study {m.study!r} {m.role} seed {m.seed}" + ("" if m.role == C.ROLE_BASELINE else f" {m.method}@{m.level}")
 
 
 def log_member(
@@ -287,100 +216,14 @@ def log_member(
         baseline_version=str(baseline_version) if baseline_version not in (None, "") else None,
         baseline_run_id=baseline_run_id or None,
     )
-    where = f"predictions of {_member_name(member)}"
-    existing = _versions(client, name)
-    same_study = [r for r in existing if r.study == member.study]
-    for r in same_study:
-        same_model = r.population == member.population or member.role == C.ROLE_BASELINE
-        if r.role == member.role and str(r.seed) == str(member.seed) and same_model:
-            raise C.ContractError(
-                f"{_member_name(member)} is already version {r.version} of {name}; a member is registered once "
-                "(delete that version first, or give this one another seed, method or level)"
-            )
-    reference = None  # (record, predictions, member.json) the new member must agree with
-    if member.role == C.ROLE_COMPRESSED:
-        base = None
-        if member.baseline_version:
-            base = next((r for r in existing if r.version == member.baseline_version), None)
-            if base is None:
-                raise C.ContractError(
-                    f"the baseline version {member.baseline_version} of registered model {name!r} does not exist; "
-                    "register the baseline first (role baseline) and pass the version number it got"
-                )
-        if member.baseline_run_id:
-            by_run = next((r for r in existing if r.run_id == member.baseline_run_id), None)
-            if by_run is None:
-                raise C.ContractError(
-                    f"no version of registered model {name!r} comes from the baseline run {member.baseline_run_id}; "
-                    "register the baseline first (role baseline) in the same registered model"
-                )
-            if base is not None and base.version != by_run.version:
-                raise C.ContractError(
-                    f"baseline_version {base.version} and baseline_run_id {member.baseline_run_id} (version "
-                    f"{by_run.version}) name different versions; give one of them"
-                )
-            base = by_run
-        if base.role != C.ROLE_BASELINE or base.study != member.study:
-            raise C.ContractError(
-                f"version {base.version} of {name!r} is not a baseline of study {member.study!r} (it is a "
-                f"{base.role} of study {base.study!r}); a compressed member's baseline must be one"
-            )
-        if str(base.seed) != str(member.seed):
-            raise C.ContractError(
-                f"the baseline version {base.version} has seed {base.seed}, this member seed {member.seed}; "
-                "a compressed member carries its baseline's seed"
-            )
-        member = C.Member(
-            study=member.study, role=member.role, seed=member.seed, method=member.method, level=member.level,
-            baseline_version=base.version, baseline_run_id=base.run_id or member.baseline_run_id,
-        )
-        reference = base
-    else:
-        baselines = sorted((r for r in same_study if r.is_baseline), key=lambda r: int(r.version))
-        reference = baselines[0] if baselines else None
-    ref_frame, ref_info = (None, None)
-    if reference is not None:
-        ref_frame, ref_info = _fetch_reference(client, reference)
-    if num_classes is not None:
-        C.MemberInfo(num_classes=num_classes)  # a bad value is refused by name before it is compared
-    if ref_info is not None:  # the population's facts are the default, and must not be contradicted
-        if num_classes is not None and int(num_classes) != ref_info.num_classes:
-            raise C.ContractError(
-                f"num_classes {num_classes} differs from the population's {ref_info.num_classes} "
-                f"(version {reference.version}'s {C.MEMBER_FILE}); members of a study share their classes: "
-                "leave num_classes out to take the population's"
-            )
-        num_classes = ref_info.num_classes if num_classes is None else num_classes
-        class_names = ref_info.class_names if class_names is None else class_names
-        positive_class = ref_info.positive_class if positive_class is None else positive_class
-        groups = ref_info.groups if groups is None else groups
-    if groups is not None:
-        groups = [str(g) for g in groups]
-    checked = C.validate_predictions(frame, groups=groups, where=where)
-    if num_classes is None:
-        num_classes = len(class_names) if class_names is not None else max(2, int(max(checked[C.LABEL].max(), checked[C.PRED].max())) + 1)
-    info = C.MemberInfo(
-        num_classes=num_classes, class_names=class_names, positive_class=positive_class,
-        groups=groups if groups is not None else C.group_columns(checked),
+    existing = member_versions(client, name)
+    refuse_duplicate(member, existing, name)
+    member, reference = find_reference(member, existing, name)
+    checked, info = check_predictions(
+        client, frame, reference, name, num_classes=num_classes, class_names=class_names,
+        positive_class=positive_class, groups=groups, where=f"predictions of {member_name(member)}",
     )
-    if ref_info is not None:
-        for what in ("num_classes", "class_names", "positive_class", "groups"):
-            mine, theirs = getattr(info, what), getattr(ref_info, what)
-            if theirs is not None and mine != theirs:
-                raise C.ContractError(
-                    f"{what} {_plain(mine)} differs from the population's {_plain(theirs)} (version "
-                    f"{reference.version}'s {C.MEMBER_FILE}); members of a study share their classes and groups: "
-                    f"leave {what} out to take the population's"
-                )
-    checked = C.validate_predictions(checked, num_classes=info.num_classes, groups=info.groups, where=where)
-    if ref_frame is not None:
-        C.validate_population(
-            {f"the population's baseline (version {reference.version} of {name})": ref_frame, "these predictions": checked},
-            groups=info.groups,
-        )
-    source, model_id = (None, None)
-    if model_uri:
-        source, model_id = _resolve_model_uri(client, model_uri)
+    source, model_id = resolve_model_uri(client, model_uri) if model_uri else (None, None)
 
     active = mlflow.active_run()  # fluent by design: the user's own ``with mlflow.start_run():`` (read, not started)
     started = False
@@ -388,7 +231,7 @@ def log_member(
         try:
             run = client.get_run(run_id)
         except Exception as exc:
-            raise C.ContractError(f"run {run_id} cannot be used: {_short(exc)}; give the id of an existing run") from None
+            raise C.ContractError(f"run {run_id} cannot be used: {first_line(exc)}; give the id of an existing run") from None
         if run.info.lifecycle_stage == "deleted":
             raise C.ContractError(f"run {run_id} is deleted; restore it or give another run")
     elif active is not None:
@@ -410,7 +253,7 @@ def log_member(
         from compbias.platform.tracking import ensure_experiment
 
         exp_id = ensure_experiment(client, experiment or f"compbias/{member.study}")
-        run = client.create_run(exp_id, run_name=_member_name(member).replace("'", ""), tags={C.RUN_KIND: C.RUN_KIND_MODEL})
+        run = client.create_run(exp_id, run_name=member_name(member).replace("'", ""), tags={C.RUN_KIND: C.RUN_KIND_MODEL})
         started = True
     rid = run.info.run_id
     tags = member.tags()
@@ -466,7 +309,7 @@ def log_member(
         if isinstance(exc, C.ContractError) or not isinstance(exc, Exception):
             raise
         raise C.ContractError(
-            f"registering {_member_name(member)} in {name!r} failed while writing ({_short(exc)}); nothing was kept: "
+            f"registering {member_name(member)} in {name!r} failed while writing ({first_line(exc)}); nothing was kept: "
             "fix the tracking store and run it again"
         ) from exc
     return RegisteredMember(registered_model=name, version=version, run_id=rid, member=member, info=info)
