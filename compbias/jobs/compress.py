@@ -3,8 +3,8 @@
 =============  ============================================  =====================================
 method         levels                                        schedules / mitigations
 =============  ============================================  =====================================
-magnitude      sparsity in [0, 1) (global, unstructured)     oneshot | gradual | scratch; any mitigation
-structured     fraction of filters per conv in [0, 1) (L1)   oneshot | gradual | scratch; any mitigation
+magnitude      sparsity in (0, 1) (global, unstructured)     oneshot | gradual | scratch; any mitigation
+structured     fraction of filters per conv in (0, 1) (L1)   oneshot | gradual | scratch; any mitigation
 quantize       fp16 | bf16 | int8_weight | int8_static       none
 custom         anything, passed to the user's function       none (the function does what it does)
 torch_pruning  channel ratio in (0, 1) (Torch-Pruning)       finetune_epochs; any mitigation
@@ -41,49 +41,17 @@ from .data import DatasetBundle
 from .distill import MITIGATIONS, make_objective
 from .models import build_model
 from .prune import Pruner, PruneSchedule, measure_sparsity, model_size_bytes
-from .quantize import QUANT_LEVELS, quantize_model
+from .quantize import quantize_model
 from .train import fit, resolve_device
 
 __all__ = ["METHODS", "SCHEDULES", "compress_model", "method_name"]
 
-from .vocabulary import BUILTIN_METHODS, METHODS, SCHEDULES
+from .vocabulary import BUILTIN_METHODS, FINETUNE_DEFAULTS, METHODS, SCHEDULES, TRAIN_DEFAULTS, check_level
 
 
 def method_name(method: str, mitigation: str | None = None) -> str:
     """The name used in tags and metric keys: ``method`` or ``method+mitigation``."""
     return method if mitigation is None else f"{method}+{mitigation}"
-
-
-def _check_level(method: str, level: Any) -> float | str:
-    if method == "custom":
-        if isinstance(level, bool) or not isinstance(level, (int, float, str)):
-            raise ValueError(f"custom level must be a number or a name, got {level!r}")
-        return level
-    if method == "torchao":
-        from .torchao_quant import TORCHAO_LEVELS
-
-        if level not in TORCHAO_LEVELS:
-            raise ValueError(f"torchao level must be one of {', '.join(TORCHAO_LEVELS)}, got {level!r}")
-        return str(level)
-    if method in ("torch_pruning", "torch_prune"):
-        try:
-            value = float(level)
-        except (TypeError, ValueError):
-            raise ValueError(f"{method} level must be a fraction in (0, 1), got {level!r}") from None
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{method} level must be a fraction in (0, 1), got {level!r}")
-        return value
-    if method == "quantize":
-        if level not in QUANT_LEVELS:
-            raise ValueError(f"quantize level must be one of {', '.join(QUANT_LEVELS)}, got {level!r}")
-        return str(level)
-    try:
-        value = float(level)
-    except (TypeError, ValueError):
-        raise ValueError(f"{method} level must be a sparsity in [0, 1), got {level!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{method} level must be a sparsity in [0, 1), got {level!r}")
-    return value
 
 
 def compress_model(
@@ -92,16 +60,16 @@ def compress_model(
     method: str,
     level: float | str,
     *,
-    schedule: str = "gradual",
+    schedule: str = FINETUNE_DEFAULTS["schedule"],
     mitigation: str | None = None,
-    finetune_epochs: int = 3,
+    finetune_epochs: int = FINETUNE_DEFAULTS["epochs"],
     epochs: int | None = None,
     seed: int = 0,
-    batch_size: int = 64,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    calibration_size: int = 512,
+    batch_size: int = TRAIN_DEFAULTS["batch_size"],
+    lr: float = FINETUNE_DEFAULTS["lr"],
+    momentum: float = TRAIN_DEFAULTS["momentum"],
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
+    calibration_size: int = FINETUNE_DEFAULTS["calibration_size"],
     mitigation_options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
@@ -122,7 +90,8 @@ def compress_model(
         Sparsity for pruning; ``fp16``, ``bf16``, ``int8_weight`` or
         ``int8_static`` for ``quantize``; a channel ratio for
         ``torch_pruning``, a sparsity for ``torch_prune``, a torchao config
-        name for ``torchao``, anything for ``custom``.
+        name for ``torchao``, a number or a name for ``custom``
+        (:func:`compbias.jobs.vocabulary.check_level`, the study file's rule).
     schedule : {'oneshot', 'gradual', 'scratch'}
         Pruning only (ignored for ``quantize``).
     mitigation : {None, 'kd', 'at', 'pkt', 'at_kd', 'pkt_kd', 'pw'}
@@ -168,7 +137,7 @@ def compress_model(
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
-    level = _check_level(method, level)
+    level = check_level(method, level)
     spec = getattr(baseline, "compbias_spec", None)
     if spec is None:
         raise ValueError("baseline has no compbias_spec; build it with compbias.jobs.build_model or load_model")

@@ -244,22 +244,7 @@ def execute_task(
         entry = spec.compression[task.compression_index]
         base_model = _load_files(baseline)
         model, info = jobs.compress_model(
-            base_model,
-            bundle,
-            entry.method,
-            task.level_value,
-            schedule=entry.schedule or "gradual",
-            mitigation=entry.mitigation,
-            finetune_epochs=entry.finetune_epochs or 0,
-            epochs=train.epochs if entry.schedule == "scratch" else None,
-            seed=task.seed,
-            batch_size=train.batch_size,
-            momentum=train.momentum,
-            weight_decay=train.weight_decay,
-            log=_progress(task),
-            function=entry.function,
-            options=entry.options,
-            **({"lr": entry.finetune_lr} if entry.finetune_lr is not None else {}),
+            base_model, bundle, entry.method, task.level_value, seed=task.seed, log=_progress(task), **entry.job_options(train)
         )
     evaluation = jobs.evaluate(model, bundle)
     info["pred_ties"] = evaluation.n_ties  # logged as a metric: examples whose top logits tie (see jobs.evaluate)

@@ -195,14 +195,54 @@ def test_torchao_int4_on_a_wide_layer_names_torchaos_import_error():
         pytest.fail("int4_weight_only worked here: torchao gained a CPU int4 kernel; update docs/methods.md")
 
 
-def test_study_file_levels_match_the_jobs():
-    assert config.TORCHAO_LEVELS == TORCHAO_LEVELS
-    from compbias.jobs.byo import METHOD_OPTIONS, TORCH_PRUNE_STYLES
-    from compbias.jobs.compress import METHODS
+def test_study_file_accepts_exactly_the_jobs_vocabulary():
+    from compbias.jobs import vocabulary as v
 
-    assert config.METHODS == METHODS
-    assert config._METHOD_OPTIONS["torch_prune"]["style"] == TORCH_PRUNE_STYLES
-    assert config._METHOD_OPTIONS == {m: v for m, v in METHOD_OPTIONS.items() if v}
+    assert TORCHAO_LEVELS == v.TORCHAO_LEVELS  # what torchao_quant applies is what the study file names
+
+    def entry(method, levels, **extra):
+        base = {"custom": {"function": "mypkg.compress:shrink"}}.get(method, {})
+        return {"method": method, "levels": levels, **base, **extra}
+
+    def refusal(*entries, **sections):
+        with pytest.raises(config.StudyConfigError) as info:
+            config.parse_study({"name": "t", "compression": list(entries), **sections})
+        return str(info.value)
+
+    example = {"quantize": [v.QUANT_LEVELS[0]], "torchao": [v.TORCHAO_LEVELS[0]]}
+    spec = config.parse_study({"name": "t", "compression": [entry(m, example.get(m, [0.5])) for m in v.METHODS]})
+    assert [c.method for c in spec.compression] == list(v.METHODS)
+    assert all(repr(m) in refusal(entry("lottery", [0.5])) for m in v.METHODS)
+    # levels: every listed name, nothing else; fractions in (0, 1) for the pruning methods
+    assert config.parse_study({"name": "t", "compression": [entry("quantize", list(v.QUANT_LEVELS)),
+                                                            entry("torchao", list(v.TORCHAO_LEVELS))]})
+    assert "not a quantization level" in refusal(entry("quantize", [v.TORCHAO_LEVELS[0]]))
+    assert "not a torchao level" in refusal(entry("torchao", [v.QUANT_LEVELS[0]]))
+    for method in ("magnitude", "structured", "torch_pruning", "torch_prune"):
+        for bad in (0.0, 1.0, "int8_weight"):
+            assert "compression[0].levels[0]" in refusal(entry(method, [bad]))
+    # schedules and mitigations
+    for s in v.SCHEDULES:
+        assert config.parse_study({"name": "t", "compression": [entry("magnitude", [0.5], schedule=s)]})
+    assert all(repr(s) in refusal(entry("magnitude", [0.5], schedule="weekly")) for s in v.SCHEDULES)
+    for mit in v.MITIGATIONS:
+        assert config.parse_study({"name": "t", "compression": [entry("magnitude", [0.5], mitigation=mit)]})
+    assert all(repr(m) in refusal(entry("magnitude", [0.5], mitigation="crd")) for m in v.MITIGATIONS)
+    # method options: each listed option with a valid value; methods without options take none
+    valid = {tuple: lambda allowed: allowed[-1], bool: lambda _: True, int: lambda _: 2}
+    for method, allowed in v.METHOD_OPTIONS.items():
+        if allowed:
+            options = {k: valid[kind if isinstance(kind, type) else tuple](kind) for k, kind in allowed.items()}
+            assert config.parse_study({"name": "t", "compression": [entry(method, [0.5], options=options)]})
+            assert "unknown" in refusal(entry(method, [0.5], options={"colour": 1}))
+    for method in v.METHODS:
+        if not v.METHOD_OPTIONS.get(method):
+            assert f"method {method} takes no options" in refusal(entry(method, example.get(method, [0.5]), options={"x": 1}))
+    # dataset kinds and architectures
+    assert all(repr(k) in refusal(entry("magnitude", [0.5]), dataset={"kind": "mnist"}) for k in v.DATASET_KINDS)
+    for arch in v.ARCHS:
+        assert config.parse_study({"name": "t", "model": arch, "compression": [entry("magnitude", [0.5])]}).model.arch == arch
+    assert all(a in refusal(entry("magnitude", [0.5]), model="vgg") for a in v.ARCHS)
 
 
 def test_study_file_entries_for_the_new_methods():
