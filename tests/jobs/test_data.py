@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-import compbias.jobs.data as data_module
 from compbias.jobs import load_dataset
+from compbias.jobs.data.images import clear_memory_cache
 
 from .conftest import CLASSES, write_celeba
 
@@ -201,7 +201,7 @@ def test_decoded_images_are_cached_on_disk(imagefolder_root, tmp_path):
     first = load_dataset("imagefolder", root=imagefolder_root, image_size=10, cache_dir=cache)
     files = sorted(cache.glob("compbias-images-*.npy"))
     assert len(files) == 2  # train and test
-    data_module._MEMORY_CACHE.clear()
+    clear_memory_cache()
     for f in files:  # the cache is really read: poison it and see the change
         arr = np.load(f)
         arr[:] = 7
