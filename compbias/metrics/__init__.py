@@ -24,14 +24,9 @@ from compbias.metrics.bias import (  # noqa: E402
     population_bias,
     sde,
 )
-from compbias.metrics.confusion import (  # noqa: E402
-    ClassRates,
-    GroupRates,
-    class_rates,
-    confusion_counts,
-    group_rates,
-    population_rates,
-)
+from compbias.metrics.confusion import confusion_counts  # noqa: E402
+from compbias.metrics.grouped import GroupRates, group_rates  # noqa: E402
+from compbias.metrics.rates import ClassRates, class_rates, population_rates  # noqa: E402
 from compbias.metrics.harm import ChangeDifference, ExcessHarm, change_difference, excess_harm, paired_error_changes  # noqa: E402
 from compbias.metrics.correlation import ClusterCorrelation, pearson_cluster_ci  # noqa: E402
 from compbias.metrics.exemplars import CIECut, cie_cut, cie_mask, cie_scores, modal_labels, pie_mask  # noqa: E402
@@ -42,15 +37,10 @@ from compbias.metrics.measures import (  # noqa: E402
     vote_margin,
     worst_group_accuracy_change,
 )
-from compbias.metrics.similarity import SVCCAResult, cca_correlations, linear_cka, svcca  # noqa: E402
-from compbias.metrics.stats import (  # noqa: E402
-    BootstrapResult,
-    WelchResult,
-    bootstrap_ci,
-    bootstrap_indices,
-    mean_rate_change,
-    welch_ttest,
-)
+from compbias.metrics.cca import cca_correlations  # noqa: E402
+from compbias.metrics.similarity import SVCCAResult, linear_cka, svcca  # noqa: E402
+from compbias.metrics.stats import BootstrapResult, bootstrap_ci, bootstrap_indices, mean_rate_change  # noqa: E402
+from compbias.metrics.welch import WelchResult, welch_ttest  # noqa: E402
 
 __all__ = [
     "METRICS_VERSION",

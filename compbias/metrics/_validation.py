@@ -63,6 +63,15 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+def _with_ndim(x: object, name: str, ndims: tuple[int, ...]) -> np.ndarray:
+    """``x`` as an array with one of the dimensions ``ndims`` (ValueError otherwise)."""
+    arr = as_array(x, name)
+    if arr.ndim not in ndims:
+        expected = " or ".join(f"{d} dimension{'s' if d != 1 else ''}" for d in ndims)
+        raise ValueError(ERR_NDIM.format(name=name, expected=expected, shape=arr.shape))
+    return arr
+
+
 def check_int_ids(x: object, name: str, *, ndims: tuple[int, ...] = (1,)) -> np.ndarray:
     """Return ``x`` as a C-contiguous int64 array of ids, checking dtype and NaN.
 
@@ -70,10 +79,7 @@ def check_int_ids(x: object, name: str, *, ndims: tuple[int, ...] = (1,)) -> np.
     accepted when every value is a whole number (NaN raises); booleans count
     as 0/1.
     """
-    arr = as_array(x, name)
-    if arr.ndim not in ndims:
-        expected = " or ".join(f"{d} dimension{'s' if d != 1 else ''}" for d in ndims)
-        raise ValueError(ERR_NDIM.format(name=name, expected=expected, shape=arr.shape))
+    arr = _with_ndim(x, name, ndims)
     kind = arr.dtype.kind
     if kind in "iu":
         return np.ascontiguousarray(arr, dtype=np.int64)
@@ -154,3 +160,81 @@ def check_nonnegative(value: object, name: str) -> float:
     if not np.isfinite(v) or v < 0:
         raise ValueError(ERR_NEGATIVE.format(name=name, value=value))
     return v
+
+
+# --------------------------------------------------------------------------
+# validation shared by the functions taking labels
+# --------------------------------------------------------------------------
+_range_check = check_range  # validate_groups's keyword ``check_range`` hides the function
+
+
+def validate_labels(y_true, y_pred, n_classes, *, pred_name="y_pred"):
+    """Validate labels and (M, N) predictions as class ids below ``n_classes``: ``(y_true, preds, n_classes)``.
+
+    Shared by the metrics modules; raises ValueError naming ``pred_name`` on bad input.
+    """
+    n_classes = check_positive_int(n_classes, "n_classes")
+    y_true = check_int_ids(y_true, "y_true", ndims=(1,))
+    y_pred = check_int_ids(y_pred, pred_name, ndims=(1, 2))
+    check_same_length(y_pred, y_true.shape[0], pred_name)
+    check_range(y_true, n_classes, "y_true", "n_classes")
+    check_range(y_pred, n_classes, pred_name, "n_classes")
+    return y_true, y_pred, n_classes
+
+
+def validate_groups(groups, n_groups, n, *, check_range=True):
+    """Validate group codes of ``n`` examples against ``n_groups``: ``(groups, has_groups, n_groups)``.
+
+    Shared by the metrics modules; raises ValueError naming the problem.
+    With ``check_range=False`` codes below ``n_groups`` (when it is given)
+    are left to the counting kernel, which checks them in its own pass.
+    """
+    if groups is None:
+        if n_groups is not None:
+            raise ValueError(ERR_GROUPS_NEED_N)
+        return np.empty(0, np.int64), False, 1
+    groups = check_int_ids(groups, "groups", ndims=(1,))
+    check_same_length(groups, n, "groups")
+    if n_groups is None:
+        n_groups = int(groups.max()) + 1 if groups.size else 1
+        if groups.size and groups.min() < 0:
+            _range_check(groups, n_groups, "groups", "n_groups")
+        return groups, True, check_positive_int(n_groups, "n_groups")
+    n_groups = check_positive_int(n_groups, "n_groups")
+    if check_range:
+        _range_check(groups, n_groups, "groups", "n_groups")
+    return groups, True, n_groups
+
+
+def as_label_ids(x, name, *, ndims=(1,)):
+    """Predictions (or any labels) as a C-contiguous array of ids in their own integer dtype.
+
+    Like :func:`check_int_ids` (same checks, same messages) but integer
+    arrays keep their dtype (int8 predictions are read as 1 byte each, not
+    copied to int64) and booleans are read as uint8; floats are checked to
+    be whole numbers and become int64. Values are not range checked here:
+    the counting kernels check every value in the pass that counts it, and
+    :func:`raise_first_out_of_range` reports the first bad one.
+    """
+    arr = _with_ndim(x, name, ndims)
+    kind = arr.dtype.kind
+    if kind in "iub":
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        arr = np.ascontiguousarray(arr)
+        return arr.view(np.uint8) if kind == "b" else arr
+    return check_int_ids(arr, name, ndims=ndims)
+
+
+def raise_first_out_of_range(checks) -> None:
+    """Raise the range error of the first ``(array, n, name, n_name)`` holding an id outside ``[0, n)``.
+
+    Called only after a counting kernel flagged a bad value, with the
+    checks in the order the validators always made them, so that the
+    message (first bad value and its index) is the one :func:`check_range`
+    gives.
+    """
+    for arr, n, name, n_name in checks:
+        check_range(arr, n, name, n_name)
+    raise AssertionError("a counting kernel flagged an id out of range that the range checks did not find")
+

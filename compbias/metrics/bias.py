@@ -9,7 +9,8 @@ import numpy as np
 
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import kernel
-from compbias.metrics.confusion import ClassRates, validate_labels, ovr_rates
+from compbias.metrics._validation import validate_labels
+from compbias.metrics.rates import ClassRates, ovr_rates
 
 __all__ = [
     "BiasResult",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._numba import kernel, threads_for_labels
-from compbias.metrics.confusion import as_label_ids, raise_first_out_of_range
+from compbias.metrics._numba import threads_for_labels
+from compbias.metrics._validation import as_label_ids, raise_first_out_of_range
+from compbias.metrics._vote_kernels import _votes_kernel, _votes_kernel_parallel
 
 __all__ = ["CIECut", "cie_cut", "cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
@@ -22,229 +22,6 @@ ERR_EXAMPLES_MISMATCH = (
     "base_preds has {n1} examples but comp_preds has {n2}; both populations "
     "must be evaluated on the same test examples in the same order."
 )
-
-# Examples per block of the vote-counting kernels: the block's vote table
-# (block x (C + 1) int32 counts) stays within about 32 KiB, an L1 data cache.
-_TABLE_BYTES = 32 * 1024
-
-
-@kernel()
-def _block_size(n_classes):  # pragma: no cover - numba
-    return max(8, min(256, _TABLE_BYTES // (4 * (n_classes + 1))))
-
-
-@kernel()
-def _modal_block(preds, start, stop, n_classes, counts, best, out):  # pragma: no cover - numba
-    """Modal labels of examples ``start .. stop - 1`` into ``out``; True if a label was out of range.
-
-    Reads each model's labels of the block as one contiguous run and counts
-    them in ``counts``, a zeroed (block, C + 1) table, row by example. A
-    label is read as unsigned and clamped to ``C`` (the last column catches
-    every id outside ``[0, C)``, negative ones included): the range check
-    costs no branch and nothing is written outside the table. The mode of
-    an example is the maximum of ``count * (C + 1) + class``: the largest
-    count wins, ties go to the largest class id. It is found either
-
-    - by scanning the example's row of the table (a loop the compiler
-      vectorises), then zeroing the rows used, when ``C + 1 <= 8 M``; or
-    - by replaying the same (cached) labels, taking the maximum and zeroing
-      the count each one reads (a class seen again after its count was
-      zeroed scores below every counted class), for many classes.
-
-    ``best``: scratch of the block's length. At 20 models and 100 classes
-    the scan took 1.55 ms where the replay took 1.9 ms (50,000 examples,
-    one thread).
-    """
-    n_models = preds.shape[0]
-    nb = stop - start
-    c1 = np.uint64(n_classes + 1)
-    cu = np.uint64(n_classes)
-    bad = False
-    for m in range(n_models):
-        row = preds[m, start:stop]
-        for j in range(nb):
-            p = min(np.uint64(row[j]), cu)
-            bad |= p == cu
-            counts[np.uint64(j) * c1 + p] += 1
-    w = n_classes + 1
-    if w <= 8 * n_models:
-        for j in range(nb):
-            counts_j = counts[j * w:(j + 1) * w]
-            top = np.int64(0)
-            for q in range(w):
-                top = max(top, np.int64(counts_j[q]) * w + q)
-            out[start + j] = top % w
-        counts[:nb * w] = 0
-        return bad
-    for j in range(nb):
-        best[j] = 0
-    for m in range(n_models):
-        row = preds[m, start:stop]
-        for j in range(nb):
-            p = min(np.uint64(row[j]), cu)
-            idx = np.uint64(j) * c1 + p
-            best[j] = max(best[j], np.uint64(counts[idx]) * c1 + p)
-            counts[idx] = 0
-    for j in range(nb):
-        out[start + j] = np.int64(best[j] % c1)
-    return bad
-
-
-@kernel()
-def _modal_thread(preds, n_classes, th, n_threads, out):  # pragma: no cover - numba
-    """Modal labels of thread ``th``'s contiguous share of the examples, block by block; True if a label was out of range."""
-    n = preds.shape[1]
-    block = _block_size(n_classes)
-    share = (n + n_threads - 1) // n_threads
-    counts = np.zeros(block * (n_classes + 1), np.int32)
-    best = np.zeros(block, np.uint64)
-    bad = False
-    for start in range(th * share, min(n, (th + 1) * share), block):
-        stop = min(n, start + block, (th + 1) * share)
-        bad |= _modal_block(preds, start, stop, n_classes, counts, best, out)
-    return bad
-
-
-@kernel()
-def _modal_kernel(preds, n_classes, n_threads):  # pragma: no cover - numba
-    """Modal label of every example; ``(labels, bad)``, ``bad`` True if a label was out of range.
-
-    Thread ``t`` of ``n_threads`` takes the ``t``-th contiguous share of the
-    examples, in blocks of :func:`_block_size` examples, with its own table;
-    here the shares run one after the other (the serial twin, for small
-    inputs), in :func:`_modal_kernel_parallel` on numba's threads.
-    """
-    out = np.empty(preds.shape[1], np.int64)
-    bad = False
-    for th in range(n_threads):
-        bad |= _modal_thread(preds, n_classes, th, n_threads, out)
-    return out, bad
-
-
-@kernel(parallel=True)
-def _modal_kernel_parallel(preds, n_classes, n_threads):  # pragma: no cover - numba
-    """:func:`_modal_kernel` with the shares on numba's threads (``prange``)."""
-    out = np.empty(preds.shape[1], np.int64)
-    bad = np.zeros(n_threads, np.bool_)
-    for th in numba.prange(n_threads):
-        bad[th] = _modal_thread(preds, n_classes, th, n_threads, out)
-    return out, bad.any()
-
-
-@kernel()
-def _cie_block(base, comp, start, stop, n_classes, cb, cc, acc, num):  # pragma: no cover - numba
-    """Integer CIE numerators of examples ``start .. stop - 1`` into ``num``; True if a label was out of range.
-
-    ``cb``/``cc``: zeroed (block, C + 1) vote tables of the two populations
-    (labels clamped to ``C`` as in :func:`_modal_block`); ``acc``: scratch
-    of the block's length. Two ways to the numerator
-    ``sum_c |n_c M' - n'_c M|``, chosen by which reads fewer entries:
-
-    - few classes (``C + 1 <= 4 (M + M')``): count both populations' votes,
-      then sum over each example's row of the two tables (a loop the
-      compiler vectorises), then zero the rows used;
-    - many classes: after the ``M`` baseline votes, with no compressed vote
-      yet, the numerator is ``M M'``; each compressed vote for class ``c``
-      then changes it by ``|n_c M' - (n'_c + 1) M| - |n_c M' - n'_c M|``,
-      so no class is ever scanned, and the tables are zeroed by replaying
-      the labels (in cache).
-
-    At 2 x 20 models and 100 classes the first way took 2.7 ms where the
-    second took 4.5 ms (50,000 examples, one thread).
-    """
-    m1 = base.shape[0]
-    m2 = comp.shape[0]
-    nb = stop - start
-    c1 = np.uint64(n_classes + 1)
-    cu = np.uint64(n_classes)
-    bad = False
-    for m in range(m1):
-        row = base[m, start:stop]
-        for j in range(nb):
-            p = min(np.uint64(row[j]), cu)
-            bad |= p == cu
-            cb[np.uint64(j) * c1 + p] += 1
-    if n_classes + 1 <= 4 * (m1 + m2):
-        for m in range(m2):
-            row = comp[m, start:stop]
-            for j in range(nb):
-                p = min(np.uint64(row[j]), cu)
-                bad |= p == cu
-                cc[np.uint64(j) * c1 + p] += 1
-        w = n_classes + 1
-        for j in range(nb):
-            rb = cb[j * w:(j + 1) * w]
-            rc = cc[j * w:(j + 1) * w]
-            total = 0
-            for q in range(w):
-                total += abs(np.int64(rb[q]) * m2 - np.int64(rc[q]) * m1)
-            num[start + j] = total
-        cb[:nb * w] = 0
-        cc[:nb * w] = 0
-        return bad
-    for j in range(nb):
-        acc[j] = m1 * m2
-    for m in range(m2):
-        row = comp[m, start:stop]
-        for j in range(nb):
-            p = min(np.uint64(row[j]), cu)
-            bad |= p == cu
-            idx = np.uint64(j) * c1 + p
-            bv = np.int64(cb[idx]) * m2
-            cv = np.int64(cc[idx]) * m1
-            cc[idx] += 1
-            acc[j] += abs(bv - cv - m1) - abs(bv - cv)
-    for m in range(m1):
-        row = base[m, start:stop]
-        for j in range(nb):
-            cb[np.uint64(j) * c1 + min(np.uint64(row[j]), cu)] = 0
-    for m in range(m2):
-        row = comp[m, start:stop]
-        for j in range(nb):
-            cc[np.uint64(j) * c1 + min(np.uint64(row[j]), cu)] = 0
-    for j in range(nb):
-        num[start + j] = acc[j]
-    return bad
-
-
-@kernel()
-def _cie_thread(base, comp, n_classes, th, n_threads, out):  # pragma: no cover - numba
-    """CIE numerators of thread ``th``'s contiguous share of the examples; True if a label was out of range."""
-    n = base.shape[1]
-    block = _block_size(n_classes)
-    share = (n + n_threads - 1) // n_threads
-    cb = np.zeros(block * (n_classes + 1), np.int32)
-    cc = np.zeros(block * (n_classes + 1), np.int32)
-    acc = np.zeros(block, np.int64)
-    bad = False
-    for start in range(th * share, min(n, (th + 1) * share), block):
-        stop = min(n, start + block, (th + 1) * share)
-        bad |= _cie_block(base, comp, start, stop, n_classes, cb, cc, acc, out)
-    return bad
-
-
-@kernel()
-def _cie_kernel(base, comp, n_classes, n_threads):  # pragma: no cover - numba
-    """Integer numerators ``sum_c |n_c * M' - n'_c * M|`` of the CIE score; ``(numerators, bad)``.
-
-    The shares of ``n_threads`` threads one after the other (the serial
-    twin, for small inputs); :func:`_cie_kernel_parallel` on numba's threads.
-    """
-    out = np.empty(base.shape[1], np.int64)
-    bad = False
-    for th in range(n_threads):
-        bad |= _cie_thread(base, comp, n_classes, th, n_threads, out)
-    return out, bad
-
-
-@kernel(parallel=True)
-def _cie_kernel_parallel(base, comp, n_classes, n_threads):  # pragma: no cover - numba
-    """:func:`_cie_kernel` with the shares on numba's threads (``prange``)."""
-    out = np.empty(base.shape[1], np.int64)
-    bad = np.zeros(n_threads, np.bool_)
-    for th in numba.prange(n_threads):
-        bad[th] = _cie_thread(base, comp, n_classes, th, n_threads, out)
-    return out, bad.any()
 
 
 def _check_population(preds, name):
@@ -266,8 +43,8 @@ def _check_two_populations(base_preds, comp_preds, n_classes):
 def _modal(preds, n_classes, name):
     """Modal labels of a validated population, its labels range checked in the counting pass."""
     n_threads = threads_for_labels(preds.size)
-    run = _modal_kernel if n_threads == 1 else _modal_kernel_parallel
-    labels, bad = run(preds, n_classes, n_threads)
+    run = _votes_kernel if n_threads == 1 else _votes_kernel_parallel
+    labels, bad = run(preds, preds, n_classes, False, n_threads)
     if bad:
         raise_first_out_of_range([(preds, n_classes, name, "n_classes")])
     return labels
@@ -433,8 +210,8 @@ def cie_scores(base_preds, comp_preds, n_classes):
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
     n_threads = threads_for_labels(base.size + comp.size)
-    run = _cie_kernel if n_threads == 1 else _cie_kernel_parallel
-    num, bad = run(base, comp, n_classes, n_threads)
+    run = _votes_kernel if n_threads == 1 else _votes_kernel_parallel
+    num, bad = run(base, comp, n_classes, True, n_threads)
     if bad:
         raise_first_out_of_range([(base, n_classes, "base_preds", "n_classes"),
                                   (comp, n_classes, "comp_preds", "n_classes")])

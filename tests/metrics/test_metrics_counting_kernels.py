@@ -25,10 +25,11 @@ from compbias.metrics import (
     modal_labels,
     pie_mask,
 )
+from compbias.metrics import _confusion_kernels as kernels_mod
+from compbias.metrics import _numba as numba_mod
+from compbias.metrics import _resampling as resampling_mod
 from compbias.metrics import _validation as v
-from compbias.metrics import confusion as confusion_mod
-from compbias.metrics import exemplars as ex_mod
-from compbias.metrics import stats as stats_mod
+from compbias.metrics import _vote_kernels as votes_mod
 
 DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16]
 LAYOUTS = ["c", "strided", "fortran"]
@@ -80,8 +81,9 @@ def laid_out(arr, layout):
 def split(request, monkeypatch):
     """Run the public functions unsplit, or with every input split over blocks and threads."""
     if request.param == "split over threads":
-        monkeypatch.setattr(confusion_mod, "PARALLEL_MIN_LABELS", 0)
-        monkeypatch.setattr(confusion_mod, "_MIN_CHUNK", 3)
+        monkeypatch.setattr(numba_mod, "PARALLEL_MIN_LABELS", 0)
+        monkeypatch.setattr(kernels_mod, "PARALLEL_MIN_LABELS", 0)
+        monkeypatch.setattr(kernels_mod, "_MIN_CHUNK", 3)
         previous = numba.get_num_threads()
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
         yield request.param
@@ -142,7 +144,7 @@ def test_modal_labels_and_cie_equal_bincount(data):
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 7])
 @pytest.mark.parametrize("n_chunks", [1, 2, 5])
 def test_confusion_kernel_any_split_of_blocks_and_threads(n_threads, n_chunks, parallel):
-    run = confusion_mod._confusion_kernel_parallel if parallel else confusion_mod._confusion_kernel
+    run = kernels_mod._confusion_kernel_parallel if parallel else kernels_mod._confusion_kernel
     rng = np.random.default_rng(n_threads * 10 + n_chunks)
     n, n_classes, n_groups = 257, 6, 3
     y = rng.integers(0, n_classes, n)
@@ -158,16 +160,15 @@ def test_confusion_kernel_any_split_of_blocks_and_threads(n_threads, n_chunks, p
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("n_classes", [3, 1000])  # blocks of 256 and of 8 examples
 def test_vote_kernels_any_split_over_threads(n_threads, n_classes, parallel):
-    modal = ex_mod._modal_kernel_parallel if parallel else ex_mod._modal_kernel
-    cie = ex_mod._cie_kernel_parallel if parallel else ex_mod._cie_kernel
+    run = votes_mod._votes_kernel_parallel if parallel else votes_mod._votes_kernel
     rng = np.random.default_rng(n_threads + n_classes)
     n = 1_031  # not a multiple of any block
     base = rng.integers(0, min(n_classes, 5), (5, n)).astype(np.int32)
     comp = rng.integers(0, min(n_classes, 5), (4, n)).astype(np.int64)
-    labels, bad = modal(base, n_classes, n_threads)
+    labels, bad = run(base, base, n_classes, False, n_threads)
     assert not bad
     np.testing.assert_array_equal(labels, ref_modal(base, n_classes))
-    num, bad = cie(base, comp, n_classes, n_threads)
+    num, bad = run(base, comp, n_classes, True, n_threads)
     assert not bad
     np.testing.assert_array_equal(num, ref_cie_numerator(base, comp, n_classes))
 
@@ -324,7 +325,7 @@ def test_bootstrap_recounts_equal_bincount_of_the_resample(with_groups):
     groups = rng.integers(0, n_groups, n) if with_groups else np.empty(0, np.int64)
     g_n = n_groups if with_groups else 1
     first, count = 3, 5
-    tp, pc, tc = stats_mod._ovr_resampled_kernel(y, preds, groups, with_groups, g_n, n_classes, seed,
+    tp, pc, tc = resampling_mod._ovr_resampled_kernel(y, preds, groups, with_groups, g_n, n_classes, seed,
                                                  first, count)
     indices = bootstrap_indices(n, first + count, seed=seed)[first:]
     ref = ref_resampled_counts(y, preds, groups if with_groups else None, g_n, n_classes, indices)

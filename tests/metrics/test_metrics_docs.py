@@ -9,7 +9,7 @@ import pytest
 
 import compbias.metrics as metrics
 
-MODULES = ["confusion", "bias", "exemplars", "similarity", "stats"]
+MODULES = ["confusion", "rates", "grouped", "bias", "exemplars", "cca", "similarity", "stats", "welch"]
 
 
 @pytest.mark.parametrize("name", MODULES)
