@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-gpu bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite with CUDA required: the jobs tests train and evaluate on the GPU
+# (COMPBIAS_TEST_DEVICE=cuda, read by tests/jobs/devices.py). Without CUDA it
+# stops at once with that message instead of passing on the CPU.
+test-gpu: install
+	@$(BIN)/python -c "import sys, torch; torch.cuda.is_available() or sys.exit('make test-gpu: torch ' + torch.__version__ + ' sees no CUDA device; run it on a GPU machine (make test runs the suite on the CPU)')"
+	COMPBIAS_TEST_DEVICE=cuda $(BIN)/python -m pytest
 
 # Speed benchmarks: each prints ratios against a named baseline run in the same
 # process (see docs/performance.md). The scale-out one starts its own servers and

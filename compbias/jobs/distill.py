@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import capture_blocks
+from .models import capture_blocks, model_device
 
 __all__ = [
     "MITIGATIONS",
@@ -105,7 +105,8 @@ class Distillation:
     Parameters
     ----------
     teacher : torch.nn.Module
-        The uncompressed baseline (same architecture as the student).
+        The uncompressed baseline (same architecture as the student), on any
+        device: it is moved to the device of the batches it is given.
     mitigation : {'kd', 'at', 'pkt', 'at_kd', 'pkt_kd'}
     temperature : float
         KD temperature ``T`` (default 4).
@@ -131,8 +132,9 @@ class Distillation:
         self.feature = "at" if mitigation.startswith("at") else "pkt" if mitigation.startswith("pkt") else None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        with torch.no_grad(), capture_blocks(self.teacher) as t_blocks:
-            t_logits = self.teacher(x)
+        teacher = _teacher_on(self.teacher, x)
+        with torch.no_grad(), capture_blocks(teacher) as t_blocks:
+            t_logits = teacher(x)
         with capture_blocks(model) as s_blocks:
             logits = model(x)
         ce = F.cross_entropy(logits.float(), y)
@@ -156,6 +158,13 @@ class Distillation:
             parts["pkt"] = pkt.detach()
             loss = loss + self.beta * pkt
         return loss, logits, parts
+
+
+def _teacher_on(teacher: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The frozen teacher on the batch's device (moved there once, when training put the student elsewhere)."""
+    if model_device(teacher) != x.device:
+        teacher.to(x.device)
+    return teacher
 
 
 def pw_weights(teacher_probs: torch.Tensor, labels: torch.Tensor, *, gamma: float = 5.0, min_weight: float = 0.75) -> torch.Tensor:
@@ -198,7 +207,7 @@ class PerformanceWeighted:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
-            probs = F.softmax(self.teacher(x).float(), dim=1)
+            probs = F.softmax(_teacher_on(self.teacher, x)(x).float(), dim=1)
             weights = pw_weights(probs, y, gamma=self.gamma, min_weight=self.min_weight)
             targets = pw_targets(probs, y)
         logits = model(x)

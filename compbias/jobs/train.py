@@ -1,10 +1,13 @@
 """The training loop, shared by baseline training and every fine-tuning.
 
-Read :func:`fit` top to bottom: pick the device, seed the shuffling, build
-SGD with a cosine schedule, then for each epoch shuffle, (augment), step,
-re-apply pruning masks, and print one progress line. Everything random is
-drawn from generators seeded by ``seed``; on CPU the result is bit-for-bit
-reproducible (``torch.use_deterministic_algorithms`` is on during the run).
+Read :func:`fit` top to bottom: pick the device and precision, seed the
+shuffling, build SGD with a cosine schedule and the batch source, then for
+each epoch draw the order and augmentation, step, re-apply pruning masks,
+and print one progress line. Everything random is drawn from a CPU
+generator seeded by ``seed``; on CPU the result is bit-for-bit reproducible
+(``torch.use_deterministic_algorithms`` is on during the run). The batches
+come from :mod:`compbias.jobs.pipeline` (resident on the device, augmented
+there); nothing waits for the device more than once per epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DatasetBundle
+from .pipeline import EpochPlan, steps_per_epoch, training_batches
 from .prune import Pruner, PruneSchedule
+from .vocabulary import TRAIN_DEFAULTS
 
 __all__ = ["train_model", "fit", "resolve_device", "CrossEntropy"]
 
@@ -55,16 +60,35 @@ def _deterministic():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random crop after zero padding (H/8 pixels)."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, oy[i] : oy[i] + h, ox[i] : ox[i] + w] for i in range(n)])
+def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Autocast dtype (``None``: full float32) and whether a gradient scaler is needed, for ``device``.
+
+    CUDA: bfloat16 where the card supports it (no scaler needed), else float16 with a scaler.
+    Everything else trains in float32.
+    """
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov when ``momentum > 0``); no weight decay on biases and batch-norm parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, momentum=momentum, nesterov=momentum > 0,
+    )
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate follows a cosine from its initial value to 0 over ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
 
 
 def fit(
@@ -72,10 +96,10 @@ def fit(
     bundle: DatasetBundle,
     *,
     epochs: int,
-    batch_size: int = 64,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    batch_size: int = TRAIN_DEFAULTS["batch_size"],
+    lr: float = TRAIN_DEFAULTS["lr"],
+    momentum: float = TRAIN_DEFAULTS["momentum"],
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
     seed: int = 0,
     device: str | torch.device | None = None,
     augment: bool | None = None,
@@ -89,15 +113,19 @@ def fit(
     Parameters
     ----------
     model : torch.nn.Module
-        Trained in place (moved to ``device``).
+        Trained in place (moved to ``device``), on any device.
     bundle : DatasetBundle
     epochs, batch_size, lr, momentum, weight_decay : training settings
         SGD with Nesterov momentum; the learning rate follows a cosine from
-        ``lr`` to 0 over all steps.
+        ``lr`` to 0 over all steps. Defaults:
+        :data:`compbias.jobs.vocabulary.TRAIN_DEFAULTS`.
     seed : int
-        Seeds shuffling and augmentation.
+        Seeds shuffling and augmentation (drawn on the CPU, so the same on
+        every device).
     device : str, optional
-        Default: CUDA when present (with autocast mixed precision), else CPU.
+        Default: CUDA when present, else CPU. On CUDA the forward pass runs
+        under bfloat16 autocast (float16 with a gradient scaler on cards
+        without bfloat16) in channels-last memory format; elsewhere float32.
     augment : bool, optional
         Random flips and crops; default ``bundle.augment``.
     objective : callable, optional
@@ -117,31 +145,41 @@ def fit(
         ``history`` has one dict per epoch: ``epoch``, ``loss``, ``acc``
         (training accuracy), ``lr``, ``seconds``, the objective's parts and,
         when pruning, ``sparsity`` (scheduled target).
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss is NaN or infinite (checked once per epoch, naming the
+        first bad step: the loop does not wait for the device every step).
+
+    Notes
+    -----
+    The training split stays on the device when it fits, and each batch is
+    indexed, flipped and cropped there (:mod:`compbias.jobs.pipeline`);
+    loss and accuracy are summed on the device and read once per epoch.
     """
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     device = resolve_device(device)
-    use_amp = device.type == "cuda"
+    amp_dtype, use_scaler = _precision(device)
+    channels_last = device.type == "cuda"
     augment = bundle.augment if augment is None else augment
     objective = objective or CrossEntropy()
     data = bundle.train
     n = len(data)
-    steps_per_epoch = max(1, n // batch_size if n % batch_size == 1 else math.ceil(n / batch_size))
-    total_steps = epochs * steps_per_epoch
+    steps = steps_per_epoch(n, batch_size)
+    total_steps = epochs * steps
 
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(int(seed))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, momentum=momentum, nesterov=momentum > 0,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    optimizer = _optimizer(model, lr, momentum, weight_decay)
+    scheduler = cosine_schedule(optimizer, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     pruner = pruner_factory(model, total_steps) if pruner_factory is not None else None
+    batches = training_batches(data, device, batch_size, steps, channels_last=channels_last) if epochs else None
+    height = int(bundle.input_shape[1])
 
     history: list[dict[str, Any]] = []
     step = 0
@@ -149,22 +187,16 @@ def fit(
         for epoch in range(epochs):
             model.train()
             started = time.perf_counter()
-            order = torch.randperm(n, generator=generator)
-            sums: dict[str, float] = {}
-            seen = correct = 0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                x, y = data.batch(idx)
-                if augment:
-                    x = _augment(x, generator)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            plan = EpochPlan.draw(n, height, generator, augment)
+            sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            seen = 0
+            for x, y in batches.epoch(plan, batch_size, steps):
                 if pruner is not None:
                     pruner.update(step)
-
-                with torch.autocast(device_type=device.type, enabled=use_amp):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, logits, parts = objective(model, x, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{tag}: loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -173,23 +205,32 @@ def fit(
                 if pruner is not None:
                     pruner.apply()
 
-                k = len(y)
+                k = y.shape[0]
                 seen += k
-                correct += int((logits.detach().argmax(1) == y).sum())
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * k
-                for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * k
+                with torch.no_grad():
+                    loss = loss.detach().float()
+                    bad = ~torch.isfinite(loss) & (first_bad < 0)
+                    first_bad = torch.where(bad, step, first_bad)
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    for key, value in (("loss", loss), *parts.items()):
+                        term = torch.as_tensor(value, device=device).detach().float() * k
+                        sums[key] = sums[key] + term if key in sums else term
                 step += 1
 
-            record = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "acc": correct / seen,
+            bad_step = int(first_bad)  # the epoch's one wait for the device
+            if bad_step >= 0:
+                raise FloatingPointError(f"{tag}: loss became non-finite at epoch {epoch + 1}, step {bad_step}; lower the learning rate")
+            record = {"epoch": epoch + 1, **{k: float(v) / seen for k, v in sums.items()}, "acc": int(correct) / seen,
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
             if pruner is not None:
                 record["sparsity"] = pruner.current
             history.append(record)
             if log is not None:
-                extra = "".join(f" {k} {record[k]:.4f}" for k in parts if k in record)
+                extra = "".join(f" {k} {record[k]:.4f}" for k in sums if k != "loss")
                 sp = f" sparsity {record['sparsity']:.3f}" if pruner is not None else ""
                 log(f"[{tag}] epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{extra} acc {record['acc']:.3f} lr {record['lr']:.4f}{sp} ({record['seconds']:.1f}s)")
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)  # saved weights and later users expect the default layout
     model.eval()
     return model, history, pruner
 
@@ -198,11 +239,11 @@ def train_model(
     model: nn.Module,
     bundle: DatasetBundle,
     *,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    epochs: int = TRAIN_DEFAULTS["epochs"],
+    batch_size: int = TRAIN_DEFAULTS["batch_size"],
+    lr: float = TRAIN_DEFAULTS["lr"],
+    momentum: float = TRAIN_DEFAULTS["momentum"],
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"],
     seed: int = 0,
     device: str | torch.device | None = None,
     augment: bool | None = None,

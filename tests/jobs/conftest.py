@@ -12,6 +12,10 @@ import torch
 from PIL import Image
 
 from compbias.jobs import build_model, load_dataset, train_model
+from tests.jobs.devices import selected_device
+
+# CPU, or the device COMPBIAS_TEST_DEVICE names (make test-gpu: cuda); an absent CUDA stops the run here.
+DEVICE = selected_device()
 
 # One intra-op thread: these tests share 2 cores with other work, where
 # OpenMP threads spinning against each other cost more than they bring.
@@ -128,11 +132,17 @@ def small_digits():
 
 
 @pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the jobs tests train on (tests/jobs/devices.py)."""
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
 def baseline(digits):
-    """A smallcnn trained 6 epochs on digits (about a second on one core)."""
+    """A smallcnn trained 6 epochs on digits (about a second on one core), left on the test device."""
     torch.manual_seed(0)
     model = build_model("smallcnn", digits.n_classes, digits.input_shape, seed=0)
-    model, _ = train_model(model, digits, epochs=6, seed=0, log=None)
+    model, _ = train_model(model, digits, epochs=6, seed=0, device=DEVICE, log=None)
     return model
 
 

@@ -39,6 +39,13 @@ from tests.jobs.int8_simulation import simulate_int8
 
 
 @pytest.fixture(scope="module")
+def baseline(baseline):
+    """The conftest baseline on the CPU: int8 is a CPU matter here (quantize_model returns CPU models),
+    and these tests compare the int8 layers with the float model's own layers."""
+    return copy.deepcopy(baseline).cpu()
+
+
+@pytest.fixture(scope="module")
 def calibration(digits):
     """512 seeded training images in batches of 128, as compress_model picks them."""
     idx = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(digits.train), 512, replace=False)))
@@ -170,7 +177,7 @@ def _ties(logits: torch.Tensor) -> int:
 
 
 @pytest.fixture(scope="module")
-def binary():
+def binary(device):
     """A binary task (digit >= 5) and a smallcnn trained on it for 4 epochs (about 2 s on one core)."""
     from compbias.jobs import load_dataset
 
@@ -179,7 +186,8 @@ def binary():
     bundle = dataclasses.replace(d, train=relabel(d.train), test=relabel(d.test), n_classes=2,
                                  class_names=["0-4", "5-9"], positive_class=1)
     model = build_model("smallcnn", 2, bundle.input_shape, seed=0)
-    model, _ = train_model(model, bundle, epochs=4, seed=0, log=None)
+    model, _ = train_model(model, bundle, epochs=4, seed=0, device=device, log=None)
+    model.cpu()  # compared layer by layer with its int8 copy, which is a CPU model
     idx = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(bundle.train), 512, replace=False)))
     calibration = [bundle.train.batch(idx[i : i + 128])[0] for i in range(0, 512, 128)]
     return bundle, model.eval(), calibration

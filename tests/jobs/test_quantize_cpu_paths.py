@@ -42,7 +42,8 @@ def inputs(baseline, digits, tmp_path_factory) -> Path:
         "gaussian noise, sd 10": torch.randn(x.shape, generator=gen) * 10,
     }
     path = tmp_path_factory.mktemp("int8paths") / "inputs.pt"
-    torch.save({"state": baseline.state_dict(), "input_shape": list(digits.input_shape),
+    state = {k: v.cpu() for k, v in baseline.state_dict().items()}  # the probes run on the CPU
+    torch.save({"state": state, "input_shape": list(digits.input_shape),
                 "calibration": calibration, "inputs": sets}, path)
     return path
 

@@ -1,0 +1,153 @@
+"""The training loop's input pipeline: vectorised crops and flips, resident and streamed batches, device
+accumulation, reproducibility, and the defaults' single owner."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compbias.jobs import build_model, load_dataset, train_model
+from compbias.jobs import pipeline
+from compbias.jobs.data import TensorImageDataset
+from compbias.jobs.models import model_device
+from compbias.jobs.train import fit
+from compbias.jobs.vocabulary import TRAIN_DEFAULTS
+from tests.jobs.devices import selected_device
+
+
+def _reference_crop_flip(x, flip, oy, ox):
+    """One example at a time, as the loop did before: flip, zero-pad H/8, crop at the offsets."""
+    n, _, h, w = x.shape
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    return torch.stack([padded[i, :, oy[i] : oy[i] + h, ox[i] : ox[i] + w] for i in range(n)])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 3, 12, 10), (5, 1, 8, 8), (4, 2, 17, 17)])
+def test_vectorised_crop_flip_equals_the_per_example_loop(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, shape, generator=g).to(dtype)
+    plan = pipeline.EpochPlan.draw(shape[0], shape[2], g, augment=True)
+    assert 0 <= int(plan.oy.min()) and int(plan.oy.max()) <= 2 * pipeline.crop_padding(shape[2])
+    got = pipeline.crop_flip(x, plan.flip, plan.oy, plan.ox)
+    assert got.dtype == dtype
+    assert torch.equal(got, _reference_crop_flip(x, plan.flip, plan.oy, plan.ox))
+
+
+def _uint8_bundle(n_train: int = 90):
+    """digits as uint8 images (values x 15) with augmentation on: the layout of decoded photos."""
+    d = load_dataset("digits", max_train=n_train)
+    as_u8 = lambda ds: TensorImageDataset((ds.images * 15).to(torch.uint8), ds.labels, 1 / 240)  # noqa: E731
+    return dataclasses.replace(d, train=as_u8(d.train), test=as_u8(d.test), augment=True)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_resident_and_streamed_batches_are_the_same(augment):
+    bundle = _uint8_bundle(91)  # 91 = 3 x 30 + 1: the last batch of one example is dropped
+    data, device = bundle.train, selected_device()
+    steps = pipeline.steps_per_epoch(len(data), 30)
+    assert steps == 3
+    plan = pipeline.EpochPlan.draw(len(data), 8, torch.Generator().manual_seed(0), augment)
+    resident = list(pipeline.training_batches(data, device, 30, steps, resident=True).epoch(plan, 30, steps))
+    streamed = list(pipeline.training_batches(data, device, 30, steps, resident=False).epoch(plan, 30, steps))
+    assert len(resident) == len(streamed) == 3
+    for (xr, yr), (xs, ys) in zip(resident, streamed):
+        assert xr.dtype == torch.float32 and xr.device.type == device.type
+        assert torch.equal(xr, xs) and torch.equal(yr, ys)
+    # the batches are the dataset's examples in the plan's order, scaled and augmented as planned
+    idx = plan.order[:30]
+    x, y = data.batch(idx)
+    if augment:
+        x = _reference_crop_flip(x, plan.flip[:30], plan.oy[:30], plan.ox[:30])
+    assert torch.equal(resident[0][0].cpu(), x) and torch.equal(resident[0][1].cpu(), y)
+
+
+def test_a_generic_dataset_streams_through_a_dataloader():
+    bundle = _uint8_bundle()
+    items = torch.utils.data.TensorDataset(bundle.train.images.float() * bundle.train.scale, bundle.train.labels)
+    source = pipeline.training_batches(items, torch.device("cpu"), 32, 2)
+    assert isinstance(source, pipeline.StreamedBatches)
+    plan = pipeline.EpochPlan.draw(len(items), 8, torch.Generator().manual_seed(0), augment=False)
+    (x, y), _ = list(source.epoch(plan, 32, 2))
+    assert torch.equal(x, bundle.train.batch(plan.order[:32])[0]) and torch.equal(y, bundle.train.labels[plan.order[:32]])
+
+
+def _weights(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_on_uint8_images_with_augmentation_is_reproducible_and_path_independent(monkeypatch):
+    bundle = _uint8_bundle()
+    device = selected_device()
+
+    def run():
+        model = build_model("smallcnn", bundle.n_classes, bundle.input_shape, seed=0)
+        model, history, _ = fit(model, bundle, epochs=2, batch_size=16, seed=3, device=device, log=None)
+        return _weights(model), history
+
+    (w1, h1), (w2, h2) = run(), run()
+    assert h1[-1]["loss"] == h2[-1]["loss"]
+    if device.type == "cpu":  # bit-for-bit on the CPU
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+        monkeypatch.setattr(pipeline, "fits_on_device", lambda *a, **k: False)  # stream the same plan instead
+        w3, h3 = run()
+        assert all(torch.equal(w1[k], w3[k]) for k in w1) and h3 == [dict(h, seconds=s["seconds"]) for h, s in zip(h1, h3)]
+    # another seed trains another model
+    model = build_model("smallcnn", bundle.n_classes, bundle.input_shape, seed=0)
+    w4 = _weights(fit(model, bundle, epochs=2, batch_size=16, seed=4, device=device, log=None)[0])
+    assert not all(torch.equal(w1[k], w4[k]) for k in w1)
+
+
+def test_history_sums_match_a_recount(small_digits):
+    """Loss and accuracy summed on the device over an epoch equal the per-batch values read one by one."""
+    device = selected_device()
+    seen = []
+
+    def objective(model, x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        seen.append((float(loss.detach()), int((logits.argmax(1) == y).sum()), len(y)))
+        return loss, logits, {"twice": 2 * loss.detach()}
+
+    model = build_model("smallcnn", 10, small_digits.input_shape, seed=0)
+    _, history, _ = fit(model, small_digits, epochs=1, batch_size=64, device=device, objective=objective, log=None)
+    n = sum(k for *_, k in seen)
+    assert history[0]["loss"] == pytest.approx(sum(l * k for l, _, k in seen) / n, rel=1e-5)
+    assert history[0]["twice"] == pytest.approx(2 * history[0]["loss"], rel=1e-5)
+    assert history[0]["acc"] == sum(c for _, c, _ in seen) / n
+
+
+def test_a_non_finite_loss_is_reported_with_its_step(small_digits):
+    calls = []
+
+    def objective(model, x, y):
+        logits = model(x)
+        calls.append(1)
+        loss = F.cross_entropy(logits, y) * (float("nan") if len(calls) == 3 else 1.0)
+        return loss, logits, {}
+
+    model = build_model("smallcnn", 10, small_digits.input_shape, seed=0)
+    with pytest.raises(FloatingPointError, match="non-finite at epoch 1, step 2; lower the learning rate"):
+        fit(model, small_digits, epochs=2, batch_size=64, device=selected_device(), objective=objective, log=None)
+
+
+def test_training_defaults_have_one_owner():
+    for function in (fit, train_model):
+        params = inspect.signature(function).parameters
+        for name in ("batch_size", "lr", "momentum", "weight_decay"):
+            assert params[name].default == TRAIN_DEFAULTS[name], (function.__name__, name)
+    assert inspect.signature(train_model).parameters["epochs"].default == TRAIN_DEFAULTS["epochs"]
+
+
+def test_a_model_on_the_test_device_trains_there_and_keeps_the_default_layout(small_digits):
+    device = selected_device()
+    model = build_model("resnet20", 10, small_digits.input_shape, seed=0)
+    model, _ = train_model(model, small_digits, epochs=1, device=device, log=None)
+    assert model_device(model).type == device.type and not model.training
+    assert all(p.is_contiguous() for p in model.parameters())  # channels-last is undone after training
