@@ -221,3 +221,39 @@ def test_finetune_lr_is_set_from_the_study_file_and_leaves_unset_fingerprints_al
 def test_finetune_lr_without_fine_tuning_is_refused_naming_the_key(entry):
     with pytest.raises(StudyConfigError, match="finetune_lr"):
         _with_compression([entry])
+
+
+def test_unset_or_null_pruning_defaults_resolve_from_the_jobs_defaults_and_reach_the_job():
+    from compbias.jobs.vocabulary import FINETUNE_DEFAULTS, TRAIN_DEFAULTS
+
+    spec = _with_compression([
+        {"method": "magnitude", "levels": [0.5], "schedule": None, "finetune_epochs": None},
+        {"method": "structured", "levels": [0.5], "schedule": "scratch", "finetune_epochs": 0, "finetune_lr": 0.2},
+        {"method": "quantize", "levels": ["fp16"], "finetune_epochs": None},
+        {"method": "torch_prune", "levels": [0.5]},
+    ])
+    assert spec.train.model_dump() == TRAIN_DEFAULTS
+    pruned, scratch, quantized, byo = (c.job_options(spec.train) for c in spec.compression)
+    assert (pruned["schedule"], pruned["finetune_epochs"]) == (FINETUNE_DEFAULTS["schedule"], FINETUNE_DEFAULTS["epochs"])
+    assert pruned["epochs"] is None and "lr" not in pruned  # unset: compress_model's lr, FINETUNE_DEFAULTS["lr"]
+    assert scratch["epochs"] == spec.train.epochs and scratch["lr"] == 0.2 and scratch["finetune_epochs"] == 0
+    assert (quantized["schedule"], quantized["finetune_epochs"]) == (None, 0)
+    assert (byo["schedule"], byo["finetune_epochs"], byo["options"]) == (None, 0, None)
+    assert {k: pruned[k] for k in ("batch_size", "momentum", "weight_decay")} == {
+        k: TRAIN_DEFAULTS[k] for k in ("batch_size", "momentum", "weight_decay")}
+    again = parse_study(yaml.safe_load(spec.to_yaml()))
+    assert again == spec and again.model_fingerprint(0) == spec.model_fingerprint(0)
+
+
+def test_fingerprints_of_every_method_family_are_pinned():
+    """Resuming depends on these: the values the study file gave before its schema moved to jobs/vocabulary."""
+    spec = _with_compression([
+        {"method": "magnitude", "levels": [0.5, 0.9]},
+        {"method": "structured", "schedule": "oneshot", "levels": [0.5], "finetune_epochs": 2, "mitigation": "kd"},
+        {"method": "quantize", "levels": ["int8_static", "fp16"]},
+        {"method": "torch_pruning", "levels": [0.3], "options": {"importance": "l2"}},
+        {"method": "custom", "function": "mypkg.compress:shrink", "levels": [0.5, "aggressive"]},
+        {"method": "torchao", "levels": ["int8_dynamic"]},
+    ])
+    assert [spec.model_fingerprint(i) for i in (None, 0, 1, 2, 3, 4, 5)] == [
+        "965d825cbce6", "fd5958f94e29", "484ddab9d05f", "463bad6280da", "cd5b86433bab", "58589d82f340", "d0327775e3b5"]
