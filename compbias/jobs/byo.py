@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -34,13 +35,12 @@ import torch.nn as nn
 from .data import DatasetBundle
 from .models import check_model_output, import_object, model_input_dtype
 from .prune import measure_sparsity, model_size_bytes
+from .vocabulary import BYO_METHODS, METHOD_OPTIONS, TORCH_PRUNE_STYLES
 
 __all__ = [
-    "BYO_METHODS", "TORCH_PRUNE_STYLES", "count_params", "measure_latency", "custom_compress", "torch_pruning_compress",
-    "torch_prune_compress",
+    "BYO_METHODS", "TORCH_PRUNE_STYLES", "FineTuning", "count_params", "measure_latency", "custom_compress",
+    "torch_pruning_compress", "torch_prune_compress", "torchao_compress",
 ]
-
-from .vocabulary import BYO_METHODS, METHOD_OPTIONS, TORCH_PRUNE_STYLES
 
 
 def count_params(model: nn.Module) -> int:
@@ -94,24 +94,93 @@ def _size_bytes(model: nn.Module) -> int:
     return model_size_bytes(model)["size_bytes"]
 
 
-def _finetune(model: nn.Module, bundle: DatasetBundle, *, epochs: int, mitigation: str | None, baseline: nn.Module,
-              mitigation_options: Mapping[str, Any] | None, train_options: Mapping[str, Any], seed: int, device,
-              log, tag: str) -> tuple[nn.Module, list[dict[str, Any]]]:
-    if epochs <= 0:
-        if mitigation is not None:
-            raise ValueError(f"mitigation {mitigation!r} changes fine-tuning; give finetune_epochs >= 1 with it")
-        return model, []
-    from .distill import MITIGATIONS, make_objective
-    from .train import fit, resolve_device
+def _measured(baseline: nn.Module, bundle: DatasetBundle, latency_batch: int,
+              compress: Callable[[torch.Tensor], tuple[nn.Module, dict[str, Any]]]) -> tuple[nn.Module, dict[str, Any]]:
+    """Run ``compress(x)`` between the baseline's and the result's footprint on the same latency batch ``x``.
 
-    if mitigation is not None and mitigation not in MITIGATIONS:
-        raise ValueError(f"unknown mitigation {mitigation!r}; choose one of {', '.join(MITIGATIONS)} or null")
-    device = resolve_device(device)
-    teacher = copy.deepcopy(baseline).to(device).eval() if mitigation is not None else None
-    objective = make_objective(mitigation, teacher, **dict(mitigation_options or {}))
-    model, history, _ = fit(model, bundle, epochs=int(epochs), seed=seed, device=device, objective=objective,
-                            log=log, tag=tag, **dict(train_options))
-    return model, history
+    Returns
+    -------
+    model, info
+        ``info``: the baseline's footprint (``baseline_`` keys), the model's,
+        then what ``compress`` returned.
+    """
+    x = _latency_batch(bundle, latency_batch)
+    before = _footprint(baseline, x, "baseline_")
+    model, extra = compress(x)
+    return model, {**before, **_footprint(model, x), **extra}
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """How a model pruned by a library is fine-tuned afterwards: what the built-in pruning takes.
+
+    :func:`torch_pruning_compress` and :func:`torch_prune_compress` take these
+    fields as keyword arguments (``compress_model`` passes them).
+
+    Attributes
+    ----------
+    finetune_epochs : int
+        Epochs of SGD fine-tuning; 0 (the default) skips it.
+    mitigation : str, optional
+        A mitigation of :data:`compbias.jobs.distill.MITIGATIONS` (the baseline
+        is the teacher); needs ``finetune_epochs >= 1``.
+    mitigation_options : mapping, optional
+        Options of that mitigation's objective.
+    train_options : mapping, optional
+        Keyword arguments of :func:`compbias.jobs.train.fit` (batch size,
+        learning rate, momentum, weight decay).
+    device : str or torch.device, optional
+    log : callable, optional
+        Progress messages of the fine-tuning.
+    """
+
+    finetune_epochs: int = 0
+    mitigation: str | None = None
+    mitigation_options: Mapping[str, Any] | None = None
+    train_options: Mapping[str, Any] | None = None
+    device: Any = None
+    log: Callable[[str], None] | None = None
+
+    def run(self, model: nn.Module, baseline: nn.Module, bundle: DatasetBundle, *, seed: int,
+            tag: str) -> tuple[nn.Module, dict[str, Any]]:
+        """Fine-tune ``model`` in place.
+
+        Returns
+        -------
+        model : torch.nn.Module
+        info : dict
+            ``history`` (per-epoch dicts; empty without fine-tuning) and
+            ``final_loss`` (None without fine-tuning).
+
+        Raises
+        ------
+        ValueError
+            A mitigation without fine-tuning epochs, or an unknown mitigation.
+        """
+        if self.finetune_epochs <= 0:
+            if self.mitigation is not None:
+                raise ValueError(f"mitigation {self.mitigation!r} changes fine-tuning; give finetune_epochs >= 1 with it")
+            return model, {"history": [], "final_loss": None}
+        from .distill import MITIGATIONS, make_objective
+        from .train import fit, resolve_device
+
+        if self.mitigation is not None and self.mitigation not in MITIGATIONS:
+            raise ValueError(f"unknown mitigation {self.mitigation!r}; choose one of {', '.join(MITIGATIONS)} or null")
+        device = resolve_device(self.device)
+        teacher = copy.deepcopy(baseline).to(device).eval() if self.mitigation is not None else None
+        objective = make_objective(self.mitigation, teacher, **dict(self.mitigation_options or {}))
+        model, history, _ = fit(model, bundle, epochs=int(self.finetune_epochs), seed=seed, device=device,
+                                objective=objective, log=self.log, tag=tag, **dict(self.train_options or {}))
+        return model, {"history": history, "final_loss": history[-1].get("loss") if history else None}
+
+
+def _checked_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as a dict; ValueError naming the ones ``method`` does not know (:data:`METHOD_OPTIONS`)."""
+    options = dict(options or {})
+    unknown = set(options) - set(METHOD_OPTIONS[method])
+    if unknown:
+        raise ValueError(f"{method} options {sorted(unknown)} unknown; allowed: {', '.join(METHOD_OPTIONS[method])}")
+    return options
 
 
 def _output_layer(model: nn.Module, x: torch.Tensor, n_classes: int) -> list[nn.Module]:
@@ -131,8 +200,7 @@ def _output_layer(model: nn.Module, x: torch.Tensor, n_classes: int) -> list[nn.
 
 def torch_pruning_compress(
     baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int = 0, options: Mapping[str, Any] | None = None,
-    finetune_epochs: int = 0, mitigation: str | None = None, mitigation_options: Mapping[str, Any] | None = None,
-    train_options: Mapping[str, Any] | None = None, device=None, latency_batch: int = 64, log=None,
+    latency_batch: int = 64, **finetune: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Structured channel pruning with Torch-Pruning: channels are removed, not masked.
 
@@ -145,9 +213,10 @@ def torch_pruning_compress(
     options : dict, optional
         ``importance`` (``l1`` default, ``l2``, ``random``), ``global_pruning``
         (bool, default False), ``round_to`` (channel multiple).
-    finetune_epochs : int
-        Fine-tuning epochs of the smaller model after pruning (SGD with the
-        study's settings; ``mitigation`` as for the built-in pruning).
+    **finetune
+        Fine-tuning of the smaller model after pruning: the fields of
+        :class:`FineTuning` (``finetune_epochs``, ``mitigation``, ...; SGD
+        with the study's settings, as for the built-in pruning).
 
     Returns
     -------
@@ -160,47 +229,41 @@ def torch_pruning_compress(
         import torch_pruning as tp
     except ImportError as exc:
         raise ValueError(f"method torch_pruning needs the torch-pruning package ({exc}); pip install torch-pruning") from None
-    options = dict(options or {})
-    unknown = set(options) - set(METHOD_OPTIONS["torch_pruning"])
-    if unknown:
-        raise ValueError(f"torch_pruning options {sorted(unknown)} unknown; allowed: {', '.join(METHOD_OPTIONS['torch_pruning'])}")
+    options = _checked_options("torch_pruning", options)
+    tuning = FineTuning(**finetune)
     importance_name = str(options.get("importance", "l1"))
     importances = {"l1": lambda: tp.importance.MagnitudeImportance(p=1), "l2": lambda: tp.importance.MagnitudeImportance(p=2),
                    "random": lambda: tp.importance.RandomImportance()}
     if importance_name not in importances:
         raise ValueError(f"torch_pruning importance must be one of {', '.join(importances)}, got {importance_name!r}")
     spec = baseline.compbias_spec
-    x = _latency_batch(bundle, latency_batch)
-    before = _footprint(baseline, x, "baseline_")
-    model = copy.deepcopy(baseline).cpu().eval()
-    example = torch.zeros(1, *spec["input_shape"], dtype=model_input_dtype(model))
-    ignored = _output_layer(model, example, int(spec["n_classes"]))
-    torch.manual_seed(int(seed))  # RandomImportance
-    try:
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=importances[importance_name](), pruning_ratio=float(level),
-            global_pruning=bool(options.get("global_pruning", False)), ignored_layers=ignored,
-            round_to=options.get("round_to"),
-        )
-        pruner.step()
-    except Exception as exc:
-        raise ValueError(f"Torch-Pruning could not prune this model at ratio {level}: {type(exc).__name__}: {exc}") from None
-    check_model_output(model, spec["input_shape"], int(spec["n_classes"]), source="the Torch-Pruning-pruned model")
-    tag = f"torch_pruning {level}"
-    model, history = _finetune(model, bundle, epochs=finetune_epochs, mitigation=mitigation, baseline=baseline,
-                               mitigation_options=mitigation_options, train_options=train_options or {}, seed=seed,
-                               device=device, log=log, tag=tag)
-    model.eval()
-    after = _footprint(model, x)
-    info = {**before, **after, "sparsity": 1.0 - after["params"] / max(1, before["baseline_params"]),
-            "importance": importance_name, "history": history, "final_loss": history[-1].get("loss") if history else None}
-    return model, info
+
+    def prune(_x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+        model = copy.deepcopy(baseline).cpu().eval()
+        example = torch.zeros(1, *spec["input_shape"], dtype=model_input_dtype(model))
+        ignored = _output_layer(model, example, int(spec["n_classes"]))
+        torch.manual_seed(int(seed))  # RandomImportance
+        try:
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=importances[importance_name](), pruning_ratio=float(level),
+                global_pruning=bool(options.get("global_pruning", False)), ignored_layers=ignored,
+                round_to=options.get("round_to"),
+            )
+            pruner.step()
+        except Exception as exc:
+            raise ValueError(f"Torch-Pruning could not prune this model at ratio {level}: {type(exc).__name__}: {exc}") from None
+        check_model_output(model, spec["input_shape"], int(spec["n_classes"]), source="the Torch-Pruning-pruned model")
+        model, tuned = tuning.run(model, baseline, bundle, seed=seed, tag=f"torch_pruning {level}")
+        model.eval()
+        removed = 1.0 - count_params(model) / max(1, count_params(baseline))
+        return model, {"sparsity": removed, "importance": importance_name, **tuned}
+
+    return _measured(baseline, bundle, latency_batch, prune)
 
 
 def torch_prune_compress(
     baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int = 0, options: Mapping[str, Any] | None = None,
-    finetune_epochs: int = 0, mitigation: str | None = None, mitigation_options: Mapping[str, Any] | None = None,
-    train_options: Mapping[str, Any] | None = None, device=None, latency_batch: int = 64, log=None,
+    latency_batch: int = 64, **finetune: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Pruning with ``torch.nn.utils.prune``: masks (``weight_orig`` x ``weight_mask``), made permanent.
 
@@ -214,9 +277,10 @@ def torch_prune_compress(
         (each layer by itself), ``ln_structured`` (output channels of each
         convolution by their L``n`` norm, ``n`` default 1; channels are
         zeroed, not removed).
-    finetune_epochs : int
+    **finetune
         Fine-tuning with the masks in place (the pruned weights stay zero),
-        before ``prune.remove`` makes them permanent.
+        before ``prune.remove`` makes them permanent: the fields of
+        :class:`FineTuning` (``finetune_epochs``, ``mitigation``, ...).
 
     Returns
     -------
@@ -225,47 +289,61 @@ def torch_prune_compress(
         no ``weight_mask``, no hooks); ``info`` has ``sparsity`` (zeros among
         the pruned layers' weights) and the footprint before/after.
     """
-    from torch.nn.utils import prune
+    from torch.nn.utils import prune as torch_prune
 
-    options = dict(options or {})
-    unknown = set(options) - set(METHOD_OPTIONS["torch_prune"])
-    if unknown:
-        raise ValueError(f"torch_prune options {sorted(unknown)} unknown; allowed: {', '.join(METHOD_OPTIONS['torch_prune'])}")
+    options = _checked_options("torch_prune", options)
+    tuning = FineTuning(**finetune)
     style = str(options.get("style", "global_unstructured"))
     if style not in TORCH_PRUNE_STYLES:
         raise ValueError(f"torch_prune style must be one of {', '.join(TORCH_PRUNE_STYLES)}, got {style!r}")
-    x = _latency_batch(bundle, latency_batch)
-    before = _footprint(baseline, x, "baseline_")
-    model = copy.deepcopy(baseline)
-    kinds = (nn.Conv2d,) if style == "ln_structured" else (nn.Conv2d, nn.Linear)
-    targets = [(m, "weight") for m in model.modules() if isinstance(m, kinds)]
-    if not targets:
-        raise ValueError(f"torch_prune ({style}) found no {'/'.join(k.__name__ for k in kinds)} layer to prune")
-    amount = float(level)
-    torch.manual_seed(int(seed))  # random_unstructured
-    if style == "global_unstructured":
-        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
-    else:
+    kind = "structured" if style == "ln_structured" else "magnitude"
+
+    def prune(_x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+        model = copy.deepcopy(baseline)
+        kinds = (nn.Conv2d,) if style == "ln_structured" else (nn.Conv2d, nn.Linear)
+        targets = [(m, "weight") for m in model.modules() if isinstance(m, kinds)]
+        if not targets:
+            raise ValueError(f"torch_prune ({style}) found no {'/'.join(k.__name__ for k in kinds)} layer to prune")
+        amount = float(level)
+        torch.manual_seed(int(seed))  # random_unstructured
+        if style == "global_unstructured":
+            torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
+        else:
+            for module, name in targets:
+                if style == "l1_unstructured":
+                    torch_prune.l1_unstructured(module, name, amount=amount)
+                elif style == "random_unstructured":
+                    torch_prune.random_unstructured(module, name, amount=amount)
+                else:
+                    torch_prune.ln_structured(module, name, amount=amount, n=int(options.get("n", 1)), dim=0)
+        model, tuned = tuning.run(model, baseline, bundle, seed=seed, tag=f"torch_prune {style} {level}")
         for module, name in targets:
-            if style == "l1_unstructured":
-                prune.l1_unstructured(module, name, amount=amount)
-            elif style == "random_unstructured":
-                prune.random_unstructured(module, name, amount=amount)
-            else:
-                prune.ln_structured(module, name, amount=amount, n=int(options.get("n", 1)), dim=0)
-    tag = f"torch_prune {style} {level}"
-    model, history = _finetune(model, bundle, epochs=finetune_epochs, mitigation=mitigation, baseline=baseline,
-                               mitigation_options=mitigation_options, train_options=train_options or {}, seed=seed,
-                               device=device, log=log, tag=tag)
-    for module, name in targets:
-        prune.remove(module, name)  # weight = weight_orig * weight_mask, the hook and the mask dropped
-    model.eval()
-    sparsity, per_layer = measure_sparsity(model, "structured" if style == "ln_structured" else "magnitude")
-    after = _footprint(model, x)
-    info = {**before, **after, "sparsity": sparsity, "sparsity_per_layer": per_layer, "style": style,
-            "size_bytes_sparse": model_size_bytes(model, sparse_kind="structured" if style == "ln_structured" else "magnitude")["size_bytes_sparse"],
-            "history": history, "final_loss": history[-1].get("loss") if history else None}
-    return model, info
+            torch_prune.remove(module, name)  # weight = weight_orig * weight_mask, the hook and the mask dropped
+        model.eval()
+        sparsity, per_layer = measure_sparsity(model, kind)
+        return model, {"sparsity": sparsity, "sparsity_per_layer": per_layer, "style": style,
+                       "size_bytes_sparse": model_size_bytes(model, sparse_kind=kind)["size_bytes_sparse"], **tuned}
+
+    return _measured(baseline, bundle, latency_batch, prune)
+
+
+def torchao_compress(baseline: nn.Module, bundle: DatasetBundle, level: str, *,
+                     latency_batch: int = 64) -> tuple[nn.Module, dict[str, Any]]:
+    """torchao's ``quantize_`` on the linear layers (:func:`compbias.jobs.torchao_quant.torchao_quantize`), measured.
+
+    Returns
+    -------
+    model, info
+        ``info`` has the footprint before/after, ``sparsity`` 0 and what
+        :func:`~compbias.jobs.torchao_quant.torchao_quantize` records.
+    """
+    from .torchao_quant import torchao_quantize
+
+    def quantize(x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+        model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2]))
+        return model, {"sparsity": 0.0, **extra}
+
+    return _measured(baseline, bundle, latency_batch, quantize)
 
 
 def custom_compress(
@@ -302,38 +380,38 @@ def custom_compress(
     name = function if isinstance(function, str) else f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', function)}"
     fn = import_object(function, what="custom compression function") if isinstance(function, str) else function
     spec = baseline.compbias_spec
-    x = _latency_batch(bundle, latency_batch)
-    before = _footprint(baseline, x, "baseline_")
-    work = copy.deepcopy(baseline).train()
-    work.compbias_compression = None
-    try:
-        model = fn(work, bundle, level, int(seed))
-    except Exception as exc:
-        raise ValueError(f"custom compression function {name!r} failed at level {level!r}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"custom compression function {name!r} returned a {type(model).__name__}; it must return the compressed torch.nn.Module")
-    model = model.cpu().eval() if all(p.device.type == "cpu" for p in model.parameters()) else model.eval()
-    check_model_output(model, spec["input_shape"], int(spec["n_classes"]), source=f"the model returned by {name!r}",
-                       x=x[:2].to(next(iter(model.parameters())).device) if any(True for _ in model.parameters()) else None)
-    own, base = model.state_dict(), baseline.state_dict()
-    if set(own) != set(base):
-        extra, gone = sorted(set(own) - set(base)), sorted(set(base) - set(own))
-        hint = " (torch.nn.utils.prune masks left in place: call prune.remove, or use method torch_prune)" if any(k.endswith(("_orig", "_mask")) for k in extra) else ""
-        raise ValueError(
-            f"the model returned by {name!r} has other state-dict keys than the architecture (new {extra[:5]}, gone {gone[:5]}){hint}; "
-            "compbias saves weights as safetensors and rebuilds the module from the architecture, so a custom method must keep "
-            "the module structure (values and conv/linear/batch-norm shapes may change)"
-        )
-    odd = [k for k, v in own.items() if type(v) not in (torch.Tensor, nn.Parameter)]
-    if odd:
-        raise ValueError(f"the model returned by {name!r} holds tensor subclasses ({odd[:3]}) that safetensors cannot store; "
-                         "use method torchao for torchao quantization")
-    reshaped = any(tuple(own[k].shape) != tuple(base[k].shape) for k in own)
-    if not hasattr(model, "compbias_spec"):
-        model.compbias_spec = dict(spec)
-    if hasattr(baseline, "block_names") and not hasattr(model, "block_names"):
-        model.block_names = baseline.block_names
-    sparsity, _ = measure_sparsity(model, "magnitude")
-    after = _footprint(model, x)
-    info = {**before, **after, "sparsity": sparsity, "function": name, "reshaped": reshaped}
-    return model, info
+
+    def compress(x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+        work = copy.deepcopy(baseline).train()
+        work.compbias_compression = None
+        try:
+            model = fn(work, bundle, level, int(seed))
+        except Exception as exc:
+            raise ValueError(f"custom compression function {name!r} failed at level {level!r}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"custom compression function {name!r} returned a {type(model).__name__}; it must return the compressed torch.nn.Module")
+        model = model.cpu().eval() if all(p.device.type == "cpu" for p in model.parameters()) else model.eval()
+        check_model_output(model, spec["input_shape"], int(spec["n_classes"]), source=f"the model returned by {name!r}",
+                           x=x[:2].to(next(iter(model.parameters())).device) if any(True for _ in model.parameters()) else None)
+        own, base = model.state_dict(), baseline.state_dict()
+        if set(own) != set(base):
+            extra, gone = sorted(set(own) - set(base)), sorted(set(base) - set(own))
+            hint = " (torch.nn.utils.prune masks left in place: call prune.remove, or use method torch_prune)" if any(k.endswith(("_orig", "_mask")) for k in extra) else ""
+            raise ValueError(
+                f"the model returned by {name!r} has other state-dict keys than the architecture (new {extra[:5]}, gone {gone[:5]}){hint}; "
+                "compbias saves weights as safetensors and rebuilds the module from the architecture, so a custom method must keep "
+                "the module structure (values and conv/linear/batch-norm shapes may change)"
+            )
+        odd = [k for k, v in own.items() if type(v) not in (torch.Tensor, nn.Parameter)]
+        if odd:
+            raise ValueError(f"the model returned by {name!r} holds tensor subclasses ({odd[:3]}) that safetensors cannot store; "
+                             "use method torchao for torchao quantization")
+        reshaped = any(tuple(own[k].shape) != tuple(base[k].shape) for k in own)
+        if not hasattr(model, "compbias_spec"):
+            model.compbias_spec = dict(spec)
+        if hasattr(baseline, "block_names") and not hasattr(model, "block_names"):
+            model.block_names = baseline.block_names
+        sparsity, _ = measure_sparsity(model, "magnitude")
+        return model, {"sparsity": sparsity, "function": name, "reshaped": reshaped}
+
+    return _measured(baseline, bundle, latency_batch, compress)
