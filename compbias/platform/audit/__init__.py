@@ -7,21 +7,37 @@ run per audit (metrics, tables, figures, an HTML report) and tags every
 audited version with its verdict.  See ``docs/audit.md``.
 
 Public API: :func:`run_audit`, :func:`watch`, :class:`AuditOptions`,
-:class:`AuditResult`, :class:`Selection`.
+:class:`AuditResult`, :class:`Selection`.  They are imported on first use, so
+that ``compbias``'s command line can build its parser from
+:mod:`compbias.platform.audit.cli` without loading MLflow.
 """
 
-from compbias.platform.audit.selection import Selection, VersionRecord
-from compbias.platform.audit.service import AuditOptions, AuditResult, parse_interval, run_audit, watch
-from compbias.platform.audit.tags import current_metrics_version, is_audited
+from importlib import import_module
 
-__all__ = [
-    "AuditOptions",
-    "AuditResult",
-    "Selection",
-    "VersionRecord",
-    "current_metrics_version",
-    "is_audited",
-    "parse_interval",
-    "run_audit",
-    "watch",
-]
+#: public name -> the module that owns it
+_OWNERS = {
+    "AuditOptions": "settings",
+    "AuditSettings": "settings",
+    "AuditResult": "service",
+    "run_audit": "service",
+    "Selection": "selection",
+    "VersionRecord": "selection",
+    "current_metrics_version": "tags",
+    "is_audited": "tags",
+    "parse_interval": "settings",
+    "watch": "watch",
+}
+
+__all__ = sorted(_OWNERS)
+
+
+def __getattr__(name: str):
+    if name in _OWNERS:
+        value = getattr(import_module(f"{__name__}.{_OWNERS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_OWNERS})

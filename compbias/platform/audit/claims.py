@@ -45,12 +45,12 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 
 from compbias import contract as C
+from compbias.platform.audit.settings import DEFAULT_TTL_SECONDS
 
 CLAIM_PREFIX = "compbias-claim-"
 OWNER = C.CLAIM_OWNER
 HEARTBEAT = C.CLAIM_HEARTBEAT
 TARGET = C.CLAIM_TARGET
-DEFAULT_TTL_SECONDS = 900.0
 _GEN = re.compile(r"^(?P<base>.+)-g(?P<gen>\d+)$")
 
 

@@ -12,15 +12,35 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from compbias.platform.audit.claims import DEFAULT_TTL_SECONDS
-from compbias.platform.audit.fetch import default_cache_dir
-from compbias.platform.audit.selection import Selection, parse_version_spec
-from compbias.platform.audit.service import AuditOptions, AuditResult, parse_interval, run_audit, watch
+from compbias.platform.audit.settings import (
+    DEFAULT_TTL_SECONDS,
+    DEFAULT_WORKERS,
+    AuditOptions,
+    AuditSettings,
+    default_cache_dir,
+    parse_interval,
+)
+
+if TYPE_CHECKING:
+    from compbias.platform.audit.service import AuditResult
+
+#: Time between two passes of ``--watch``.
+DEFAULT_INTERVAL = "10m"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the audit's options to an argument parser.
+    """Add the audit's options to an argument parser, in groups.
+
+    Every setting the study file's ``audit:`` section has defaults to None
+    here ("as in the study file"); the help texts name the effective
+    defaults (:class:`~compbias.platform.audit.settings.AuditSettings`).
+    Importing this module loads neither MLflow nor pandas.
 
     Parameters
     ----------
@@ -44,44 +64,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     thr.add_argument("--max-sde", type=float, help="fail versions whose SDE exceeds this")
     thr.add_argument("--max-worst-group-fpr-change", type=float, help="fail versions whose worst group FPR change (%%) exceeds this")
     thr.add_argument("--max-acc-drop", type=float, help="fail versions losing more accuracy than this (percentage points)")
+    d = AuditSettings()  # the defaults, as the study file's schema (and AuditSettings) define them
     opt = parser.add_argument_group("computation")
-    opt.add_argument("--alias", help="alias given to the newest passing version (study file default: audited)")
+    opt.add_argument("--alias", help=f"alias given to the newest passing version (default: the study file's, {d.alias})")
     opt.add_argument("--cie-fraction", type=float, action="append", dest="cie_fractions", metavar="Q",
-                     help="CIE set size as a fraction, e.g. 0.01 (repeatable; default: the study file's)")
-    opt.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (0: none)")
-    opt.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+                     help="CIE set size as a fraction, e.g. 0.01 (repeatable; default: the study file's, "
+                          f"{','.join(f'{q:g}' for q in d.cie_fractions)})")
+    opt.add_argument("--bootstrap", type=int, help=f"bootstrap resamples for confidence intervals (0: none; default: the study file's, {d.bootstrap})")
+    opt.add_argument("--confidence", type=float, default=None, help=f"confidence level of the intervals (default {d.confidence:g})")
     opt.add_argument("--intervals", choices=("two_level", "examples"),
                      help="what the bootstrap resamples: models (seeds, each with its own baseline) and test examples, "
-                          "or test examples only with the models fixed (default: the study file's, two_level)")
-    opt.add_argument("--probe-size", type=int, help="probe examples for SVCCA/CKA (default: the study file's)")
+                          f"or test examples only with the models fixed (default: the study file's, {d.intervals})")
+    opt.add_argument("--probe-size", type=int, help=f"probe examples for SVCCA/CKA (default: the study file's, {d.probe_size})")
     opt.add_argument("--no-similarity", action="store_true", help="skip SVCCA/CKA (no model weights are loaded)")
     opt.add_argument("--no-figures", action="store_true", help="skip figures (tables and report only)")
     opt.add_argument("--no-gallery", action="store_true", help="skip the CIE image gallery (it loads the study's dataset)")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the probe set")
-    opt.add_argument("--smoothing", type=float, default=0.0,
-                     help="additive smoothing of the rates, so a zero baseline rate still gives a defined change (default 0: such classes are dropped from CEV/SDE)")
+    opt.add_argument("--seed", type=int, default=None, help=f"seed of the bootstrap and the probe set (default {d.seed})")
+    opt.add_argument("--smoothing", type=float, default=None,
+                     help="additive smoothing of the rates, so a zero baseline rate still gives a defined change "
+                          f"(default {d.smoothing:g}: such classes are dropped from CEV/SDE)")
     out = parser.add_argument_group("output and service")
     out.add_argument("--experiment", help="experiment of the audit run (default: the study's experiment)")
     out.add_argument("--output-dir", type=Path, help="also copy the report, tables and figures here")
     out.add_argument("--cache-dir", type=Path, default=None, help=f"artifact cache (default {default_cache_dir()})")
     out.add_argument("--no-cache", action="store_true", help="do not cache downloaded artifacts")
-    out.add_argument("--workers", type=int, default=4, help="parallel artifact downloads (default 4)")
-    out.add_argument("--claim-ttl", default=f"{int(DEFAULT_TTL_SECONDS)}s",
-                     help="after this long without a heartbeat a claim is taken over (default 15m)")
+    out.add_argument("--workers", type=int, default=None, help=f"parallel artifact downloads (default {DEFAULT_WORKERS})")
+    out.add_argument("--claim-ttl", default=None,
+                     help=f"after this long without a heartbeat a claim is taken over (default {_duration(DEFAULT_TTL_SECONDS)})")
     out.add_argument("--watch", action="store_true", help="audit new versions on a schedule until stopped")
-    out.add_argument("--interval", default="10m", help="time between passes with --watch, e.g. 30s, 10m, 1h (default 10m)")
+    out.add_argument("--interval", default=DEFAULT_INTERVAL,
+                     help=f"time between passes with --watch, e.g. 30s, 10m, 1h (default {DEFAULT_INTERVAL})")
     out.add_argument("--max-passes", type=int, help=argparse.SUPPRESS)
     out.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def options_from_args(args: argparse.Namespace) -> AuditOptions:
-    """Build :class:`AuditOptions` from parsed arguments.
+    """Build :class:`AuditOptions` from parsed arguments (options not given are left to the study file).
 
     Raises
     ------
     ValueError
         On an invalid value (named in the message).
     """
+    from compbias.platform.audit.selection import parse_version_spec
+
     thresholds = {
         "cev": args.max_cev,
         "sde": args.max_sde,
@@ -92,32 +118,34 @@ def options_from_args(args: argparse.Namespace) -> AuditOptions:
         raise ValueError(f"--cie-fraction must be in (0, 1], got {args.cie_fractions}")
     if args.bootstrap is not None and args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if not (0 < args.confidence < 1):
+    if args.confidence is not None and not (0 < args.confidence < 1):
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
-    if args.smoothing < 0:
+    if args.smoothing is not None and args.smoothing < 0:
         raise ValueError(f"--smoothing must be >= 0, got {args.smoothing}")
     if args.probe_size is not None and args.probe_size < 1:
         raise ValueError(f"--probe-size must be >= 1, got {args.probe_size}")
     for spec in args.versions:
         parse_version_spec(spec)
+    service = {"workers": args.workers, "claim_ttl": parse_interval(args.claim_ttl) if args.claim_ttl else None}
     return AuditOptions(
-        thresholds={k: v for k, v in thresholds.items() if v is not None},
-        alias=args.alias,
-        cie_fractions=tuple(args.cie_fractions) if args.cie_fractions else None,
-        bootstrap=args.bootstrap,
-        probe_size=args.probe_size,
+        {
+            "thresholds": {k: v for k, v in thresholds.items() if v is not None},
+            "alias": args.alias,
+            "cie_fractions": tuple(args.cie_fractions) if args.cie_fractions else None,
+            "bootstrap": args.bootstrap,
+            "probe_size": args.probe_size,
+            "confidence": args.confidence,
+            "seed": args.seed,
+            "smoothing": args.smoothing,
+            "intervals": args.intervals,
+        },
         similarity=not args.no_similarity,
-        confidence=args.confidence,
-        seed=args.seed,
-        smoothing=args.smoothing,
-        intervals=args.intervals,
         experiment=args.experiment,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         output_dir=args.output_dir,
-        claim_ttl=parse_interval(args.claim_ttl),
-        workers=args.workers,
         figures=not args.no_figures,
         gallery=not args.no_gallery,
+        **{k: v for k, v in service.items() if v is not None},
     )
 
 
@@ -175,7 +203,8 @@ def latest_audit(client, study: str | None = None) -> AuditResult | None:
     AuditResult or None
     """
     from compbias.platform.audit import tags as T
-    from compbias.platform.audit.writer import _local_dir
+    from compbias.platform.audit.service import AuditResult
+    from compbias.platform.audit.writer import local_dir
 
     flt = f"tags.`{T.RUN_KIND}` = '{T.RUN_KIND_AUDIT}' and attributes.status = 'FINISHED'"
     if study:
@@ -194,7 +223,7 @@ def latest_audit(client, study: str | None = None) -> AuditResult | None:
             doc = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
     except Exception:
         return None
-    local = _local_dir(run.info.artifact_uri)
+    local = local_dir(run.info.artifact_uri)
     report = local / "report.html" if local is not None and (local / "report.html").is_file() else None
     versions = doc.get("versions", {})
     return AuditResult(
@@ -244,6 +273,10 @@ def _run(args: argparse.Namespace) -> int:
         0 on success (including "nothing to audit"), 2 on invalid input, 1
         when an audit failed to run.
     """
+    from compbias.platform.audit.selection import Selection
+    from compbias.platform.audit.service import run_audit
+    from compbias.platform.audit.watch import watch
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         options = options_from_args(args)
@@ -310,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_selection(client, selection: Selection, spec, args: argparse.Namespace, say) -> int:
+def _evaluate_selection(client, selection, spec, args: argparse.Namespace, say) -> int:
     """Evaluate the selected versions without predictions; 0 when all (or none) were, 2 otherwise."""
     from compbias.platform.evaluate import EvaluationError, evaluate_versions, pending_versions
 
@@ -344,6 +377,7 @@ def _watch_with_evaluation(client, options: AuditOptions, spec, args: argparse.N
     """
     import time
 
+    from compbias.platform.audit.watch import watch
     from compbias.platform.evaluate import EvaluationError, evaluate_versions, load_data, pending_versions, tag_errors
 
     try:

@@ -36,65 +36,13 @@ from compbias.platform.audit.measures import pct_name, population_measures, welc
 from compbias.platform.audit.population import Population, StudyData
 from compbias.platform.audit.rates import PopulationRates, rate_denominators, rate_rows
 from compbias.platform.audit.selection import VersionRecord
-from compbias.platform.config import AuditSpec, GateSpec
+from compbias.platform.audit.settings import AuditSettings
 
 __all__ = [
-    "THRESHOLD_KEYS", "AuditSettings", "StudyAudit", "VersionOutcome", "audit_study", "baseline_pairs",
+    "THRESHOLD_KEYS", "AuditSettings", "BaselineAudit", "StudyAudit", "VersionOutcome", "audit_baseline",
+    "audit_population", "audit_study", "baseline_pairs", "build_tables",
     "gate_population", "key_part", "pct_name", "pop_key", "rate_denominators", "verdict", "welch_per_class",
 ]
-
-
-@dataclass
-class AuditSettings:
-    """Resolved audit settings (study file plus command-line overrides).
-
-    Attributes
-    ----------
-    thresholds : dict
-        ``cev``, ``sde``, ``worst_group_fpr_change``, ``acc_drop``; None
-        disables a check.
-    cie_fractions : tuple of float
-        CIE set sizes q; 0.01 is always added (its accuracy is a key figure).
-    bootstrap : int
-        Resamples for confidence intervals (0: no intervals).
-    probe_size : int
-    confidence : float
-    seed : int
-    positive_class : int or None
-    alias : str
-    smoothing : float
-        Additive smoothing of every rate (``compbias.metrics.class_rates``);
-        0 drops classes whose baseline rate is 0 from CEV/SDE instead.
-    gate : GateSpec
-        The default gate, used when no threshold is set (:func:`gate_population`).
-    min_count : int
-        The estimability rule (``audit.min_count``): rates and gate cells
-        whose denominator has fewer examples are "not estimable".
-    intervals : {"two_level", "examples"}
-        What the bootstrap resamples (``audit.intervals``): models and test
-        examples (default), or test examples only.
-    """
-
-    thresholds: dict = field(default_factory=dict)
-    cie_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
-    bootstrap: int = 1000
-    probe_size: int = 256
-    confidence: float = 0.95
-    seed: int = 0
-    positive_class: int | None = None
-    alias: str = "audited"
-    smoothing: float = 0.0
-    gate: GateSpec = field(default_factory=GateSpec)
-    min_count: int = AuditSpec.model_fields["min_count"].default
-    intervals: str = AuditSpec.model_fields["intervals"].default
-
-    def thresholds_set(self) -> bool:
-        """Whether any threshold is configured (they then decide instead of the default gate)."""
-        return any(v is not None for v in self.thresholds.values())
-
-    def fractions(self) -> list[float]:
-        """CIE fractions, sorted, always including 1%."""
-        return sorted({round(float(q), 6) for q in (*self.cie_fractions, 0.01)})
 
 
 @dataclass
@@ -215,10 +163,10 @@ def audit_study(
 ) -> StudyAudit:
     """Compute an audit of one study and the verdict on each target version.
 
-    The stages: the baseline population's rates and intervals; for each
-    compressed population its measures (:func:`~compbias.platform.audit.measures.population_measures`),
-    intervals and default-gate verdict (:func:`~compbias.platform.audit.gate.gate_population`);
-    then each target's verdict and the tables.
+    The stages: the baseline population (:func:`audit_baseline`); each
+    compressed population (:func:`audit_population`: its measures, intervals
+    and default-gate verdict); then each target's verdict and the tables
+    (:func:`build_tables`).
 
     Parameters
     ----------
@@ -246,6 +194,45 @@ def audit_study(
         out.notes.append("binary task: on a CIE example whose modal labels differ, one population's modal answer is right "
                          "exactly when the other's is wrong, so the compressed and baseline CIE accuracies are (nearly) "
                          "complements: one finding, not two")
+    rows: dict[str, list] = {k: [] for k in TABLE_ROWS}
+    baseline = audit_baseline(data, targets, settings, out, rows)
+    gate_status: dict[tuple[str, str], tuple[str, str | None]] = {}
+    for (method, level), pop in data.compressed.items():
+        gate_status[(method, level)] = audit_population(data, baseline, method, level, pop, settings, out, rows)
+    build_tables(out, rows, targets, errors, gate_status)
+    return out
+
+
+#: The tables an audit builds from rows, in the order it logs them (``versions`` is built from the verdicts).
+TABLE_ORDER = ("bias", "rates", "models", "ttest", "cie", "cie_composition", "cie_list", "versions", "gate")
+#: Tables made of row dicts; ``ttest`` and ``cie_list`` are made of per-population frames.
+TABLE_ROWS = ("rates", "bias", "models", "ttest", "cie", "cie_composition", "cie_list", "gate")
+
+
+@dataclass
+class BaselineAudit:
+    """The baseline population's rates, as every compressed population is compared with them.
+
+    Attributes
+    ----------
+    population : Population
+    rates : PopulationRates
+    acc : float
+        Mean accuracy of the baseline models.
+    group_estimable : numpy.ndarray of bool
+        Per group, whether its FPR is estimable (``audit.min_count`` negatives);
+        the worst group is chosen among these.
+    """
+
+    population: Population
+    rates: PopulationRates
+    acc: float
+    group_estimable: np.ndarray
+
+
+def audit_baseline(data: StudyData, targets: list[VersionRecord], settings: AuditSettings, out: StudyAudit,
+                   rows: dict[str, list]) -> BaselineAudit:
+    """The baseline population's rates, accuracy and intervals; adds its metrics to ``out`` and its rows to ``rows``."""
     base = data.baseline
     brates = PopulationRates(data, base, settings.positive_class, settings.smoothing)
     base_acc = float(np.mean(brates.acc))
@@ -255,51 +242,67 @@ def audit_study(
     ci = _bootstrap_population(data, base, None, settings) if any(r.is_baseline for r in targets) else {}
     if ci:
         out.metrics["acc/baseline/ci_low"], out.metrics["acc/baseline/ci_high"] = ci["acc"]
-    rows: dict[str, list] = {k: [] for k in ("rates", "bias", "models", "ttest", "cie", "cie_composition", "cie_list", "gate")}
     rate_rows(rows["rates"], "baseline", "none", data, brates, None, ci, settings)
     for i, r in enumerate(base.records):
         rows["models"].append({"version": r.key, "role": "baseline", "method": "baseline", "level": "none", "seed": r.seed,
                                "acc": float(brates.acc[i])})
-    # the worst group is chosen among groups whose FPR is estimable (audit.min_count negatives)
     n_of = rate_denominators(data, brates, settings.positive_class)
     group_estimable = np.array([n_of[("group", g, "fpr")] >= settings.min_count for g in brates.group_names], bool)
-    gate_status: dict[tuple[str, str], tuple[str, str | None]] = {}
-    for (method, level), pop in data.compressed.items():
-        crates = PopulationRates(data, pop, settings.positive_class, settings.smoothing)
-        pci = _bootstrap_population(data, base, pop, settings)
-        gate_status[(method, level)], gate_rows = gate_population(data, base, pop, settings)
-        rows["gate"].extend(gate_rows)
-        m = population_measures(data, base, brates, pop, crates, settings, pci, group_estimable, pop_key(method, level))
-        out.metrics.update(m.metrics)
-        out.notes.extend(m.notes)
-        if m.class_changes is not None:
-            out.plots["class_changes"][(method, level)] = m.class_changes
-        if m.groups_plot is not None:
-            out.plots["groups"][(method, level)] = m.groups_plot
-        rows["bias"].append(m.bias_row)
-        rows["ttest"].append(m.ttest)
-        rows["cie"].extend(m.cie_rows)
-        rows["cie_composition"].extend(m.composition_rows)
-        rows["cie_list"].append(m.cie_list)
-        rate_rows(rows["rates"], method, level, data, crates, brates, pci, settings)
-        rows["models"].extend(m.model_rows)
-        out.plots["levels"].append(m.bias_row)
+    return BaselineAudit(base, brates, base_acc, group_estimable)
+
+
+def audit_population(data: StudyData, baseline: BaselineAudit, method: str, level: str, pop: Population,
+                     settings: AuditSettings, out: StudyAudit, rows: dict[str, list]) -> tuple[str, str | None]:
+    """One compressed population: its measures, intervals and rows; returns its default-gate verdict.
+
+    Adds the population's metrics, notes and plot data to ``out`` and its
+    table rows to ``rows``.
+
+    Returns
+    -------
+    status : str
+    reason : str or None
+        The default gate's verdict on the population
+        (:func:`~compbias.platform.audit.gate.gate_population`).
+    """
+    base, brates = baseline.population, baseline.rates
+    crates = PopulationRates(data, pop, settings.positive_class, settings.smoothing)
+    pci = _bootstrap_population(data, base, pop, settings)
+    status, gate_rows = gate_population(data, base, pop, settings)
+    rows["gate"].extend(gate_rows)
+    m = population_measures(data, base, brates, pop, crates, settings, pci, baseline.group_estimable, pop_key(method, level))
+    out.metrics.update(m.metrics)
+    out.notes.extend(m.notes)
+    if m.class_changes is not None:
+        out.plots["class_changes"][(method, level)] = m.class_changes
+    if m.groups_plot is not None:
+        out.plots["groups"][(method, level)] = m.groups_plot
+    rows["bias"].append(m.bias_row)
+    rows["ttest"].append(m.ttest)
+    rows["cie"].extend(m.cie_rows)
+    rows["cie_composition"].extend(m.composition_rows)
+    rows["cie_list"].append(m.cie_list)
+    rate_rows(rows["rates"], method, level, data, crates, brates, pci, settings)
+    rows["models"].extend(m.model_rows)
+    out.plots["levels"].append(m.bias_row)
+    return status
+
+
+def build_tables(out: StudyAudit, rows: dict[str, list], targets: list[VersionRecord], errors: dict[str, str],
+                 gate_status: dict[tuple[str, str], tuple[str, str | None]]) -> None:
+    """Turn the rows into tables, decide each target's verdict, count the verdicts and summarise (into ``out``)."""
     models = pd.DataFrame(rows["models"])
-    out.versions = _verdicts(targets, models, errors, gate_status, settings)
-    for name in ("bias", "rates", "cie", "cie_composition", "gate"):
-        out.tables[name] = pd.DataFrame(rows[name])
-    out.tables["models"] = models
+    out.versions = _verdicts(targets, models, errors, gate_status, out.settings)
+    tables = {name: pd.DataFrame(rows[name]) for name in ("bias", "rates", "cie", "cie_composition", "gate")}
+    tables["models"] = models
     for name in ("ttest", "cie_list"):
-        out.tables[name] = pd.concat(rows[name], ignore_index=True) if rows[name] else pd.DataFrame()
-    out.tables["versions"] = _versions_table(targets, out.versions)
-    # the tables in the order the audit logs them
-    order = ("bias", "rates", "models", "ttest", "cie", "cie_composition", "cie_list", "versions", "gate")
-    out.tables = {k: out.tables[k] for k in order}
+        tables[name] = pd.concat(rows[name], ignore_index=True) if rows[name] else pd.DataFrame()
+    tables["versions"] = _versions_table(targets, out.versions)
+    out.tables = {k: tables[k] for k in TABLE_ORDER}
     counts = pd.Series([o.status for o in out.versions.values()]).value_counts()
     for s in T.STATUSES:
         out.metrics[f"audit/n_{s}"] = float(counts.get(s, 0))
-    out.summary = _summary(out.tables["bias"], base_acc, out.tables["cie"])
-    return out
+    out.summary = _summary(out.tables["bias"], out.metrics["acc/baseline"], out.tables["cie"])
 
 
 def _verdicts(targets: list[VersionRecord], models: pd.DataFrame, errors: dict[str, str],

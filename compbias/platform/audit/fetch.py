@@ -26,6 +26,9 @@ from mlflow.tracking import MlflowClient
 
 from compbias import contract as C
 from compbias.platform.audit.selection import VersionRecord
+from compbias.platform.audit.settings import default_cache_dir  # noqa: F401  (re-exported: the cache is the fetcher's)
+from compbias.platform.audit.studyfile import StudyFile
+from compbias.platform.config import StudyConfigError
 
 PREDICTIONS = C.PREDICTIONS
 STUDY_FILE = C.STUDY_FILE
@@ -59,20 +62,6 @@ class Fetched:
     def ok(self) -> bool:
         """True when the predictions were read and validated."""
         return self.error is None
-
-
-def default_cache_dir() -> Path:
-    """Return the artifact cache directory: ``audit`` under compbias's cache root.
-
-    Returns
-    -------
-    pathlib.Path
-        :func:`compbias._locations.cache_dir` ``("audit")``
-        (``$COMPBIAS_CACHE_DIR/audit`` when that is set).
-    """
-    from compbias._locations import cache_dir
-
-    return cache_dir("audit")
 
 
 class ArtifactFetcher:
@@ -181,8 +170,8 @@ class ArtifactFetcher:
         with ThreadPoolExecutor(self.workers) as pool:
             return {f.record.key: f for f in pool.map(self.predictions, records)}
 
-    def study_config(self, records: Sequence[VersionRecord]) -> dict:
-        """Read the study file logged with the first run that has one.
+    def study_file(self, records: Sequence[VersionRecord]) -> tuple[StudyFile, str | None]:
+        """Read and validate the study file logged with the first run that has a readable one.
 
         Parameters
         ----------
@@ -191,17 +180,26 @@ class ArtifactFetcher:
 
         Returns
         -------
-        dict
-            The parsed ``study.yaml``; empty when no run has a readable one.
+        study : StudyFile
+            ``StudyFile()`` when no run has a readable ``study.yaml`` (or it is invalid).
+        problem : str or None
+            Why the study file found does not validate (the audit then
+            reports it for every version rather than guess with defaults).
         """
-        for _, path in self._artifact_paths(records, STUDY_FILE):
+        for run_id, path in self._artifact_paths(records, STUDY_FILE):
             try:
                 data = yaml.safe_load(path.read_text())
             except (OSError, yaml.YAMLError):
                 continue
-            if isinstance(data, dict):
-                return data
-        return {}
+            if not isinstance(data, dict):
+                continue
+            where = f"{STUDY_FILE} of run {run_id}"
+            try:
+                return StudyFile.parse(data, source=where), None
+            except StudyConfigError as exc:
+                return StudyFile(), (f"the study file ({where}) is invalid: {'; '.join(exc.problems)}; the audit reads "
+                                     f"its dataset: and audit: sections and does not guess: fix them in the runs' {STUDY_FILE}")
+        return StudyFile(), None
 
     def _artifact_paths(self, records: Sequence[VersionRecord], artifact: str):
         """``(run_id, local path)`` of ``artifact`` for each run that has it, in the order of ``records``."""

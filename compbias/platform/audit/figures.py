@@ -23,157 +23,28 @@ test_figures_readable.py`` checks the drawn text boxes).
 
 from __future__ import annotations
 
-import io
 import math
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Ellipse  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
-
-from compbias.platform.audit.population import level_sort_key  # noqa: E402
-
-CHI2_2DOF_95 = 5.991464547107979  # 95% quantile of chi-square with 2 degrees of freedom
-SPAN_FOR_LOG = 10.0  # largest/smallest non-zero magnitude from which an axis goes logarithmic
-MAX_DECADES = 3  # a symlog axis shows at most this many decades above its linear part
-
-
-def _method_colors(methods) -> dict[str, str]:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {m: cycle[i % len(cycle)] for i, m in enumerate(sorted(set(methods)))}
-
-
-def _is_number(level: str) -> bool:
-    try:
-        float(level)
-    except ValueError:
-        return False
-    return True
-
-
-def value_scale(values) -> tuple[str, float | None]:
-    """The y scale for values that may span orders of magnitude.
-
-    Parameters
-    ----------
-    values : array-like
-        Every value the axis shows (NaN and inf are ignored).
-
-    Returns
-    -------
-    (scale, linthresh)
-        ``("linear", None)`` when the non-zero magnitudes span less than
-        :data:`SPAN_FOR_LOG`; ``("log", None)`` when they do and every value
-        is positive; else ``("symlog", t)`` with ``t`` a power of ten at or
-        below the smallest non-zero magnitude (at most :data:`MAX_DECADES`
-        below the largest), so zero and negative values stay on the axis.
-    """
-    v = np.asarray(values, float).ravel()
-    v = v[np.isfinite(v)]
-    a = np.abs(v[v != 0])
-    if a.size == 0 or a.max() / a.min() < SPAN_FOR_LOG:
-        return "linear", None
-    if (v > 0).all():
-        return "log", None
-    floor = max(a.min(), a.max() / 10 ** MAX_DECADES)
-    return "symlog", float(10 ** math.floor(math.log10(floor)))
-
-
-def _plain_number(v: float, _pos=None) -> str:
-    """Short tick text a reader need not decode: 0, 10, 1k, 100k, 1M, -100, 0.1."""
-    a = abs(v)
-    text = f"{a / 1e6:g}M" if a >= 1e6 else f"{a / 1e3:g}k" if a >= 1e3 else f"{a:g}"
-    return ("\u2212" if v < 0 else "") + text
-
-
-def _apply_scale(ax, scale: tuple[str, float | None], values=None) -> None:
-    """Set the y scale; a symlog axis gets ticks at 0 and at whole decades only, so none collide."""
-    kind, thresh = scale
-    if kind == "log":
-        ax.set_yscale("log")
-        v = np.asarray(values if values is not None else [], float).ravel()
-        v = v[np.isfinite(v) & (v > 0)]
-        if v.size:
-            lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
-            ax.yaxis.set_major_locator(FixedLocator([10.0 ** k for k in range(lo, hi + 1)]))
-            ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_ylim(10.0 ** lo / 1.3, 10.0 ** hi * 1.3)  # whole decades: at least two labelled ticks
-    elif kind == "symlog":
-        ax.set_yscale("symlog", linthresh=thresh, linscale=1.0)
-        v = np.asarray(values if values is not None else [], float).ravel()
-        v = v[np.isfinite(v)]
-        lo = int(round(math.log10(thresh)))
-        ticks = [0.0]
-        for sign in (1, -1):
-            side = v[v * sign > 0] * sign
-            if side.size:
-                top = max(lo, math.ceil(math.log10(side.max())))
-                ticks += [sign * 10.0 ** k for k in range(lo, top + 1)]
-        ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
-        ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
-
-
-def scale_note(name: str, scale: tuple[str, float | None]) -> str | None:
-    """One line saying how to read a log or symlog axis (None for linear)."""
-    kind, thresh = scale
-    if kind == "log":
-        return f"{name}: log axis."
-    if kind == "symlog":
-        return f"{name}: symmetric log axis, linear within ±{thresh:g}; a value of 0 (no change) is drawn at 0."
-    return None
-
-
-def _scale_label(label: str, scale: tuple[str, float | None]) -> str:
-    return label if scale[0] == "linear" else f"{label} ({scale[0]})"
-
-
-def confidence_ellipse(x: np.ndarray, y: np.ndarray, *, coverage_chi2: float = CHI2_2DOF_95, **kwargs) -> Ellipse | None:
-    """The ellipse holding 95% of a bivariate normal fitted to the points.
-
-    Parameters
-    ----------
-    x, y : numpy.ndarray
-        Point coordinates (NaN pairs are left out).
-    coverage_chi2 : float
-        Chi-square quantile for the coverage (default: 95%, 2 dof).
-    **kwargs
-        Passed to :class:`matplotlib.patches.Ellipse`.
-
-    Returns
-    -------
-    matplotlib.patches.Ellipse or None
-        None with fewer than 3 points or a degenerate covariance.
-    """
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return None
-    cov = np.cov(x[ok], y[ok])
-    vals, vecs = np.linalg.eigh(cov)
-    if not np.all(np.isfinite(vals)) or vals.max() <= 0:
-        return None
-    vals = np.clip(vals, 0, None)
-    angle = math.degrees(math.atan2(vecs[1, 1], vecs[0, 1]))
-    width, height = 2 * np.sqrt(coverage_chi2 * vals[1]), 2 * np.sqrt(coverage_chi2 * vals[0])
-    return Ellipse((x[ok].mean(), y[ok].mean()), width, height, angle=angle, **kwargs)
-
-
-def _figure_legend(fig: Figure, top_in: float) -> None:
-    """One legend for the whole figure, in a band under the title (labels deduplicated, in order)."""
-    handles: dict[str, object] = {}
-    for ax in fig.axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-                   frameon=False, bbox_to_anchor=(0.5, 1 - top_in / fig.get_figheight()))
+from compbias.platform.audit.axes import (  # noqa: F401  (CHI2_2DOF_95, to_png: re-exported)
+    CHI2_2DOF_95,
+    adjust,
+    apply_scale,
+    confidence_ellipse,
+    figure_legend,
+    is_number,
+    level_axis,
+    method_colors,
+    population_colors,
+    scale_label,
+    scale_note,
+    to_png,
+    value_scale,
+)
+from compbias.platform.audit.population import level_sort_key
 
 
 def class_change_scatter(class_changes: dict) -> Figure:
@@ -195,7 +66,7 @@ def class_change_scatter(class_changes: dict) -> Figure:
         that no legend hides a point.
     """
     levels = sorted({lv for _, lv in class_changes}, key=level_sort_key)
-    colors = _method_colors(m for m, _ in class_changes)
+    colors = method_colors(m for m, _ in class_changes)
     n = max(1, len(levels))
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -227,51 +98,9 @@ def class_change_scatter(class_changes: dict) -> Figure:
         ax.set_ylabel("normalised FNR change (%)")
     fig.suptitle("Per-class change of FPR and FNR (ellipses hold 95% of classes; stars: method centroid; dotted: equal change)",
                  y=1 - 0.08 / height, fontsize=11)
-    _figure_legend(fig, 0.38)
-    _adjust(fig, top=1 - head / height, bottom=0.55 / height, hspace=0.35 * 4.2 / 3.6, wspace=0.28)
+    figure_legend(fig, 0.38)
+    adjust(fig, top=1 - head / height, bottom=0.55 / height, hspace=0.35 * 4.2 / 3.6, wspace=0.28)
     return fig
-
-
-def _level_positions(levels: list[str]) -> tuple[list[float], bool]:
-    try:
-        return [float(v) for v in levels], True
-    except ValueError:
-        return list(range(len(levels))), False
-
-
-def _use_logit(values: list[float]) -> bool:
-    """Sparsity-like levels in (0, 1) reaching 0.9 or more: a logit axis keeps 0.9, 0.95, 0.99 apart."""
-    return bool(values) and all(0 < v < 1 for v in values) and max(values) >= 0.9 and len(set(values)) > 1
-
-
-def _level_axis(ax, levels: list[str]) -> dict[str, float]:
-    """Place and label every level on the x axis; return each level's position.
-
-    Numeric levels sit at their values (on a logit axis when they are
-    sparsities up to 0.9 or more), named levels at 0, 1, 2...; every level
-    gets a tick with its name.
-    """
-    levels = sorted(set(levels), key=level_sort_key)
-    pos, numeric = _level_positions(levels)
-    where = dict(zip(levels, pos))
-    if numeric and _use_logit(pos):
-        ax.set_xscale("logit")
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        lg = [math.log(p / (1 - p)) for p in pos]
-        pad = 0.25 * max(max(lg) - min(lg), 1.0)
-        lo, hi = min(lg) - pad, max(lg) + pad
-        ax.set_xlim(1 / (1 + math.exp(-lo)), 1 / (1 + math.exp(-hi)))
-        ax.set_xlabel("level (logit axis)")
-    elif numeric:
-        span = (max(pos) - min(pos)) or 1.0
-        ax.set_xlim(min(pos) - 0.12 * span, max(pos) + 0.12 * span)
-        ax.set_xlabel("level")
-    else:
-        ax.set_xlim(-0.5, len(pos) - 0.5)
-        ax.set_xlabel("level")
-    ax.set_xticks(pos, levels)
-    return where
 
 
 def level_curves(bias: pd.DataFrame) -> Figure:
@@ -294,10 +123,10 @@ def level_curves(bias: pd.DataFrame) -> Figure:
         span an order of magnitude (the figure says how to read it).
     """
     panels = [("acc", "accuracy"), ("pie", "PIE count"), ("cev", "CEV"), ("sde", "SDE")]
-    colors = _method_colors(bias["method"]) if len(bias) else {}
+    colors = method_colors(bias["method"]) if len(bias) else {}
     kinds: list[list[str]] = [[], []]  # methods with numeric levels, methods with named levels
     for method, part in bias.groupby("method", sort=True):
-        kinds[0 if all(_is_number(str(v)) for v in part["level"]) else 1].append(method)
+        kinds[0 if all(is_number(str(v)) for v in part["level"]) else 1].append(method)
     rows = [ms for ms in kinds if ms] or [[]]
     scales = {col: value_scale(bias[col]) if col in ("cev", "sde") and col in bias else ("linear", None) for col, _ in panels}
     notes = [n for n in (scale_note(t, scales[c]) for c, t in panels) if n]
@@ -315,7 +144,7 @@ def level_curves(bias: pd.DataFrame) -> Figure:
         for i, (col, title) in enumerate(panels):
             ax = fig.add_subplot(len(rows), 4, r * 4 + i + 1, sharey=first.get(col))
             first.setdefault(col, ax)
-            where = _level_axis(ax, [str(v) for v in part_r["level"]]) if len(part_r) else {}
+            where = level_axis(ax, [str(v) for v in part_r["level"]]) if len(part_r) else {}
             for method in methods:
                 part = part_r[part_r["method"] == method]
                 part = part.iloc[sorted(range(len(part)), key=lambda j: level_sort_key(str(part["level"].iloc[j])))]
@@ -324,21 +153,15 @@ def level_curves(bias: pd.DataFrame) -> Figure:
             if col == "acc" and base_acc is not None:
                 ax.axhline(base_acc, color="grey", linestyle="--", linewidth=1, label="baseline")
             if r == 0:
-                _apply_scale(ax, scales[col], bias[col] if col in bias else None)
+                apply_scale(ax, scales[col], bias[col] if col in bias else None)
                 ax.set_title(title)
-            ax.set_ylabel(_scale_label(title, scales[col]), fontsize=9)
+            ax.set_ylabel(scale_label(title, scales[col]), fontsize=9)
             if i == 0 and methods:
                 ax.legend(fontsize=7)
     for k, note in enumerate(notes):
         fig.text(0.01, (0.08 + 0.2 * (len(notes) - 1 - k)) / height, note, fontsize=8, color="#444")
-    _adjust(fig, wspace=0.4, top=1 - 0.3 / height, bottom=(foot + 0.35) / height, hspace=0.42)
+    adjust(fig, wspace=0.4, top=1 - 0.3 / height, bottom=(foot + 0.35) / height, hspace=0.42)
     return fig
-
-
-def _population_colors(names: list[str]) -> tuple[ListedColormap, BoundaryNorm]:
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colors = [cmap(i % cmap.N) for i in range(len(names))]
-    return ListedColormap(colors), BoundaryNorm(np.arange(len(names) + 1) - 0.5, len(names))
 
 
 def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
@@ -377,7 +200,7 @@ def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
     pops = sorted({pop_name(r) for _, r in ok_all.iterrows()},
                   key=lambda s: (s.rsplit("/", 1)[0] if "/" in s else "", level_sort_key(s.rsplit("/", 1)[-1])))
     code = {p: k for k, p in enumerate(pops)}
-    cmap, norm = _population_colors(pops) if pops else (None, None)
+    cmap, norm = population_colors(pops) if pops else (None, None)
     sc = None
     first = None
     for i, layer in enumerate(layers or ["(none)"]):
@@ -395,14 +218,14 @@ def cev_vs_svcca(similarity: pd.DataFrame) -> Figure:
                 ax.plot(xx, slope * xx + icpt, color="black", linewidth=1, label=f"fit r={r:.2f}")
                 ax.legend(fontsize=7, loc="upper left")
         if i == 0:
-            _apply_scale(ax, scale, ok_all["cev"])
+            apply_scale(ax, scale, ok_all["cev"])
         ax.set_title(str(layer))
         ax.set_xlabel("SVCCA distance")
-        ax.set_ylabel(_scale_label("CEV", scale) if i % cols == 0 else "")
+        ax.set_ylabel(scale_label("CEV", scale) if i % cols == 0 else "")
     if note:
         fig.text(0.01, 0.1 / height, note, fontsize=8, color="#444")
     right = 1 - 2.2 / fig.get_figwidth()
-    _adjust(fig, left=1.2 / fig.get_figwidth(), right=right, wspace=0.3,
+    adjust(fig, left=1.2 / fig.get_figwidth(), right=right, wspace=0.3,
             top=1 - 0.35 / height, bottom=(0.5 + foot) / height, hspace=0.5)
     if sc is not None:
         top, bottom = 1 - 0.35 / height, (0.5 + foot) / height
@@ -469,15 +292,15 @@ def group_changes(groups: dict) -> Figure:
         ax.set_xlabel("group")
         ax.axhline(0, color="grey", linewidth=0.5)
         if p == 0:
-            _apply_scale(ax, scale, np.concatenate(vals_all))
-            ax.set_ylabel(_scale_label("normalised change (%)", scale))
+            apply_scale(ax, scale, np.concatenate(vals_all))
+            ax.set_ylabel(scale_label("normalised change (%)", scale))
         ax.set_title(f"group {rate.upper()} change vs baseline (95% CI)")
     if keys:
         handles, labels = fig.axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center right", fontsize=8, title="population", title_fontsize=8, frameon=False)
     if note:
         fig.text(0.01, 0.1 / height, note, fontsize=8, color="#444")
-    _adjust(fig, left=0.06, right=1 - 1.9 / 14, wspace=0.18, top=1 - 0.4 / height,
+    adjust(fig, left=0.06, right=1 - 1.9 / 14, wspace=0.18, top=1 - 0.4 / height,
             bottom=(foot + (1.0 if rotate else 0.5)) / height)
     return fig
 
@@ -521,20 +344,5 @@ def cie_gallery(images: list[np.ndarray], captions: list[str], *, columns: int =
     if title:
         fig.suptitle(title, y=1 - 0.06 / height, fontsize=11)
     top = 1 - (title_in + cap_in) / height
-    _adjust(fig, left=0.02, right=0.98, bottom=0.1 / height, top=top, wspace=0.1, hspace=cap_in / img_in)
+    adjust(fig, left=0.02, right=0.98, bottom=0.1 / height, top=top, wspace=0.1, hspace=cap_in / img_in)
     return fig
-
-
-def _adjust(fig: Figure, **kw) -> None:
-    """Fixed margins: much cheaper to render than a layout engine."""
-    n_rows = max(1, len({round(ax.get_position().y0, 3) for ax in fig.axes}))
-    opts = dict(left=0.08, right=0.97, bottom=0.12 if n_rows == 1 else 0.07, top=0.86 if n_rows == 1 else 0.92, wspace=0.3, hspace=0.45)
-    opts.update(kw)
-    fig.subplots_adjust(**opts)
-
-
-def to_png(fig: Figure, *, dpi: int = 90) -> bytes:
-    """Render a figure to PNG bytes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()

@@ -2,8 +2,8 @@
 
 Images come from the dataset the study file describes: files under
 ``dataset.root`` when the predictions carry a ``path`` column, otherwise the
-test split that :func:`compbias.jobs.load_dataset` rebuilds (``test[i]`` is
-the example whose ``example_id`` is ``i``).
+test split (:class:`~compbias.platform.audit.studyfile.TestSplit`, loaded once
+per audit; ``test[i]`` is the example whose ``example_id`` is ``i``).
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from compbias.platform.audit.studyfile import TestSplit
+
 
 class GalleryUnavailable(Exception):
     """The images cannot be loaded; the message says why."""
 
 
-def load_images(study_file: dict, example_ids: list[int], frame: pd.DataFrame | None = None) -> list[np.ndarray]:
+def load_images(split: TestSplit, example_ids: list[int], frame: pd.DataFrame | None = None) -> list[np.ndarray]:
     """Load test images by example id.
 
     Parameters
     ----------
-    study_file : dict
-        The study's parsed ``study.yaml``.
+    split : TestSplit
+        The study's test split (its ``dataset`` section names the data).
     example_ids : list of int
     frame : pandas.DataFrame, optional
         Test frame with ``example_id`` and possibly ``path``.
@@ -38,8 +40,8 @@ def load_images(study_file: dict, example_ids: list[int], frame: pd.DataFrame | 
     ------
     GalleryUnavailable
     """
-    dataset = dict(study_file.get("dataset") or {})
-    root = dataset.get("root")
+    dataset = split.dataset
+    root = dataset.root if dataset is not None else None
     if frame is not None and "path" in frame.columns and root:
         from PIL import Image
 
@@ -53,21 +55,11 @@ def load_images(study_file: dict, example_ids: list[int], frame: pd.DataFrame | 
             except OSError as exc:
                 raise GalleryUnavailable(f"cannot read image {p}: {exc}") from exc
         return out
-    kind = dataset.pop("kind", None)
-    if not kind:
+    if dataset is None or "kind" not in dataset.model_fields_set:
         raise GalleryUnavailable("the study file names no dataset kind")
+    kind = dataset.kind
     try:
-        from compbias.jobs import load_dataset
-    except ImportError as exc:  # pragma: no cover - jobs is part of the package
-        raise GalleryUnavailable(f"compbias.jobs is not importable: {exc}") from exc
-    try:
-        from compbias.platform.config import DatasetSpec
-
-        options = DatasetSpec.model_validate({"kind": kind, **dataset}).loader_options()
-    except Exception:
-        options = dataset
-    try:
-        bundle = load_dataset(kind, **options)
+        bundle = split.bundle()
     except Exception as exc:
         raise GalleryUnavailable(f"cannot load dataset {kind!r}: {type(exc).__name__}: {exc}") from exc
     n = len(bundle.test)

@@ -19,7 +19,7 @@ from compbias.platform.audit import tags as T
 from compbias.platform.audit.population import Population, StudyData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from compbias.platform.audit.compute import AuditSettings
+    from compbias.platform.audit.settings import AuditSettings
 
 THRESHOLD_KEYS = ("cev", "sde", "worst_group_fpr_change", "acc_drop")
 

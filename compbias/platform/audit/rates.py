@@ -19,7 +19,7 @@ import compbias.metrics as M
 from compbias.platform.audit.population import Population, StudyData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from compbias.platform.audit.compute import AuditSettings
+    from compbias.platform.audit.settings import AuditSettings
 
 
 def group_frame(data: StudyData) -> pd.DataFrame | None:

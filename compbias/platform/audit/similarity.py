@@ -4,7 +4,8 @@ For every audited compressed version whose lineage names a baseline version
 ("Simon Says", section 4): both models are loaded from their safetensors
 weights (:func:`compbias.jobs.load_model`; nothing is unpickled), run on a
 probe set drawn (seeded) from the test split of the dataset the run's
-``study.yaml`` describes (:func:`compbias.jobs.load_dataset`), and each
+``study.yaml`` describes (:class:`~compbias.platform.audit.studyfile.TestSplit`,
+loaded once per audit), and each
 block's output and the logits are compared (:func:`compbias.jobs.layer_activations`,
 :func:`compbias.metrics.svcca`, :func:`compbias.metrics.linear_cka`).  Across
 versions, CEV is correlated with the SVCCA distance at each layer (Fig. 5 and
@@ -27,9 +28,11 @@ import pandas as pd
 from scipy import stats
 
 import compbias.metrics as M
-from compbias.platform.audit.compute import AuditSettings, key_part, pop_key
+from compbias.platform.audit.compute import key_part, pop_key
 from compbias.platform.audit.population import StudyData
 from compbias.platform.audit.selection import VersionRecord
+from compbias.platform.audit.settings import AuditSettings
+from compbias.platform.audit.studyfile import TestSplit
 
 
 @dataclass
@@ -112,12 +115,13 @@ class ModelLoader:
         self._tmp.clear()
 
 
-def probe_inputs(study_file: dict, size: int, seed: int) -> np.ndarray:
+def probe_inputs(split: TestSplit, size: int, seed: int) -> np.ndarray:
     """Draw the probe set: ``size`` test inputs chosen with a seeded generator.
 
     Parameters
     ----------
-    study_file : dict
+    split : TestSplit
+        The study's test split (loaded once per audit).
     size : int
     seed : int
 
@@ -125,12 +129,7 @@ def probe_inputs(study_file: dict, size: int, seed: int) -> np.ndarray:
     -------
     numpy.ndarray of shape (size, C, H, W)
     """
-    from compbias.jobs import load_dataset
-    from compbias.platform.config import DatasetSpec
-
-    dataset = dict(study_file.get("dataset") or {})
-    spec = DatasetSpec.model_validate(dataset)
-    bundle = load_dataset(spec.kind, **spec.loader_options())
+    bundle = split.bundle()
     n = len(bundle.test)
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
     import torch
@@ -172,7 +171,7 @@ def compare_activations(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> l
 
 
 def study_similarity(client, data: StudyData, targets: list[VersionRecord], settings: AuditSettings,
-                     study_file: dict, cache, models_table: pd.DataFrame | None = None) -> SimilarityResult:
+                     split: TestSplit, cache, models_table: pd.DataFrame | None = None) -> SimilarityResult:
     """SVCCA/CKA of each audited compressed version against its own baseline.
 
     Parameters
@@ -182,7 +181,8 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
     targets : list of VersionRecord
     settings : AuditSettings
         ``probe_size`` and ``seed``.
-    study_file : dict
+    split : TestSplit
+        The study's test split; the probe set is drawn from it.
     cache : ArtifactFetcher
         Its cache directory keeps downloaded model files.
     models_table : pandas.DataFrame, optional
@@ -205,7 +205,7 @@ def study_similarity(client, data: StudyData, targets: list[VersionRecord], sett
     loader = ModelLoader(getattr(cache, "cache_dir", None), client)
     try:
         try:
-            probe = probe_inputs(study_file, settings.probe_size, settings.seed)
+            probe = probe_inputs(split, settings.probe_size, settings.seed)
         except Exception as exc:
             out.notes.append(f"SVCCA/CKA left out: the probe set could not be loaded ({type(exc).__name__}: {exc})")
             return out

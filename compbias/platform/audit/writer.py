@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param
@@ -37,30 +35,34 @@ from mlflow.tracking import MlflowClient
 from compbias import contract as C
 from compbias.platform.audit import figures as F
 from compbias.platform.audit import tags as T
-from compbias.platform.audit.compute import StudyAudit, key_part
+from compbias.platform.audit.children import (  # noqa: F401  (re-exported: the audit run's layout)
+    PARENT_RUN_TAG,
+    RUN_KIND_AUDIT_POPULATION,
+    PopulationRun,
+    fail_children,
+    log_population_runs,
+    population_runs,
+)
+from compbias.platform.audit.compute import StudyAudit
 from compbias.platform.audit.report import render_report, table_html
+from compbias.platform.audit.studyfile import TestSplit
 
 log = logging.getLogger("compbias.audit")
 
 GALLERY_PER_POPULATION = 12
 GALLERY_MAX_POPULATIONS = 4
-
-#: ``compbias.run_kind`` of the child run an audit logs per compressed population
-RUN_KIND_AUDIT_POPULATION = C.RUN_KIND_AUDIT_POPULATION
-#: tag MLflow's UI nests a child run under its parent by
-PARENT_RUN_TAG = "mlflow.parentRunId"
 #: tag MLflow puts on a dataset input: what the run did with it
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 
-def make_figures(outcome: StudyAudit, study_file: dict | None = None) -> tuple[dict, list[str]]:
+def make_figures(outcome: StudyAudit, split: TestSplit | None = None) -> tuple[dict, list[str]]:
     """Draw every figure of an audit.
 
     Parameters
     ----------
     outcome : StudyAudit
-    study_file : dict, optional
-        Needed for the CIE gallery (it names the dataset).
+    split : TestSplit, optional
+        The study's test split, for the CIE gallery (None: no gallery).
 
     Returns
     -------
@@ -80,7 +82,7 @@ def make_figures(outcome: StudyAudit, study_file: dict | None = None) -> tuple[d
     if sim is not None and not sim.empty:
         figs["cev_vs_svcca"] = F.cev_vs_svcca(sim)
     cie = outcome.tables.get("cie_list")
-    if cie is not None and not cie.empty and study_file is not None and outcome.data is not None:
+    if cie is not None and not cie.empty and split is not None and outcome.data is not None:
         from compbias.platform.audit.gallery import GalleryUnavailable, load_images
 
         pops = (bias.sort_values("cev", ascending=False)[["method", "level"]].head(GALLERY_MAX_POPULATIONS).itertuples(index=False)
@@ -90,7 +92,7 @@ def make_figures(outcome: StudyAudit, study_file: dict | None = None) -> tuple[d
             if part.empty:
                 continue
             try:
-                images = load_images(study_file, part["example_id"].astype(int).tolist(), outcome.data.test_frame)
+                images = load_images(split, part["example_id"].astype(int).tolist(), outcome.data.test_frame)
             except GalleryUnavailable as exc:
                 notes.append(f"CIE gallery left out: {exc}")
                 break
@@ -116,167 +118,7 @@ def _jsonable(x):
     return x
 
 
-@dataclass
-class PopulationRun:
-    """What the child run of one compressed population logs.
-
-    Attributes
-    ----------
-    method, level : str
-    name : str
-        Run name, ``<method>@<level>``.
-    params : dict of str to str
-    metrics : dict of str to float
-        The same keys in every child of an audit (a value undefined for one
-        population, e.g. CEV when no class has a defined change, is left out
-        and named in the tag ``compbias.audit.undefined``).
-    tags : dict of str to str
-    """
-
-    method: str
-    level: str
-    name: str
-    params: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    tags: dict = field(default_factory=dict)
-
-
-#: metrics every child carries when the audit defines them (the rest, CIs, CIE fractions, SVCCA layers, follow the audit's settings)
-CHILD_CORE_METRICS = ("acc", "acc_drop", "cev", "sde", "pie", "worst_group_fpr_change", "cie_acc_top1pct",
-                      "gate_overall_change_pp", "gate_worst_excess_pp")
-
-
-def sparsity_of(level) -> float | None:
-    """The level as a sparsity (a number in [0, 1], e.g. ``0.9``), or None (``int8_static``, ``fp16``...)."""
-    try:
-        v = float(level)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and 0.0 <= v <= 1.0 else None
-
-
-def _finite_or_none(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _unfold(metrics: dict[str, float], method: str, level: str) -> dict[str, float]:
-    """The parent's folded keys of one population, without the population: ``cie/acc_top1pct/m/0.9`` -> ``cie_acc_top1pct``."""
-    want = [key_part(method), key_part(level)]
-    out = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        for i in range(1, len(parts) - 1):
-            if parts[i:i + 2] == want:
-                out["_".join(parts[:i] + parts[i + 2:])] = value
-                break
-    return out
-
-
-def _rows_of(table: pd.DataFrame | None, method: str, level: str) -> pd.DataFrame:
-    if table is None or table.empty or "method" not in table or "level" not in table:
-        return pd.DataFrame()
-    return table[(table["method"] == method) & (table["level"] == level)]
-
-
-def _gate_values(gate: pd.DataFrame) -> tuple[dict, dict]:
-    """Metrics and params of the default gate's rows of one population."""
-    metrics: dict = {}
-    params: dict = {}
-    if gate.empty:
-        return metrics, params
-    overall = gate[gate["cell"] == "overall"]
-    if len(overall):
-        o = overall.iloc[0]
-        metrics["gate_overall_change_pp"] = o.get("overall_change_pp")
-        metrics["gate_overall_ci_low"] = o.get("overall_ci_low")
-        metrics["gate_overall_ci_high"] = o.get("overall_ci_high")
-    cells = gate[(gate["cell"] != "overall") & gate["excess_ci_low"].map(lambda v: _finite_or_none(v) is not None)]
-    cells = cells[cells["estimable"].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v))]
-    if len(cells):
-        # the cell the gate would name: the largest lower bound of the excess harm
-        w = cells.loc[cells["excess_ci_low"].astype(float).idxmax()]
-        metrics["gate_worst_excess_pp"] = w.get("excess_pp")
-        metrics["gate_worst_excess_ci_low"] = w.get("excess_ci_low")
-        metrics["gate_worst_excess_ci_high"] = w.get("excess_ci_high")
-        params["gate_worst_cell"] = f"{w['cell']} {w['name']} (n={int(w['n'])})"
-    fails = gate["fails"].astype(bool)
-    metrics["gate_fail"] = float(fails.any())
-    metrics["gate_n_failing_cells"] = float(fails[gate["cell"] != "overall"].sum())
-    return metrics, params
-
-
-def population_runs(outcome: StudyAudit, *, study: str, registered_model: str, metrics_version: str) -> list[PopulationRun]:
-    """One child run's content per compressed population the audit computed.
-
-    Metric keys are the parent's folded keys without ``/<method>/<level>``
-    (``cev/magnitude/0.9`` -> ``cev``, ``cev/.../ci_low`` -> ``cev_ci_low``,
-    ``cie/acc_top1pct/...`` -> ``cie_acc_top1pct``, ``svcca/.../<layer>`` ->
-    ``svcca_<layer>``), plus ``n_models``, ``pie_fraction``, ``sparsity``
-    (pruning levels), ``acc_baseline``, the default gate's numbers
-    (``gate_worst_excess_pp`` and its interval: the cell with the largest
-    lower bound; ``gate_overall_change_pp`` and its interval; ``gate_fail``)
-    and the verdicts on the audited versions of the population
-    (``n_pass``, ``n_fail``, ``n_error``).
-
-    Parameters
-    ----------
-    outcome : StudyAudit
-    study, registered_model, metrics_version : str
-
-    Returns
-    -------
-    list of PopulationRun
-        In the order of the ``bias`` table (method, then level).
-    """
-    bias = outcome.tables.get("bias")
-    if bias is None or bias.empty:
-        return []
-    base_acc = outcome.metrics.get("acc/baseline")
-    out = []
-    for row in bias.to_dict("records"):
-        method, level = str(row["method"]), str(row["level"])
-        metrics = _unfold(outcome.metrics, method, level)
-        metrics["n_models"] = row.get("n_models")
-        metrics["pie_fraction"] = row.get("pie_fraction")
-        metrics["acc_baseline"] = base_acc
-        sparsity = sparsity_of(level)
-        if sparsity is not None:
-            metrics["sparsity"] = sparsity
-        gate_metrics, gate_params = _gate_values(_rows_of(outcome.tables.get("gate"), method, level))
-        metrics.update(gate_metrics)
-        verdicts = _rows_of(outcome.tables.get("versions"), method, level)
-        statuses = verdicts["status"].value_counts() if len(verdicts) else pd.Series(dtype=int)
-        for s in T.STATUSES:
-            metrics[f"n_{s}"] = float(statuses.get(s, 0))
-        clean = {k: f for k, v in metrics.items() if (f := _finite_or_none(v)) is not None}
-        undefined = sorted(k for k in CHILD_CORE_METRICS if k not in clean)
-        params = {"method": method, "level": level, "n_models": int(row.get("n_models") or 0)}
-        if sparsity is not None:
-            params["sparsity"] = f"{sparsity:g}"
-        params["worst_group"] = str(row.get("worst_group")) if row.get("worst_group") is not None else "none"
-        params.update(gate_params)
-        members = _rows_of(outcome.tables.get("models"), method, level)
-        name = f"{method}@{level}"
-        tags = {
-            T.RUN_KIND: RUN_KIND_AUDIT_POPULATION,
-            T.STUDY: study,
-            C.REGISTERED_MODEL: registered_model,
-            T.METRICS_VERSION: metrics_version,
-            C.AUDIT_POPULATION: name,
-            C.AUDIT_VERSIONS: ",".join(members["version"].astype(str))[:5000] if len(members) else "",
-            "mlflow.runName": name,
-        }
-        if undefined:
-            tags[C.AUDIT_UNDEFINED] = ",".join(undefined)
-        out.append(PopulationRun(method, level, name, params, clean, tags))
-    return out
-
-
-def evaluation_dataset(outcome: StudyAudit, study: str, dataset: dict | None = None):
+def evaluation_dataset(outcome: StudyAudit, study: str, dataset_kind: str | None = None):
     """The test set the audit audited, as an MLflow dataset (``example_id``, ``label``, the group columns).
 
     Named ``<dataset kind>-test`` like the model runs' evaluation input; the
@@ -287,8 +129,8 @@ def evaluation_dataset(outcome: StudyAudit, study: str, dataset: dict | None = N
     ----------
     outcome : StudyAudit
     study : str
-    dataset : dict, optional
-        The study file's ``dataset`` section (its ``kind`` names the dataset).
+    dataset_kind : str, optional
+        The dataset kind the study file names (default: the study's name).
 
     Returns
     -------
@@ -305,50 +147,12 @@ def evaluation_dataset(outcome: StudyAudit, study: str, dataset: dict | None = N
         return None
     cols = ["example_id", "label", *[g for g in data.group_names if g in data.test_frame.columns]]
     frame = data.test_frame[cols].reset_index(drop=True)
-    kind = str((dataset or {}).get("kind") or study)
+    kind = str(dataset_kind or study)
     source = CodeDatasetSource({"dataset": kind, "audited_by": "compbias audit", "study": study})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # schema hints about integer columns
         ds = mlflow.data.from_pandas(frame, source=source, name=f"{kind}-test", targets="label")
         return ds._to_mlflow_entity()
-
-
-def _end_run_quietly(client: MlflowClient, run_id: str, status: str) -> None:
-    """Set a child run's status and end time without MLflow's two "View run ... at" console lines per run.
-
-    ``MlflowClient.set_terminated`` prints them (and reads the run again) on
-    tracking servers; an audit with many populations would print a screenful.
-    """
-    from mlflow.entities import RunStatus
-
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if store is None or not hasattr(store, "update_run_info"):  # pragma: no cover - another MLflow layout
-        client.set_terminated(run_id, status)
-        return
-    store.update_run_info(run_id, RunStatus.from_string(status), int(time.time() * 1000), None)
-
-
-def _log_population_runs(client: MlflowClient, experiment_id: str, parent_id: str, pops: list[PopulationRun],
-                         created: list[str]) -> None:
-    """Create, fill (one ``log_batch``) and finish each child run; ``created`` collects their ids as they appear."""
-    now = int(time.time() * 1000)
-    for pop in pops:
-        child = client.create_run(experiment_id, start_time=now, tags={**pop.tags, PARENT_RUN_TAG: parent_id})
-        cid = child.info.run_id
-        created.append(cid)
-        client.log_batch(cid, metrics=[Metric(k, v, now, 0) for k, v in sorted(pop.metrics.items())],
-                         params=[Param(k, str(v)) for k, v in pop.params.items()])
-        _end_run_quietly(client, cid, "FINISHED")
-
-
-def _fail_children(client: MlflowClient, run_ids: list[str], why: str) -> None:
-    """Mark the children of an audit run that did not finish as FAILED (each on its own: one failing call stops none)."""
-    for cid in run_ids:
-        try:
-            client.set_tag(cid, C.AUDIT_INCOMPLETE, why)
-            _end_run_quietly(client, cid, "FAILED")
-        except Exception:  # the store may be what failed; the next audit closes what is left RUNNING
-            log.warning("could not mark audit child run %s as failed", cid, exc_info=True)
 
 
 def write_audit_run(
@@ -363,8 +167,8 @@ def write_audit_run(
     figures: bool = True,
     output_dir: Path | None = None,
     timings: dict | None = None,
-    study_file: dict | None = None,
-    dataset: dict | None = None,
+    split: TestSplit | None = None,
+    dataset_kind: str | None = None,
 ) -> tuple[str, str | None]:
     """Log the audit run and return its id and the local path of its report.
 
@@ -374,7 +178,7 @@ def write_audit_run(
     (:func:`population_runs`), then every artifact in one upload. When
     anything fails, the run and every child created so far end ``FAILED``
     (an auditor killed outright leaves them ``RUNNING``; the next audit's
-    :func:`compbias.platform.audit.service.close_abandoned_runs` closes them).
+    :func:`compbias.platform.audit.abandoned.close_abandoned_runs` closes them).
 
     Parameters
     ----------
@@ -390,10 +194,10 @@ def write_audit_run(
         Also copy the artifacts there.
     timings : dict, optional
         Logged as metrics ``audit/seconds_<step>``.
-    study_file : dict, optional
-        Passed to :func:`make_figures` (the CIE gallery).
-    dataset : dict, optional
-        The study file's ``dataset`` section: names the evaluation dataset input.
+    split : TestSplit, optional
+        Passed to :func:`make_figures` (the CIE gallery; None: no gallery).
+    dataset_kind : str, optional
+        The dataset kind the study file names: names the evaluation dataset input.
 
     Returns
     -------
@@ -432,13 +236,13 @@ def write_audit_run(
         plist = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, max(len(mlist), 1), 1000):
             client.log_batch(run_id, metrics=mlist[i:i + 1000], params=plist if i == 0 else [])
-        evaluation = evaluation_dataset(outcome, study, dataset if dataset is not None else (study_file or {}).get("dataset"))
+        evaluation = evaluation_dataset(outcome, study, dataset_kind)
         if evaluation is not None:
             from mlflow.entities import DatasetInput, InputTag
 
             client.log_inputs(run_id, datasets=[DatasetInput(evaluation, tags=[InputTag(DATASET_CONTEXT_TAG, "evaluation")])])
         pops = population_runs(outcome, study=study, registered_model=registered_model, metrics_version=metrics_version)
-        _log_population_runs(client, experiment_id, run_id, pops, children)
+        log_population_runs(client, experiment_id, run_id, pops, children)
         with tempfile.TemporaryDirectory(prefix="compbias-audit-") as tmp:
             out = Path(tmp)
             (out / "tables").mkdir()
@@ -458,7 +262,7 @@ def write_audit_run(
             notes = list(outcome.notes)
             if figures:
                 (out / "figures").mkdir()
-                figs, fig_notes = make_figures(outcome, study_file)
+                figs, fig_notes = make_figures(outcome, split)
                 notes += fig_notes
                 for name, fig in figs.items():
                     pngs[name] = F.to_png(fig)
@@ -484,18 +288,19 @@ def write_audit_run(
                 dest = Path(output_dir) / f"audit-{study}-{run_id}"
                 shutil.copytree(out, dest, dirs_exist_ok=True)
                 report_path = str(dest / "report.html")
-        local = _local_dir(client.get_run(run_id).info.artifact_uri)
+        local = local_dir(client.get_run(run_id).info.artifact_uri)
         if report_path is None and local is not None and (local / "report.html").is_file():
             report_path = str(local / "report.html")
         ok = True
         return run_id, report_path
     finally:
         if not ok:
-            _fail_children(client, children, f"the audit run {run_id} failed before it finished")
+            fail_children(client, children, f"the audit run {run_id} failed before it finished")
         client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
-def _local_dir(uri: str) -> Path | None:
+def local_dir(uri: str) -> Path | None:
+    """The local directory of a ``file:`` (or plain path) artifact URI; None for a remote store."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
