@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._confusion_kernels import _confusion_kernel, _confusion_kernel_parallel, _n_chunks
+from compbias.metrics._confusion_kernels import _confusion_kernel, _confusion_kernel_parallel, _n_chunks, key_dtype
 from compbias.metrics._numba import threads_for_labels
 from compbias.metrics._validation import (  # noqa: F401  (shared label validation, re-exported for old imports)
     as_label_ids,
@@ -131,8 +131,7 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
     n_threads = threads_for_labels(preds.size)
     n_chunks = _n_chunks(preds.shape[0], n, n_groups_ * n_classes * n_classes * 8, n_threads)
     n_threads = max(1, min(n_threads, preds.shape[0] * n_chunks))
-    wide = (n_groups_ * n_classes + 1) * (n_classes + 1) >= 2**31
-    key = np.empty(n, np.int64 if wide else np.int32)
+    key = np.empty(n, key_dtype(n_groups_, n_classes))
     run = _confusion_kernel if n_threads == 1 else _confusion_kernel_parallel
     out, bad = run(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks, n_threads, key)
     if bad.any():

@@ -288,6 +288,32 @@ def test_true_labels_and_groups_are_checked_in_the_counting_pass(split):
         confusion_counts(y, preds, 3, groups=np.zeros(500, int) + 5, n_groups=2)
 
 
+@pytest.mark.parametrize("n_groups, n_classes, dtype", [(2, 180, np.uint16), (2, 181, np.int32), (1, 256, np.int32)])
+def test_every_key_width_counts_and_checks_like_bincount(n_groups, n_classes, dtype):
+    """Row offsets up to 65,535 are uint16 (2 * 180 * 181 = 65,160), beyond that int32."""
+    assert kernels_mod.key_dtype(n_groups, n_classes) == dtype
+    rng = np.random.default_rng(n_classes)
+    n = 3_000
+    y = rng.integers(0, n_classes, n)
+    groups = rng.integers(0, n_groups, n)
+    preds = rng.integers(0, n_classes, (3, n)).astype(np.int16)
+    np.testing.assert_array_equal(confusion_counts(y, preds, n_classes, groups=groups, n_groups=n_groups),
+                                  ref_confusion(y, preds, n_classes, groups, n_groups))
+    y[7] = n_classes  # the last row of the table: out of range, never counted
+    with pytest.raises(ValueError, match=_range_message("y_true", n_classes, 7, n_classes)):
+        confusion_counts(y, preds, n_classes, groups=groups, n_groups=n_groups)
+    y[7] = 0
+    groups[9] = -1
+    with pytest.raises(ValueError, match=_range_message("groups", -1, 9, n_groups, "n_groups")):
+        confusion_counts(y, preds, n_classes, groups=groups, n_groups=n_groups)
+
+
+def test_key_width_limits():
+    assert kernels_mod.key_dtype(1, 1) == np.uint16
+    assert kernels_mod.key_dtype(1, 46_340) == np.int32  # 46,340 * 46,341 < 2**31
+    assert kernels_mod.key_dtype(1, 46_341) == np.int64
+
+
 def test_range_checks_of_huge_unsigned_values():
     preds = np.array([[0, 2**63 + 5]], np.uint64)
     with pytest.raises(ValueError, match=_range_message("y_pred", 2**63 + 5, (0, 1), 2)):
