@@ -60,6 +60,37 @@ def _deterministic():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+class _EpochTally:
+    """One epoch's per-step loss, objective parts and correct counts, kept on the device and read once.
+
+    Each step writes its values into slot ``b`` (a copy on the device, no
+    wait); :meth:`read` brings them to the host together at the epoch's end.
+    """
+
+    def __init__(self, steps: int, device: torch.device):
+        self.steps, self.device = steps, device
+        self.values: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros(steps, dtype=torch.int64, device=device)
+        self.sizes: list[int] = []
+
+    def add(self, b: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, parts: Mapping[str, Any]) -> None:
+        self.sizes.append(int(y.shape[0]))
+        self.correct[b] = (logits.detach().argmax(1) == y).sum()
+        for key, value in (("loss", loss), *parts.items()):
+            if key not in self.values:
+                self.values[key] = torch.zeros(self.steps, dtype=torch.float32, device=self.device)
+            self.values[key][b] = torch.as_tensor(value).detach()
+
+    def read(self) -> tuple[dict[str, float], float, int | None]:
+        """``(example-weighted means per key, accuracy, index of the first non-finite loss or None)``."""
+        k = len(self.sizes)
+        host = torch.stack([self.correct.double(), *(v.double() for v in self.values.values())]).cpu()[:, :k]
+        sizes = torch.tensor(self.sizes, dtype=torch.float64)
+        bad = torch.nonzero(~torch.isfinite(host[1])).flatten()
+        means = {key: float((row * sizes).sum() / sizes.sum()) for key, row in zip(self.values, host[1:])}
+        return means, float(host[0].sum() / sizes.sum()), int(bad[0]) if len(bad) else None
+
+
 def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
     """Autocast dtype (``None``: full float32) and whether a gradient scaler is needed, for ``device``.
 
@@ -81,7 +112,7 @@ def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float
             (no_decay if p.ndim <= 1 else decay).append(p)
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, momentum=momentum, nesterov=momentum > 0,
+        lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True,
     )
 
 
@@ -188,11 +219,8 @@ def fit(
             model.train()
             started = time.perf_counter()
             plan = EpochPlan.draw(n, height, generator, augment)
-            sums: dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-            seen = 0
-            for x, y in batches.epoch(plan, batch_size, steps):
+            tally = _EpochTally(steps, device)
+            for b, (x, y) in enumerate(batches.epoch(plan, batch_size, steps)):
                 if pruner is not None:
                     pruner.update(step)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -204,29 +232,19 @@ def fit(
                 scheduler.step()
                 if pruner is not None:
                     pruner.apply()
-
-                k = y.shape[0]
-                seen += k
-                with torch.no_grad():
-                    loss = loss.detach().float()
-                    bad = ~torch.isfinite(loss) & (first_bad < 0)
-                    first_bad = torch.where(bad, step, first_bad)
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    for key, value in (("loss", loss), *parts.items()):
-                        term = torch.as_tensor(value, device=device).detach().float() * k
-                        sums[key] = sums[key] + term if key in sums else term
+                tally.add(b, loss, logits, y, parts)
                 step += 1
 
-            bad_step = int(first_bad)  # the epoch's one wait for the device
-            if bad_step >= 0:
-                raise FloatingPointError(f"{tag}: loss became non-finite at epoch {epoch + 1}, step {bad_step}; lower the learning rate")
-            record = {"epoch": epoch + 1, **{k: float(v) / seen for k, v in sums.items()}, "acc": int(correct) / seen,
+            means, acc, bad = tally.read()  # the epoch's one wait for the device
+            if bad is not None:
+                raise FloatingPointError(f"{tag}: loss became non-finite at epoch {epoch + 1}, step {step - steps + bad}; lower the learning rate")
+            record = {"epoch": epoch + 1, **means, "acc": acc,
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
             if pruner is not None:
                 record["sparsity"] = pruner.current
             history.append(record)
             if log is not None:
-                extra = "".join(f" {k} {record[k]:.4f}" for k in sums if k != "loss")
+                extra = "".join(f" {k} {record[k]:.4f}" for k in means if k != "loss")
                 sp = f" sparsity {record['sparsity']:.3f}" if pruner is not None else ""
                 log(f"[{tag}] epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{extra} acc {record['acc']:.3f} lr {record['lr']:.4f}{sp} ({record['seconds']:.1f}s)")
     if channels_last:
