@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.services import (  # noqa: E402
+from devtools.services import (  # noqa: E402
     VENV_BIN,
     BasicAuth,
     loopback_only_network,

@@ -1,7 +1,7 @@
 """What the MLflow UI shows of compbias, read through the REST API the UI itself calls.
 
 A real ``mlflow server`` (SQLite behind it, artifacts proxied) on a loopback
-port (``tests/services.py``). The tests write through it with compbias as a
+port (``devtools/services.py``). The tests write through it with compbias as a
 user would, then read with plain HTTP requests, as the UI's pages do:
 
 * ``POST /api/2.0/mlflow/runs/search`` with the parent filter: the audit's
@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.services import start_mlflow_server  # noqa: E402
+from devtools.services import start_mlflow_server  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

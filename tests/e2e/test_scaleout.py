@@ -1,6 +1,6 @@
 """Scale-out, end to end: a real tracking server, PostgreSQL, basic auth, a two-node Ray cluster.
 
-Every service here is started by the tests on 127.0.0.1 (see ``tests/services.py``)
+Every service here is started by the tests on 127.0.0.1 (see ``devtools/services.py``)
 and stopped by them, by its own process group. When the tests may (root, as in CI)
 they run inside a fresh network namespace that holds only the loopback interface,
 so Ray keeps to 127.0.0.1 and nothing can leave the machine.
@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.services import (  # noqa: E402
+from devtools.services import (  # noqa: E402
     VENV_BIN,
     BasicAuth,
     iter_files,

@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.services import (  # noqa: E402
+from devtools.services import (  # noqa: E402
     VENV_BIN,
     free_port,
     loopback_only_network,

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDY, VENV_BIN, census, clean_env
-from tests.services import LOOPBACK, MLFLOW_SERVER_ENV, free_port, http_status, spawn, wait_for
+from devtools.services import LOOPBACK, MLFLOW_SERVER_ENV, free_port, http_status, spawn, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -155,7 +155,7 @@ def restart_backend(request):
     if request.param == "sqlite":
         yield None
         return
-    from tests.services import start_postgres
+    from devtools.services import start_postgres
 
     pg = start_postgres()
     try:

@@ -35,7 +35,7 @@ import pytest
 
 from conftest import TINY_STUDY, VENV_BIN, census, clean_env, compbias, expect_ok
 from test_rel_faults_cluster import _descendants, _versions
-from tests.services import free_port, short_tempdir, start_ray_cluster
+from devtools.services import free_port, short_tempdir, start_ray_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

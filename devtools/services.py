@@ -1,4 +1,4 @@
-"""Real services on loopback for the scale-out tests: MLflow servers, PostgreSQL, Ray.
+"""Real services on loopback for the scale-out tests and benchmarks: MLflow servers, PostgreSQL, Ray.
 
 Every service is a child process started in its own session (so its process
 group id is its pid), bound to 127.0.0.1 on a free port, with its state in a
@@ -8,7 +8,7 @@ else started on the same machine (no ``ray stop``, no ``pkill``).
 
 The helpers are plain functions usable outside pytest as well::
 
-    from tests.services import start_mlflow_server
+    from devtools.services import start_mlflow_server
     server = start_mlflow_server(Path("/tmp/x"))
     ...
     server.stop()
