@@ -46,7 +46,7 @@ from .train import fit, resolve_device
 
 __all__ = ["METHODS", "SCHEDULES", "compress_model", "method_name"]
 
-from .vocabulary import BUILTIN_METHODS, FINETUNE_DEFAULTS, METHODS, SCHEDULES, TRAIN_DEFAULTS, check_level
+from .vocabulary import BUILTIN_METHODS, FINETUNE_DEFAULTS, METHOD_OPTIONS, METHODS, SCHEDULES, TRAIN_DEFAULTS, check_level
 
 
 def method_name(method: str, mitigation: str | None = None) -> str:
@@ -236,7 +236,7 @@ def _compress_byo(baseline: nn.Module, bundle: DatasetBundle, method: str, level
     """The bring-your-own methods (:mod:`compbias.jobs.byo`, :mod:`compbias.jobs.torchao_quant`)."""
     from . import byo
 
-    if method in ("custom", "torchao"):
+    if not METHOD_OPTIONS[method]:  # custom and torchao: no options, no fine-tuning to mitigate
         if mitigation is not None:
             raise ValueError(f"mitigations apply to the pruning methods, not to {method}")
         if options:
@@ -250,12 +250,7 @@ def _compress_byo(baseline: nn.Module, bundle: DatasetBundle, method: str, level
         model, extra = byo.custom_compress(baseline, bundle, level, function=function, seed=seed)
         reshaped = bool(extra.pop("reshaped"))
     elif method == "torchao":
-        from .torchao_quant import torchao_quantize
-
-        x = byo._latency_batch(bundle, 64)
-        before = byo._footprint(baseline, x, "baseline_")
-        model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2]))
-        extra = {**before, **byo._footprint(model, x), "sparsity": 0.0, **extra}
+        model, extra = byo.torchao_compress(baseline, bundle, str(level))
     else:
         fn = byo.torch_pruning_compress if method == "torch_pruning" else byo.torch_prune_compress
         model, extra = fn(baseline, bundle, level, seed=seed, options=options, finetune_epochs=int(finetune_epochs or 0),
