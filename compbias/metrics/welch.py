@@ -12,7 +12,6 @@ from compbias.metrics import _validation as v
 
 __all__ = ["WelchResult", "welch_ttest"]
 
-ERR_RATE = "rate must be 'fpr', 'fnr' or 'recall', got {value!r}."
 ERR_TTEST_CLASSES = (
     "base_values has {c1} columns (classes) but comp_values has {c2}; both "
     "must be (n_models, n_classes) over the same classes."
