@@ -18,14 +18,13 @@ Every method here records, in its info dict, ``params`` / ``baseline_params``
 (parameter counts), ``size_bytes`` / ``baseline_size_bytes`` (stored size)
 and ``latency_ms`` / ``baseline_latency_ms`` (median CPU wall time of one
 forward pass over a batch of ``latency_batch`` test inputs, measured in this
-process, one after the other, on the same batch).
+process, one after the other, on the same batch; :mod:`compbias.jobs.footprint`).
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -33,89 +32,23 @@ import torch
 import torch.nn as nn
 
 from .data import DatasetBundle
+from .footprint import count_params, measure_latency, measured
 from .models import check_model_output, import_object, model_input_dtype
 from .prune import measure_sparsity, model_size_bytes
 from .vocabulary import BYO_METHODS, METHOD_OPTIONS, TORCH_PRUNE_STYLES
 
 __all__ = [
     "BYO_METHODS", "TORCH_PRUNE_STYLES", "FineTuning", "count_params", "measure_latency", "custom_compress",
-    "torch_pruning_compress", "torch_prune_compress", "torchao_compress",
+    "library_prune", "torch_pruning_compress", "torch_prune_compress", "torchao_compress",
 ]
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements (torchao/quantized weights count their logical elements)."""
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def _latency_batch(bundle: DatasetBundle, n: int) -> torch.Tensor:
-    n = max(1, min(int(n), len(bundle.test)))
-    return bundle.test.batch(torch.arange(n))[0]
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time in milliseconds of ``model(x)`` on the CPU (eval mode, no gradients).
-
-    The model is copied to the CPU when it is elsewhere; the measurement uses
-    torch's current intra-op thread count.
-    """
-    m = model
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        m = copy.deepcopy(model).cpu()
-    was_training = m.training
-    m.eval()
-    x = x.to(device="cpu", dtype=model_input_dtype(m))
-    try:
-        for _ in range(warmup):
-            m(x)
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            m(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    finally:
-        m.train(was_training)
-    return float(statistics.median(times))
-
-
-def _footprint(model: nn.Module, x: torch.Tensor, prefix: str = "") -> dict[str, Any]:
-    return {f"{prefix}params": count_params(model), f"{prefix}latency_ms": measure_latency(model, x),
-            f"{prefix}size_bytes": _size_bytes(model)}
-
-
-def _size_bytes(model: nn.Module) -> int:
-    quant = getattr(model, "compbias_quantization", None)
-    if isinstance(quant, dict) and quant.get("mode") == "torchao":
-        from .torchao_quant import flatten_state
-
-        tensors, _ = flatten_state(model.state_dict())
-        return int(sum(t.numel() * t.element_size() for t in tensors.values()))
-    return model_size_bytes(model)["size_bytes"]
-
-
-def _measured(baseline: nn.Module, bundle: DatasetBundle, latency_batch: int,
-              compress: Callable[[torch.Tensor], tuple[nn.Module, dict[str, Any]]]) -> tuple[nn.Module, dict[str, Any]]:
-    """Run ``compress(x)`` between the baseline's and the result's footprint on the same latency batch ``x``.
-
-    Returns
-    -------
-    model, info
-        ``info``: the baseline's footprint (``baseline_`` keys), the model's,
-        then what ``compress`` returned.
-    """
-    x = _latency_batch(bundle, latency_batch)
-    before = _footprint(baseline, x, "baseline_")
-    model, extra = compress(x)
-    return model, {**before, **_footprint(model, x), **extra}
 
 
 @dataclass(frozen=True)
 class FineTuning:
     """How a model pruned by a library is fine-tuned afterwards: what the built-in pruning takes.
 
-    :func:`torch_pruning_compress` and :func:`torch_prune_compress` take these
-    fields as keyword arguments (``compress_model`` passes them).
+    :func:`library_prune` takes these fields as keyword arguments
+    (``compress_model`` passes them).
 
     Attributes
     ----------
@@ -198,39 +131,77 @@ def _output_layer(model: nn.Module, x: torch.Tensor, n_classes: int) -> list[nn.
     return seen[-1:]
 
 
-def torch_pruning_compress(
-    baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int = 0, options: Mapping[str, Any] | None = None,
-    latency_batch: int = 64, **finetune: Any,
+def library_prune(
+    method: str, baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int = 0,
+    options: Mapping[str, Any] | None = None, latency_batch: int = 64, **finetune: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Structured channel pruning with Torch-Pruning: channels are removed, not masked.
+    """Prune a copy of the baseline with a library's own pruning, fine-tune it, and measure both.
 
     Parameters
     ----------
+    method : {'torch_pruning', 'torch_prune'}
+        ``torch_pruning``: structured channel pruning with Torch-Pruning;
+        channels are removed, not masked. ``torch_prune``: pruning with
+        ``torch.nn.utils.prune`` masks (``weight_orig`` x ``weight_mask``),
+        made permanent.
+    baseline : torch.nn.Module
+        Left unchanged.
+    bundle : DatasetBundle
     level : float
-        Pruning ratio in (0, 1): the fraction of output channels removed from
-        each prunable layer (``pruning_ratio`` of ``tp.pruner.MetaPruner``);
-        the parameter count falls roughly by ``1 - (1 - level)^2``.
+        ``torch_pruning``: the pruning ratio in (0, 1), the fraction of output
+        channels removed from each prunable layer (``pruning_ratio`` of
+        ``tp.pruner.MetaPruner``; the parameter count falls roughly by
+        ``1 - (1 - level)^2``). ``torch_prune``: the ``amount`` in (0, 1).
+    seed : int
+        Seeds the random importance / random styles and the fine-tuning.
     options : dict, optional
-        ``importance`` (``l1`` default, ``l2``, ``random``), ``global_pruning``
-        (bool, default False), ``round_to`` (channel multiple).
+        ``torch_pruning``: ``importance`` (``l1`` default, ``l2``,
+        ``random``), ``global_pruning`` (bool, default False), ``round_to``
+        (channel multiple). ``torch_prune``: ``style``,
+        ``global_unstructured`` (default: L1 over every conv and linear weight
+        together), ``l1_unstructured`` / ``random_unstructured`` (each layer by
+        itself) or ``ln_structured`` (output channels of each convolution by
+        their L``n`` norm, ``n`` default 1; channels are zeroed, not removed).
+    latency_batch : int
+        Test inputs in the batch the CPU latency is measured on.
     **finetune
-        Fine-tuning of the smaller model after pruning: the fields of
-        :class:`FineTuning` (``finetune_epochs``, ``mitigation``, ...; SGD
-        with the study's settings, as for the built-in pruning).
+        Fine-tuning after pruning (SGD with the study's settings, as for the
+        built-in pruning): the fields of :class:`FineTuning`
+        (``finetune_epochs``, ``mitigation``, ...). ``torch_prune``
+        fine-tunes with the masks in place (the pruned weights stay zero),
+        before ``prune.remove`` makes them permanent.
 
     Returns
     -------
     model, info
         ``info`` holds the footprint before/after (``params``, ``size_bytes``,
-        ``latency_ms`` and their ``baseline_`` twins) and ``sparsity``: the
-        fraction of the baseline's parameters removed.
+        ``latency_ms`` and their ``baseline_`` twins), ``history``,
+        ``final_loss`` and ``sparsity``: for ``torch_pruning`` the fraction of
+        the baseline's parameters removed (and ``importance``); for
+        ``torch_prune`` the zeros among the pruned layers' weights (and
+        ``sparsity_per_layer``, ``style``, ``size_bytes_sparse``), whose model
+        has plain ``weight`` parameters again (no ``weight_orig``, no
+        ``weight_mask``, no hooks).
     """
+    steps = {"torch_pruning": _torch_pruning, "torch_prune": _torch_prune}
+    if method not in steps:
+        raise ValueError(f"library_prune prunes with {' or '.join(steps)}, not {method!r}")
+    return steps[method](baseline, bundle, level, seed=seed, options=options, tuning=FineTuning(**finetune),
+                         latency_batch=latency_batch)
+
+
+#: ``compress_model``'s names of the two libraries: :func:`library_prune` with the method given.
+torch_pruning_compress = functools.partial(library_prune, "torch_pruning")
+torch_prune_compress = functools.partial(library_prune, "torch_prune")
+
+
+def _torch_pruning(baseline, bundle, level, *, seed, options, tuning, latency_batch) -> tuple[nn.Module, dict[str, Any]]:
+    """Torch-Pruning's ``MetaPruner`` on a CPU copy, the classifier kept whole (see :func:`library_prune`)."""
     try:
         import torch_pruning as tp
     except ImportError as exc:
         raise ValueError(f"method torch_pruning needs the torch-pruning package ({exc}); pip install torch-pruning") from None
     options = _checked_options("torch_pruning", options)
-    tuning = FineTuning(**finetune)
     importance_name = str(options.get("importance", "l1"))
     importances = {"l1": lambda: tp.importance.MagnitudeImportance(p=1), "l2": lambda: tp.importance.MagnitudeImportance(p=2),
                    "random": lambda: tp.importance.RandomImportance()}
@@ -258,41 +229,14 @@ def torch_pruning_compress(
         removed = 1.0 - count_params(model) / max(1, count_params(baseline))
         return model, {"sparsity": removed, "importance": importance_name, **tuned}
 
-    return _measured(baseline, bundle, latency_batch, prune)
+    return measured(baseline, bundle, latency_batch, prune)
 
 
-def torch_prune_compress(
-    baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int = 0, options: Mapping[str, Any] | None = None,
-    latency_batch: int = 64, **finetune: Any,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Pruning with ``torch.nn.utils.prune``: masks (``weight_orig`` x ``weight_mask``), made permanent.
-
-    Parameters
-    ----------
-    level : float
-        ``amount`` in (0, 1).
-    options : dict, optional
-        ``style``: ``global_unstructured`` (default: L1 over every conv and
-        linear weight together), ``l1_unstructured`` / ``random_unstructured``
-        (each layer by itself), ``ln_structured`` (output channels of each
-        convolution by their L``n`` norm, ``n`` default 1; channels are
-        zeroed, not removed).
-    **finetune
-        Fine-tuning with the masks in place (the pruned weights stay zero),
-        before ``prune.remove`` makes them permanent: the fields of
-        :class:`FineTuning` (``finetune_epochs``, ``mitigation``, ...).
-
-    Returns
-    -------
-    model, info
-        The model has plain ``weight`` parameters again (no ``weight_orig``,
-        no ``weight_mask``, no hooks); ``info`` has ``sparsity`` (zeros among
-        the pruned layers' weights) and the footprint before/after.
-    """
+def _torch_prune(baseline, bundle, level, *, seed, options, tuning, latency_batch) -> tuple[nn.Module, dict[str, Any]]:
+    """``torch.nn.utils.prune`` on a copy, fine-tuned with its masks, then ``prune.remove`` (see :func:`library_prune`)."""
     from torch.nn.utils import prune as torch_prune
 
     options = _checked_options("torch_prune", options)
-    tuning = FineTuning(**finetune)
     style = str(options.get("style", "global_unstructured"))
     if style not in TORCH_PRUNE_STYLES:
         raise ValueError(f"torch_prune style must be one of {', '.join(TORCH_PRUNE_STYLES)}, got {style!r}")
@@ -324,7 +268,7 @@ def torch_prune_compress(
         return model, {"sparsity": sparsity, "sparsity_per_layer": per_layer, "style": style,
                        "size_bytes_sparse": model_size_bytes(model, sparse_kind=kind)["size_bytes_sparse"], **tuned}
 
-    return _measured(baseline, bundle, latency_batch, prune)
+    return measured(baseline, bundle, latency_batch, prune)
 
 
 def torchao_compress(baseline: nn.Module, bundle: DatasetBundle, level: str, *,
@@ -343,7 +287,7 @@ def torchao_compress(baseline: nn.Module, bundle: DatasetBundle, level: str, *,
         model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2]))
         return model, {"sparsity": 0.0, **extra}
 
-    return _measured(baseline, bundle, latency_batch, quantize)
+    return measured(baseline, bundle, latency_batch, quantize)
 
 
 def custom_compress(
@@ -414,4 +358,4 @@ def custom_compress(
         sparsity, _ = measure_sparsity(model, "magnitude")
         return model, {"sparsity": sparsity, "function": name, "reshaped": reshaped}
 
-    return _measured(baseline, bundle, latency_batch, compress)
+    return measured(baseline, bundle, latency_batch, compress)
