@@ -142,3 +142,16 @@ def test_the_cli_called_in_process_leaves_the_callers_environment_as_it_was(tmp_
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")  # the user's own choice is kept
     assert cli.main(["study", str(bad)]) == 2
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "false"
+
+
+def test_audit_is_a_sub_command_of_the_one_parser(capsys):
+    args = cli.build_parser().parse_args(["audit", "--study", "digits", "--max-cev", "5", "--no-gallery"])
+    assert (args.command, args.study, args.max_cev, args.no_gallery, args.confidence) == ("audit", "digits", 5.0, True, None)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["audit", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: compbias audit") and "thresholds (override the study file's audit.thresholds)" in out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["audit", "--confidence", "high"])
+    assert info.value.code == 2 and "--confidence" in capsys.readouterr().err

@@ -181,8 +181,6 @@ def _remote(client: MlflowClient) -> bool:
     return uri.split(":", 1)[0] in ("http", "https", "databricks")
 
 
-
-
 @dataclass
 class StudyInputs:
     """What the fetch stage gives the computation: the predictions, the study file, the facts, the settings.
