@@ -92,7 +92,7 @@ def key_dtype(n_groups: int, n_classes: int):
     The largest offset is the last row's, ``G * C * (C + 1)``.
     """
     top = n_groups * n_classes * (n_classes + 1)
-    return np.uint16 if top <= np.iinfo(np.uint16).max else np.int32 if top < 2**31 else np.int64
+    return np.uint16 if top <= 65_535 else np.int32 if top < 2**31 else np.int64
 
 
 @kernel()

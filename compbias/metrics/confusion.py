@@ -134,7 +134,7 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
     key = np.empty(n, key_dtype(n_groups_, n_classes))
     run = _confusion_kernel if n_threads == 1 else _confusion_kernel_parallel
     out, bad = run(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks, n_threads, key)
-    if bad.any():
+    if any(bad.tolist()):  # a list: 0.2 us where ndarray.any() takes 1 us on a 15 us call
         raise_first_out_of_range([(y_true, n_classes, "y_true", "n_classes"),
                                   (y_pred, n_classes, "y_pred", "n_classes"),
                                   (groups_arr, n_groups_, "groups", "n_groups")])
