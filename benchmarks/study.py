@@ -47,13 +47,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")  # see compbias.platform.orchestration.WORKER_ENV
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")  # see compbias.platform.ray_cluster.WORKER_ENV
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
 sys.path.insert(0, str(REPO))
 
 from compbias.platform.config import load_study, parse_study  # noqa: E402
-from compbias.platform.orchestration import init_ray  # noqa: E402
+from compbias.platform.ray_cluster import init_ray  # noqa: E402
 from compbias.platform import tracking  # noqa: E402
 from compbias.platform.study import run_study  # noqa: E402
 

@@ -7,6 +7,10 @@ raises the task's error. A compressed task's ``baseline`` may be the handle of
 its baseline task: on Ray it is passed as an ``ObjectRef`` argument, so the
 compressed task starts as soon as its own baseline is done (a dependency, not
 a barrier).
+
+Connecting to Ray and noticing that its cluster went away is
+:mod:`compbias.platform.ray_cluster`; its public names are importable from
+here as well.
 """
 
 from __future__ import annotations

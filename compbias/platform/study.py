@@ -19,7 +19,8 @@ from mlflow.entities import Metric
 from compbias import contract as C
 from compbias.platform import tracking
 from compbias.platform.config import StudySpec
-from compbias.platform.orchestration import RayClusterLostError, check_ray_address, make_executor
+from compbias.platform.orchestration import make_executor
+from compbias.platform.ray_cluster import RayClusterLostError, check_ray_address
 from compbias.platform.plan import ModelTask, plan_study
 from compbias.platform.study_outcome import ArtifactStorageError, StudyConflictError, StudyOutcome, storage_exhausted
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compbias.platform.config import load_study
-from compbias.platform.orchestration import ray_bind_mode, task_options
+from compbias.platform.orchestration import task_options
+from compbias.platform.ray_cluster import ray_bind_mode
 
 
 @pytest.fixture
