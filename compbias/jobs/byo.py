@@ -195,7 +195,8 @@ torch_pruning_compress = functools.partial(library_prune, "torch_pruning")
 torch_prune_compress = functools.partial(library_prune, "torch_prune")
 
 
-def _torch_pruning(baseline, bundle, level, *, seed, options, tuning, latency_batch) -> tuple[nn.Module, dict[str, Any]]:
+def _torch_pruning(baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int, options: Mapping[str, Any] | None,
+                   tuning: FineTuning, latency_batch: int) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning's ``MetaPruner`` on a CPU copy, the classifier kept whole (see :func:`library_prune`)."""
     try:
         import torch_pruning as tp
@@ -232,7 +233,8 @@ def _torch_pruning(baseline, bundle, level, *, seed, options, tuning, latency_ba
     return measured(baseline, bundle, latency_batch, prune)
 
 
-def _torch_prune(baseline, bundle, level, *, seed, options, tuning, latency_batch) -> tuple[nn.Module, dict[str, Any]]:
+def _torch_prune(baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int, options: Mapping[str, Any] | None,
+                 tuning: FineTuning, latency_batch: int) -> tuple[nn.Module, dict[str, Any]]:
     """``torch.nn.utils.prune`` on a copy, fine-tuned with its masks, then ``prune.remove`` (see :func:`library_prune`)."""
     from torch.nn.utils import prune as torch_prune
 
