@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compbias.jobs import build_model, compress_model, evaluate, load_model, load_weights, predict_logits, save_model
+from compbias.jobs import build_model, byo, compress_model, evaluate, load_model, load_weights, predict_logits, save_model
 from compbias.jobs.torchao_quant import TORCHAO_LEVELS, TorchaoUnavailable
 from compbias.platform import config
 
@@ -123,6 +123,15 @@ def test_torch_pruning_options_are_checked(baseline, small_digits):
         compress_model(baseline, small_digits, "torch_pruning", 0.5, options={"style": "x"}, log=None)
     with pytest.raises(ValueError, match=r"fraction in \(0, 1\)"):
         compress_model(baseline, small_digits, "torch_pruning", 1.0, log=None)
+
+
+def test_library_prune_refuses_other_methods_and_unknown_fine_tuning_options(baseline, small_digits):
+    with pytest.raises(ValueError, match="prunes with torch_pruning or torch_prune, not 'magnitude'"):
+        byo.library_prune("magnitude", baseline, small_digits, 0.5)
+    with pytest.raises(TypeError, match="finetune_lr"):  # the fine-tuning options are FineTuning's fields, no others
+        byo.torch_prune_compress(baseline, small_digits, 0.5, finetune_lr=0.1)
+    with pytest.raises(ValueError, match="give finetune_epochs >= 1"):
+        byo.torch_prune_compress(baseline, small_digits, 0.5, mitigation="kd")
 
 
 # -- torch.nn.utils.prune ---------------------------------------------------------
