@@ -1,9 +1,12 @@
 """The study driver when tasks fail: failures are recorded, nothing half-made is registered."""
 
+import errno
+
 import yaml
 from mlflow import MlflowClient
 
 from compbias.platform import cli
+from compbias.platform.study_outcome import storage_exhausted
 
 
 def test_a_failing_dataset_fails_every_task_visibly_and_registers_nothing(tmp_path, capsys):
@@ -32,3 +35,18 @@ def test_a_failing_dataset_fails_every_task_visibly_and_registers_nothing(tmp_pa
     assert all(r.info.status == "FAILED" and r.data.tags["compbias.error"] for r in runs)
     assert "baseline" in next(r for r in runs if r.data.tags["compbias.method"] == "quantize").data.tags["compbias.error"]
     assert list(client.search_model_versions("name = 'compbias-broken'")) == []
+
+
+def test_storage_exhausted_finds_a_full_or_read_only_disk_behind_a_logging_error():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError as exc:
+            raise RuntimeError("log_artifacts failed") from exc
+    except RuntimeError as wrapped:
+        assert storage_exhausted(wrapped) is full  # followed through __cause__
+    read_only = OSError(errno.EROFS, "Read-only file system")
+    assert storage_exhausted(read_only) is read_only
+    assert storage_exhausted(OSError(errno.ENOENT, "No such file")) is None  # other OS errors fail one model only
+    assert storage_exhausted(RuntimeError("no OS error at all")) is None
