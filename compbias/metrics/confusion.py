@@ -102,7 +102,8 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
     its range in the same pass (an id outside ``[0, C)`` raises the same
     ValueError, naming the first bad value and its index, as the separate
     checks did). Threads split the work in blocks of (model, slice of
-    examples), each with private int32 counts, so no two threads ever
+    examples), each with private uint16 counts (flushed to the int64 result
+    every 65,535 examples), so no two threads ever
     increment the same counter; inputs below :data:`PARALLEL_MIN_LABELS`
     labels run on one thread. The result is identical to
     ``sklearn.metrics.confusion_matrix(y_true, y_pred, labels=range(C))``

@@ -308,6 +308,22 @@ def test_every_key_width_counts_and_checks_like_bincount(n_groups, n_classes, dt
         confusion_counts(y, preds, n_classes, groups=groups, n_groups=n_groups)
 
 
+def test_blocks_longer_than_a_private_table_can_count_are_flushed_in_parts():
+    """A thread's uint16 table is added to the int64 result every 65,535 examples: no count wraps."""
+    n = 2 * kernels_mod._SUB_BLOCK + 1_000
+    y = np.zeros(n, np.int64)
+    y[::3] = 1
+    preds = np.zeros((2, n), np.int8)
+    preds[1, ::2] = 1
+    counts = confusion_counts(y, preds, 2)
+    np.testing.assert_array_equal(counts, ref_confusion(y, preds, 2)[:, 0])
+    assert counts[0, 0, 0] > kernels_mod._SUB_BLOCK  # one cell holds more than a uint16 can
+    blocks, bad = kernels_mod._confusion_kernel(y, preds, np.empty(0, np.int64), False, 1, 2, 2, 1,
+                                                np.empty(n, np.uint16))  # two slices per model, still > 65,535 each
+    assert not bad.any()
+    np.testing.assert_array_equal(blocks.reshape(2, 2, 2, 2).sum(axis=1), ref_confusion(y, preds, 2)[:, 0])
+
+
 def test_key_width_limits():
     assert kernels_mod.key_dtype(1, 1) == np.uint16
     assert kernels_mod.key_dtype(1, 46_340) == np.int32  # 46,340 * 46,341 < 2**31
