@@ -22,7 +22,7 @@ __all__ = [
     "ClusterWatch", "check_ray_address", "init_ray", "local_ray_is_loopback", "ray_bind_mode",
 ]
 
-log = logging.getLogger("compbias.platform.orchestration")
+log = logging.getLogger(__name__)
 
 # numba's default OpenMP threading layer keeps its threads spinning after a
 # parallel kernel (the metrics in `evaluate`), and torch's own OpenMP pool then
