@@ -15,7 +15,8 @@ random crops and flips, the layout of decoded photos), in the same process:
     scheduler, no bookkeeping, bf16 autocast + channels_last on CUDA.
 
 It prints images/s of each (best of ``--repeats`` timed runs, after a
-warm-up), the ratio ``fit / tuned`` (target >= 0.9) and the fraction of the
+warm-up), the ratio ``fit / tuned`` (target >= 0.9; on the CPU also per
+second of the process's CPU time, steadier on a shared machine) and the fraction of the
 device's measured matmul rate (float32 on CPU, bfloat16 on CUDA) the
 training reaches (FLOPs per image from ``torch.utils.flop_counter``).
 
@@ -91,10 +92,15 @@ def tuned_loop(model: nn.Module, bundle, epochs: int, device: torch.device, seed
     return seen
 
 
-def timed(run) -> float:
-    started = time.perf_counter()
+def timed(run) -> tuple[float, float]:
+    """``(images per wall second, images per CPU second of this process)``.
+
+    On a shared machine the CPU time is the steadier of the two: other
+    processes' load lengthens the wall time, hardly this process's own work.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     seen = run()
-    return seen / (time.perf_counter() - started)
+    return seen / (time.perf_counter() - wall), seen / (time.process_time() - cpu)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
@@ -137,13 +143,39 @@ def compare(arch: str, bundle, epochs: int, repeats: int, device: torch.device, 
     runs = {"fit": run_fit, "tuned": lambda: tuned_loop(copy.deepcopy(init), bundle, epochs, device)}
     for run in runs.values():  # warm-up (allocator, kernels, first-call costs)
         run()
-    rates = {k: 0.0 for k in runs}
+    rates = {k: (0.0, 0.0) for k in runs}
     for _ in range(repeats):  # interleaved, so load from other processes falls on both
         for k, run in runs.items():
-            rates[k] = max(rates[k], timed(run))
+            rates[k] = tuple(map(max, rates[k], timed(run)))
     flops = train_flops_per_image(init, bundle.input_shape, device)
-    return {"arch": arch, **rates, "ratio": rates["fit"] / rates["tuned"], "flops_per_image": flops,
-            "fraction_fit": rates["fit"] * flops / peak, "fraction_tuned": rates["tuned"] * flops / peak}
+    (fit_wall, fit_cpu), (tuned_wall, tuned_cpu) = rates["fit"], rates["tuned"]
+    return {"arch": arch, "fit": fit_wall, "tuned": tuned_wall, "ratio": fit_wall / tuned_wall,
+            "fit_cpu": fit_cpu, "tuned_cpu": tuned_cpu, "ratio_cpu": fit_cpu / tuned_cpu, "flops_per_image": flops,
+            "fraction_fit": fit_wall * flops / peak, "fraction_tuned": tuned_wall * flops / peak}
+
+
+def augmentation_speed(shapes=((64, 1, 8, 8), (64, 3, 32, 32), (128, 3, 64, 64))) -> list[tuple]:
+    """ms per batch: crops and flips one example at a time (the loop before) vs :func:`crop_flip`, uint8 in, float out."""
+    import timeit
+
+    out = []
+    for shape in shapes:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8)
+        plan = EpochPlan.draw(shape[0], shape[2], torch.Generator().manual_seed(0), True)
+        pad = (shape[2] // 8) or 1
+
+        def one_by_one():
+            f = x.float() / 255
+            f = torch.where(plan.flip[:, None, None, None], f.flip(3), f)
+            p = F.pad(f, (pad,) * 4)
+            return torch.stack([p[i, :, oy : oy + shape[2], ox : ox + shape[3]]
+                                for i, (oy, ox) in enumerate(zip(plan.oy.tolist(), plan.ox.tolist()))])
+
+        vectorised = lambda: crop_flip(x, plan.flip, plan.oy, plan.ox).float() / 255  # noqa: E731
+        assert torch.equal(one_by_one(), vectorised())
+        t = [min(timeit.repeat(f, number=20, repeat=5)) / 20 for f in (one_by_one, vectorised)]
+        out.append((shape, 1e3 * t[0], 1e3 * t[1]))
+    return out
 
 
 # ------------------------------------------------------------------ populations
@@ -185,11 +217,12 @@ def population(arch: str, size: int, bundle, epochs: int, repeats: int, device: 
     batched = lambda: population_batched([copy.deepcopy(m) for m in inits], bundle, epochs, device)  # noqa: E731
     batched()
     one_by_one()
-    best = {"sequential": 0.0, "batched": 0.0}
+    best = {"sequential": (0.0, 0.0), "batched": (0.0, 0.0)}
     for _ in range(repeats):
-        best["sequential"] = max(best["sequential"], timed(one_by_one))
-        best["batched"] = max(best["batched"], timed(batched))
-    return {"arch": arch, "size": size, **best, "speedup": best["batched"] / best["sequential"]}
+        for k, run in (("sequential", one_by_one), ("batched", batched)):
+            best[k] = tuple(map(max, best[k], timed(run)))
+    return {"arch": arch, "size": size, "sequential": best["sequential"][0], "batched": best["batched"][0],
+            "speedup": best["batched"][0] / best["sequential"][0], "speedup_cpu": best["batched"][1] / best["sequential"][1]}
 
 
 def main(argv=None) -> None:
@@ -216,13 +249,17 @@ def main(argv=None) -> None:
           f"{args.epochs} epochs; best of {args.repeats}")
     for arch in args.arch:
         r = compare(arch, bundle, args.epochs, args.repeats, device, peak)
-        print(f"{arch:9s} fit {r['fit']:9.0f} img/s   tuned {r['tuned']:9.0f} img/s   fit/tuned {r['ratio']:.2f}x   "
+        cpu = f" (per CPU second {r['fit_cpu']:.0f} / {r['tuned_cpu']:.0f}: {r['ratio_cpu']:.2f}x)" if device.type == "cpu" else ""
+        print(f"{arch:9s} fit {r['fit']:7.0f} img/s  tuned {r['tuned']:7.0f} img/s  fit/tuned {r['ratio']:.2f}x{cpu}  "
               f"{r['flops_per_image'] / 1e6:.2f} MFLOP/img: fit {100 * r['fraction_fit']:.1f}% / tuned "
               f"{100 * r['fraction_tuned']:.1f}% of the matmul rate")
+    for shape, loop_ms, vec_ms in augmentation_speed():
+        print(f"crops+flips of a {shape} uint8 batch: one example at a time {loop_ms:.3f} ms, vectorised "
+              f"{vec_ms:.3f} ms: {loop_ms / vec_ms:.1f}x")
     if args.population:
         p = population("smallcnn", args.population, bundle, args.epochs, args.repeats, device)
         print(f"population of {p['size']} smallcnn: one by one {p['sequential']:.0f} img/s, batched (vmap) "
-              f"{p['batched']:.0f} img/s: {p['speedup']:.2f}x")
+              f"{p['batched']:.0f} img/s: {p['speedup']:.2f}x (per CPU second {p['speedup_cpu']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -111,18 +111,21 @@ def crop_flip(images: torch.Tensor, flip: torch.Tensor, oy: torch.Tensor, ox: to
     Returns
     -------
     torch.Tensor
-        ``(N, C, H, W)``: ``pad(flip(x))[:, :, oy:oy+H, ox:ox+W]`` per example, made by two gathers
-        (flipping is folded into the column index: column ``j`` of the flipped padded image is column
-        ``W + 2 pad - 1 - j`` of the padded one).
+        ``(N, C, H, W)``: ``pad(flip(x))[:, :, oy:oy+H, ox:ox+W]`` per example, made by one gather
+        from the padded batch at flat indices ``row * (W + 2 pad) + column`` (flipping is folded into
+        the column index: column ``j`` of the flipped padded image is column ``W + 2 pad - 1 - j`` of
+        the padded one). On the CPU this is 2-2.5x faster than slicing one example at a time for
+        32x32 and 64x64 images, and 5x for 8x8 (docs/performance.md).
     """
     n, c, h, w = images.shape
     pad = crop_padding(h)
+    wide = w + 2 * pad
     padded = F.pad(images, (pad, pad, pad, pad))
     rows = oy.view(n, 1) + torch.arange(h, device=images.device)
     cols = ox.view(n, 1) + torch.arange(w, device=images.device)
-    cols = torch.where(flip.view(n, 1), (w + 2 * pad - 1) - cols, cols)
-    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * pad))
-    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+    cols = torch.where(flip.view(n, 1), (wide - 1) - cols, cols)
+    flat = (rows.view(n, h, 1) * wide + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.view(n, c, -1).gather(2, flat).view(n, c, h, w)
 
 
 def fits_on_device(nbytes: int, device: torch.device, fraction: float = RESIDENT_FRACTION) -> bool:

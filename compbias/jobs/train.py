@@ -207,7 +207,8 @@ def fit(
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = _optimizer(model, lr, momentum, weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     pruner = pruner_factory(model, total_steps) if pruner_factory is not None else None
     batches = training_batches(data, device, batch_size, steps, channels_last=channels_last) if epochs else None
     height = int(bundle.input_shape[1])
@@ -223,12 +224,16 @@ def fit(
             for b, (x, y) in enumerate(batches.epoch(plan, batch_size, steps)):
                 if pruner is not None:
                     pruner.update(step)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast():
                     loss, logits, parts = objective(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 scheduler.step()
                 if pruner is not None:
                     pruner.apply()
