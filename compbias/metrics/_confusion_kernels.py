@@ -128,7 +128,7 @@ def _confusion_thread(y_pred, key, n_groups, n_classes, n_chunks, th, n_threads,
 
 
 @kernel()
-def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
+def confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
     """Confusion counts per (model, chunk) block, validating every label in the same pass.
 
     Returns ``(counts, bad)``: ``counts`` of shape ``(n_models * n_chunks,
@@ -149,7 +149,7 @@ def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n
     is added to the int64 output, every :data:`_SUB_BLOCK` examples.
     The work of ``n_threads`` threads (blocks ``t, t + n_threads, ...``,
     each with its own table) runs here one after the other:
-    :func:`_confusion_kernel_parallel` runs it on numba's threads. This
+    :func:`confusion_kernel_parallel` runs it on numba's threads. This
     serial twin serves small inputs, which must not wait for a parallel
     region (on a loaded machine its second thread may not be scheduled for
     milliseconds).
@@ -165,8 +165,8 @@ def _confusion_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n
 
 
 @kernel(parallel=True)
-def _confusion_kernel_parallel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
-    """:func:`_confusion_kernel` with the threads' work on numba's threads (``prange``)."""
+def confusion_kernel_parallel(y_true, y_pred, groups, has_groups, n_groups, n_classes, n_chunks, n_threads, key):  # pragma: no cover - numba
+    """:func:`confusion_kernel` with the threads' work on numba's threads (``prange``)."""
     n_models, n = y_pred.shape
     bad = np.zeros(3, np.int64)
     _confusion_keys(y_true, groups, has_groups, n_groups, n_classes, key, bad)
@@ -180,7 +180,7 @@ def _confusion_kernel_parallel(y_true, y_pred, groups, has_groups, n_groups, n_c
 
 
 @kernel(parallel=True)
-def _ovr_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, weights, has_weights):  # pragma: no cover - numba
+def ovr_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, weights, has_weights):  # pragma: no cover - numba
     """Per (model, group, class): true positives and predicted counts.
 
     ``weights[i]`` is how often example ``i`` counts (a bootstrap resample);
@@ -202,7 +202,7 @@ def _ovr_kernel(y_true, y_pred, groups, has_groups, n_groups, n_classes, weights
     return tp, pc
 
 
-def _n_chunks(n_models: int, n: int, block_bytes: int, threads: int | None = None) -> int:
+def chunk_count(n_models: int, n: int, block_bytes: int, threads: int | None = None) -> int:
     """Slices of examples per model: enough blocks for every thread when models are few."""
     threads = numba.get_num_threads() if threads is None else threads
     if n_models >= threads or n < 2 * _MIN_CHUNK or n_models * n < PARALLEL_MIN_LABELS:

@@ -62,7 +62,7 @@ def _resample_weights(seed, b, n):  # pragma: no cover - numba
 
 
 @kernel(parallel=True)
-def _indices_kernel(seed, n_resamples, n):  # pragma: no cover - numba
+def indices_kernel(seed, n_resamples, n):  # pragma: no cover - numba
     out = np.empty((n_resamples, n), np.int64)
     for b in numba.prange(n_resamples):
         _draw_indices(seed, b, n, out[b])
@@ -140,7 +140,7 @@ def _mean_rates(preds, idx, wts, ys, n_classes, tc, n_total, smoothing):  # prag
 
 
 @kernel()
-def _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which):  # pragma: no cover - numba
+def bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which):  # pragma: no cover - numba
     tc = np.zeros(n_classes, np.int64)
     n_total = 0
     for k in range(idx.shape[0]):
@@ -158,16 +158,16 @@ def _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which):  # pragma
 
 
 @kernel(parallel=True)
-def _bootstrap_bias_kernel(y_true, base, comp, n_classes, n_resamples, seed, smoothing, which):  # pragma: no cover - numba
+def bootstrap_bias_kernel(y_true, base, comp, n_classes, n_resamples, seed, smoothing, which):  # pragma: no cover - numba
     out = np.empty(n_resamples)
     for b in numba.prange(n_resamples):
         idx, wts, ys = _resample_compact(seed, b, y_true)
-        out[b] = _bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which)
+        out[b] = bias_stat(base, comp, idx, wts, ys, n_classes, smoothing, which)
     return out
 
 
 @kernel(parallel=True)
-def _ovr_resampled_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, seed, first, count):  # pragma: no cover - numba
+def ovr_resampled_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, seed, first, count):  # pragma: no cover - numba
     """One-vs-rest counts of every model on resamples ``first .. first+count-1``.
 
     Returns true positives and predicted counts (count, M, G, C) and the

@@ -238,3 +238,16 @@ def raise_first_out_of_range(checks) -> None:
         check_range(arr, n, name, n_name)
     raise AssertionError("a counting kernel flagged an id out of range that the range checks did not find")
 
+
+
+def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` elementwise, NaN where ``den`` is 0: the convention of every rate here.
+
+    A rate with no denominator (a class absent from a group, a class never
+    predicted) is undefined, not 0; callers skip NaN (docs/metrics.md).
+    """
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out

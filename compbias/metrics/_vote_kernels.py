@@ -189,7 +189,7 @@ def _votes_thread(base, comp, n_classes, cie, th, n_threads, out):  # pragma: no
 
 
 @kernel()
-def _votes_kernel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - numba
+def votes_kernel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - numba
     """Modal labels of ``base`` (``cie`` False) or integer CIE numerators ``sum_c |n_c M' - n'_c M|`` (``cie`` True).
 
     Returns ``(out, bad)``: int64 per example, and True if a label was out
@@ -197,7 +197,7 @@ def _votes_kernel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - 
     share of the examples, in blocks of :func:`_block_size` examples, with
     its own tables; here the shares run one after the other (the serial
     twin, for small inputs, which must not wait for a parallel region),
-    in :func:`_votes_kernel_parallel` on numba's threads.
+    in :func:`votes_kernel_parallel` on numba's threads.
     """
     out = np.empty(base.shape[1], np.int64)
     bad = False
@@ -207,8 +207,8 @@ def _votes_kernel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - 
 
 
 @kernel(parallel=True)
-def _votes_kernel_parallel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - numba
-    """:func:`_votes_kernel` with the shares on numba's threads (``prange``)."""
+def votes_kernel_parallel(base, comp, n_classes, cie, n_threads):  # pragma: no cover - numba
+    """:func:`votes_kernel` with the shares on numba's threads (``prange``)."""
     out = np.empty(base.shape[1], np.int64)
     bad = np.zeros(n_threads, np.bool_)
     for th in numba.prange(n_threads):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._confusion_kernels import _confusion_kernel, _confusion_kernel_parallel, _n_chunks, key_dtype
+from compbias.metrics._confusion_kernels import chunk_count, confusion_kernel, confusion_kernel_parallel, key_dtype
 from compbias.metrics._numba import threads_for_labels
 from compbias.metrics._validation import (  # noqa: F401  (shared label validation, re-exported for old imports)
     as_label_ids,
@@ -130,10 +130,10 @@ def confusion_counts(y_true, y_pred, n_classes, groups=None, n_groups=None):
     single = y_pred.ndim == 1
     preds = y_pred.reshape(1, -1) if single else y_pred
     n_threads = threads_for_labels(preds.size)
-    n_chunks = _n_chunks(preds.shape[0], n, n_groups_ * n_classes * n_classes * 8, n_threads)
+    n_chunks = chunk_count(preds.shape[0], n, n_groups_ * n_classes * n_classes * 8, n_threads)
     n_threads = max(1, min(n_threads, preds.shape[0] * n_chunks))
     key = np.empty(n, key_dtype(n_groups_, n_classes))
-    run = _confusion_kernel if n_threads == 1 else _confusion_kernel_parallel
+    run = confusion_kernel if n_threads == 1 else confusion_kernel_parallel
     out, bad = run(y_true, preds, groups_arr, has_groups, n_groups_, n_classes, n_chunks, n_threads, key)
     if any(bad.tolist()):  # a list: 0.2 us where ndarray.any() takes 1 us on a 15 us call
         raise_first_out_of_range([(y_true, n_classes, "y_true", "n_classes"),

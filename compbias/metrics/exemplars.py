@@ -10,7 +10,7 @@ import numpy as np
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import threads_for_labels
 from compbias.metrics._validation import as_label_ids, raise_first_out_of_range
-from compbias.metrics._vote_kernels import _votes_kernel, _votes_kernel_parallel
+from compbias.metrics._vote_kernels import votes_kernel, votes_kernel_parallel
 
 __all__ = ["CIECut", "cie_cut", "cie_mask", "cie_scores", "modal_labels", "pie_mask"]
 
@@ -43,7 +43,7 @@ def _check_two_populations(base_preds, comp_preds, n_classes):
 def _modal(preds, n_classes, name):
     """Modal labels of a validated population, its labels range checked in the counting pass."""
     n_threads = threads_for_labels(preds.size)
-    run = _votes_kernel if n_threads == 1 else _votes_kernel_parallel
+    run = votes_kernel if n_threads == 1 else votes_kernel_parallel
     labels, bad = run(preds, preds, n_classes, False, n_threads)
     if bad:
         raise_first_out_of_range([(preds, n_classes, name, "n_classes")])
@@ -210,7 +210,7 @@ def cie_scores(base_preds, comp_preds, n_classes):
     """
     base, comp, n_classes = _check_two_populations(base_preds, comp_preds, n_classes)
     n_threads = threads_for_labels(base.size + comp.size)
-    run = _votes_kernel if n_threads == 1 else _votes_kernel_parallel
+    run = votes_kernel if n_threads == 1 else votes_kernel_parallel
     num, bad = run(base, comp, n_classes, True, n_threads)
     if bad:
         raise_first_out_of_range([(base, n_classes, "base_preds", "n_classes"),

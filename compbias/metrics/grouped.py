@@ -11,7 +11,8 @@ import pandas as pd
 
 from compbias.metrics import _validation as v
 from compbias.metrics._validation import validate_labels
-from compbias.metrics.rates import ClassRates, _safe_ratio, ovr_rates
+from compbias.metrics._validation import safe_ratio
+from compbias.metrics.rates import ClassRates, ovr_rates
 
 __all__ = ["GroupRates", "group_rates"]
 
@@ -202,10 +203,10 @@ class GroupRates:
         vals, overall = self._group_values(metric, grouping)
         with np.errstate(invalid="ignore", divide="ignore"):
             if method == "between_groups":
-                out = _safe_ratio(_nan_reduce(np.fmin.reduce, vals), _nan_reduce(np.fmax.reduce, vals))
+                out = safe_ratio(_nan_reduce(np.fmin.reduce, vals), _nan_reduce(np.fmax.reduce, vals))
             elif method == "to_overall":
-                r = np.fmin(_safe_ratio(vals, np.broadcast_to(overall, vals.shape)),
-                            _safe_ratio(np.broadcast_to(overall, vals.shape), vals))
+                r = np.fmin(safe_ratio(vals, np.broadcast_to(overall, vals.shape)),
+                            safe_ratio(np.broadcast_to(overall, vals.shape), vals))
                 out = _nan_reduce(np.fmin.reduce, r)
             else:
                 raise ValueError(ERR_METHOD.format(value=method))

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compbias.metrics import _validation as v
-from compbias.metrics._confusion_kernels import _ovr_kernel
+from compbias.metrics._validation import safe_ratio
+from compbias.metrics._confusion_kernels import ovr_kernel
 from compbias.metrics._numba import threads_for
 from compbias.metrics._validation import validate_groups, validate_labels
 
@@ -22,14 +23,6 @@ ERR_NO_CLASS_AXIS = (
     "these rates hold one class only (a positive class was selected), so "
     "top-1 accuracy cannot be derived from them; use GroupRates.accuracy."
 )
-
-
-def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.full(np.broadcast(num, den).shape, np.nan)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
 
 
 @dataclass(frozen=True)
@@ -68,8 +61,8 @@ class ClassRates:
     def from_counts(cls, tp, fp, fn, tn, smoothing: float = 0.0, has_class_axis: bool = True) -> "ClassRates":
         """Build rates from one-vs-rest counts (arrays of the same shape)."""
         a = float(smoothing)
-        fpr = _safe_ratio(fp + a, fp + tn + 2 * a)
-        fnr = _safe_ratio(fn + a, fn + tp + 2 * a)
+        fpr = safe_ratio(fp + a, fp + tn + 2 * a)
+        fnr = safe_ratio(fn + a, fn + tp + 2 * a)
         return cls(tp=tp, fp=fp, fn=fn, tn=tn, fpr=fpr, fnr=fnr, smoothing=a, has_class_axis=has_class_axis)
 
     @classmethod
@@ -92,7 +85,7 @@ class ClassRates:
     @property
     def recall(self) -> np.ndarray:
         """Per-class recall ``TP / (TP + FN)`` (unsmoothed), NaN for absent classes."""
-        return _safe_ratio(self.tp, self.tp + self.fn)
+        return safe_ratio(self.tp, self.tp + self.fn)
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -100,7 +93,7 @@ class ClassRates:
         if not self.has_class_axis:
             raise ValueError(ERR_NO_CLASS_AXIS)
         n = self.n_examples[..., 0] if self.tp.shape[-1] else np.zeros(self.tp.shape[:-1])
-        return _safe_ratio(self.tp.sum(axis=-1), n)
+        return safe_ratio(self.tp.sum(axis=-1), n)
 
 
 def class_rates(counts, *, smoothing=0.0):
@@ -171,7 +164,7 @@ def ovr_rates(y_true, preds, groups, has_groups, n_groups, n_classes, weights=No
     has_w = weights is not None
     w = weights if has_w else np.empty(0, np.int64)
     with threads_for(preds.size):
-        tp, pc = _ovr_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, w, has_w)
+        tp, pc = ovr_kernel(y_true, preds, groups, has_groups, n_groups, n_classes, w, has_w)
     key = y_true + n_classes * groups if has_groups else y_true
     tc = np.bincount(key, weights=w if has_w else None, minlength=n_groups * n_classes)
     tc = np.rint(tc).astype(np.int64).reshape(n_groups, n_classes)

@@ -14,10 +14,10 @@ import numpy as np
 from compbias.metrics import _validation as v
 from compbias.metrics._numba import threads_for
 from compbias.metrics._resampling import (
-    _bias_stat,
-    _bootstrap_bias_kernel,
-    _indices_kernel,
-    _ovr_resampled_kernel,
+    bias_stat,
+    bootstrap_bias_kernel,
+    indices_kernel,
+    ovr_resampled_kernel,
 )
 from compbias.metrics._validation import validate_groups
 from compbias.metrics.bias import ERR_NO_DEFINED_CLASS, normalized_change, validate_populations
@@ -102,7 +102,7 @@ def bootstrap_indices(n_examples, n_resamples, *, seed=0):
     """
     n = v.check_positive_int(n_examples, "n_examples")
     b = v.check_positive_int(n_resamples, "n_resamples")
-    return _indices_kernel(_check_seed(seed), b, n)
+    return indices_kernel(_check_seed(seed), b, n)
 
 
 @dataclass(frozen=True)
@@ -275,12 +275,12 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
         which = 0 if statistic == "cev" else 1
         base16, comp16 = _compact_labels(base, n_classes), _compact_labels(comp, n_classes)
         everything = np.arange(n, dtype=np.int64)
-        estimate = _bias_stat(base16, comp16, everything, np.ones(n, np.int64), y_true, n_classes,
+        estimate = bias_stat(base16, comp16, everything, np.ones(n, np.int64), y_true, n_classes,
                               smoothing, which)
         if np.isnan(estimate):
             raise ValueError(ERR_NO_DEFINED_CLASS.format(metric=statistic.upper(), n=n_classes))
         with threads_for(n_resamples * (base.size + comp.size)):
-            samples = _bootstrap_bias_kernel(y_true, base16, comp16, n_classes, n_resamples, seed,
+            samples = bootstrap_bias_kernel(y_true, base16, comp16, n_classes, n_resamples, seed,
                                              smoothing, which)
     elif callable(statistic):
         g, has_g, n_g = validate_groups(groups, n_groups, n)
@@ -303,8 +303,8 @@ def bootstrap_ci(y_true, base_preds, comp_preds, n_classes, *, statistic="cev",
         for first in range(0, n_resamples, _BATCH):
             count = min(_BATCH, n_resamples - first)
             with threads_for(count * (base.size + comp.size)):
-                btp, bpc, btc = _ovr_resampled_kernel(y_true, base16, g, has_g, n_g, n_classes, seed, first, count)
-                ctp, cpc, _ = _ovr_resampled_kernel(y_true, comp16, g, has_g, n_g, n_classes, seed, first, count)
+                btp, bpc, btc = ovr_resampled_kernel(y_true, base16, g, has_g, n_g, n_classes, seed, first, count)
+                ctp, cpc, _ = ovr_resampled_kernel(y_true, comp16, g, has_g, n_g, n_classes, seed, first, count)
             for j in range(count):
                 samples[first + j] = statistic(rates_of(btp[j], bpc[j], btc[j]), rates_of(ctp[j], cpc[j], btc[j]))
     else:

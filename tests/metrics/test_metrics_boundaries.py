@@ -53,7 +53,7 @@ _RUN = textwrap.dedent("""
     from compbias.metrics import confusion as c
     out = confusion_counts(np.array([0, 1, 1]), np.array([[0, 1, 0]]), 2)
     assert out.tolist() == [[[1, 0], [1, 1]]], out
-    print(c._confusion_kernel._cache.__class__.__name__, len(c._confusion_kernel.stats.cache_hits))
+    print(c.confusion_kernel._cache.__class__.__name__, len(c.confusion_kernel.stats.cache_hits))
 """)
 
 

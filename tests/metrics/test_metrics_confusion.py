@@ -69,15 +69,15 @@ def test_chunked_kernel_equals_single_block(monkeypatch):
     groups = rng.integers(0, 3, 3000)
     whole = confusion_counts(y, pred[0], 5, groups=groups)
     # one model split over 7 blocks of examples, each with private counts
-    blocks, bad = kernels_mod._confusion_kernel(y, pred, groups, True, 3, 5, 7, 2, np.empty(3000, np.int32))
+    blocks, bad = kernels_mod.confusion_kernel(y, pred, groups, True, 3, 5, 7, 2, np.empty(3000, np.int32))
     assert not bad.any()
     assert blocks.shape == (7, 3, 5, 5) and (blocks.sum(axis=(1, 2, 3)) > 0).all()
     np.testing.assert_array_equal(blocks.sum(axis=0), whole)
     # a single big model is split over the threads, many models are not
     monkeypatch.setattr(kernels_mod.numba, "get_num_threads", lambda: 4)
-    assert kernels_mod._n_chunks(1, 10**7, 8) == 4
-    assert kernels_mod._n_chunks(8, 10**7, 8) == 1
-    assert kernels_mod._n_chunks(1, 1000, 8) == 1
+    assert kernels_mod.chunk_count(1, 10**7, 8) == 4
+    assert kernels_mod.chunk_count(8, 10**7, 8) == 1
+    assert kernels_mod.chunk_count(1, 1000, 8) == 1
 
 
 def test_accepts_lists_other_int_dtypes_and_integral_floats():

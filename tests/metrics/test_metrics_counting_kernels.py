@@ -144,7 +144,7 @@ def test_modal_labels_and_cie_equal_bincount(data):
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 7])
 @pytest.mark.parametrize("n_chunks", [1, 2, 5])
 def test_confusion_kernel_any_split_of_blocks_and_threads(n_threads, n_chunks, parallel):
-    run = kernels_mod._confusion_kernel_parallel if parallel else kernels_mod._confusion_kernel
+    run = kernels_mod.confusion_kernel_parallel if parallel else kernels_mod.confusion_kernel
     rng = np.random.default_rng(n_threads * 10 + n_chunks)
     n, n_classes, n_groups = 257, 6, 3
     y = rng.integers(0, n_classes, n)
@@ -160,7 +160,7 @@ def test_confusion_kernel_any_split_of_blocks_and_threads(n_threads, n_chunks, p
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("n_classes", [3, 1000])  # blocks of 256 and of 8 examples
 def test_vote_kernels_any_split_over_threads(n_threads, n_classes, parallel):
-    run = votes_mod._votes_kernel_parallel if parallel else votes_mod._votes_kernel
+    run = votes_mod.votes_kernel_parallel if parallel else votes_mod.votes_kernel
     rng = np.random.default_rng(n_threads + n_classes)
     n = 1_031  # not a multiple of any block
     base = rng.integers(0, min(n_classes, 5), (5, n)).astype(np.int32)
@@ -318,7 +318,7 @@ def test_blocks_longer_than_a_private_table_can_count_are_flushed_in_parts():
     counts = confusion_counts(y, preds, 2)
     np.testing.assert_array_equal(counts, ref_confusion(y, preds, 2)[:, 0])
     assert counts[0, 0, 0] > kernels_mod._SUB_BLOCK  # one cell holds more than a uint16 can
-    blocks, bad = kernels_mod._confusion_kernel(y, preds, np.empty(0, np.int64), False, 1, 2, 2, 1,
+    blocks, bad = kernels_mod.confusion_kernel(y, preds, np.empty(0, np.int64), False, 1, 2, 2, 1,
                                                 np.empty(n, np.uint16))  # two slices per model, still > 65,535 each
     assert not bad.any()
     np.testing.assert_array_equal(blocks.reshape(2, 2, 2, 2).sum(axis=1), ref_confusion(y, preds, 2)[:, 0])
@@ -367,7 +367,7 @@ def test_bootstrap_recounts_equal_bincount_of_the_resample(with_groups):
     groups = rng.integers(0, n_groups, n) if with_groups else np.empty(0, np.int64)
     g_n = n_groups if with_groups else 1
     first, count = 3, 5
-    tp, pc, tc = resampling_mod._ovr_resampled_kernel(y, preds, groups, with_groups, g_n, n_classes, seed,
+    tp, pc, tc = resampling_mod.ovr_resampled_kernel(y, preds, groups, with_groups, g_n, n_classes, seed,
                                                  first, count)
     indices = bootstrap_indices(n, first + count, seed=seed)[first:]
     ref = ref_resampled_counts(y, preds, groups if with_groups else None, g_n, n_classes, indices)
