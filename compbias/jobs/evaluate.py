@@ -61,9 +61,10 @@ class Evaluation:
 def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
     """Logits of ``model`` for inputs ``x`` (``(N, C, H, W)``, dataset scaling), as float32.
 
-    Works for float, pruned and quantized models (inputs are cast to the
-    dtype a half-precision model expects). Raises ``FloatingPointError`` if
-    any logit is NaN or infinite.
+    Works for float, pruned and quantized models on any device: each batch
+    of ``x`` (on any device) is moved to the model's device and cast to the
+    dtype a half-precision model expects; the logits come back on the CPU.
+    Raises ``FloatingPointError`` if any logit is NaN or infinite.
     """
     was_training = model.training
     model.eval()
@@ -90,8 +91,9 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
     Parameters
     ----------
     model : torch.nn.Module
-        Float, pruned or quantized; its accuracy is that of its own
-        arithmetic (e.g. int8 for ``int8_static``).
+        Float, pruned or quantized, on any device (the test images are sent
+        to it batch by batch); its accuracy is that of its own arithmetic
+        (e.g. int8 for ``int8_static``).
     bundle : DatasetBundle
     batch_size : int
     keep_logits : bool

@@ -104,6 +104,8 @@ class Pruner:
     Parameters
     ----------
     model : torch.nn.Module
+        On any device; the masks live on the device of the weights they
+        mask (build the pruner after moving the model, as ``fit`` does).
     kind : {'magnitude', 'structured'}
     sparsity : float
         Final sparsity in ``[0, 1)``: the fraction of weights (magnitude) or

@@ -12,6 +12,8 @@ from sklearn.metrics import confusion_matrix
 from compbias.jobs import (
     build_model, compress_model, evaluate, layer_activations, load_dataset, load_model, save_model, train_model,
 )
+from compbias.jobs.models import model_device
+from tests.jobs.devices import assert_same_logits
 
 
 def test_evaluation_tables(baseline, digits):
@@ -55,10 +57,10 @@ def test_tied_top_logits_go_to_the_lowest_class_and_are_counted(baseline, digits
     assert (ev.predictions["pred"].to_numpy() == first_top).all()
 
 
-def test_binary_task_reports_the_positive_class_per_group(celeba_root):
+def test_binary_task_reports_the_positive_class_per_group(celeba_root, device):
     b = load_dataset("celeba", root=celeba_root, target="Blond_Hair", groups=["Male", "Young"], image_size=8)
     model = build_model("smallcnn", 2, b.input_shape, seed=0)
-    model, _ = train_model(model, b, epochs=1, batch_size=16, log=None)
+    model, _ = train_model(model, b, epochs=1, batch_size=16, device=device, log=None)
     ev = evaluate(model, b)
     g = ev.per_group
     assert (g["class"] == 1).all()
@@ -90,16 +92,18 @@ def test_nan_logits_are_a_clear_error(baseline, digits):
         ("quantize", "bf16", {}),
     ],
 )
-def test_save_load_round_trip_gives_identical_predictions(baseline, digits, tmp_path, method, level, options):
-    model = baseline if method is None else compress_model(baseline, digits, method, level, log=None, **options)[0]
+def test_save_load_round_trip_gives_identical_predictions(baseline, digits, tmp_path, device, method, level, options):
+    model = baseline if method is None else compress_model(baseline, digits, method, level, device=device, log=None, **options)[0]
     save_model(model, {"class_names": digits.class_names, "seed": 0}, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model_spec.json", "weights.safetensors"]
     spec = json.loads((tmp_path / "m" / "model_spec.json").read_text())
     assert spec["arch"] == "smallcnn" and spec["input_shape"] == [1, 8, 8] and spec["seed"] == 0
-    loaded = load_model(tmp_path / "m")
+    loaded = load_model(tmp_path / "m", device=model_device(model))  # bit-identical on the same device
     a, b = evaluate(model, digits, keep_logits=True), evaluate(loaded, digits, keep_logits=True)
     assert a.predictions.equals(b.predictions)
     assert np.array_equal(a.logits, b.logits)
+    if model_device(model).type != "cpu":  # and loaded on the CPU: within the cross-device tolerance
+        assert_same_logits(evaluate(load_model(tmp_path / "m"), digits, keep_logits=True).logits, a.logits, same_device=False)
     if method == "quantize":
         assert spec["quantization"]["mode"] == level and spec["compression"]["level"] == level
         assert loaded.compbias_quantization["mode"] == level
@@ -126,29 +130,30 @@ def test_load_model_errors(baseline, tmp_path):
         save_model(baseline, {"n_classes": 3}, tmp_path / "x")
 
 
-def test_a_loaded_baseline_can_be_compressed(baseline, small_digits, tmp_path):
+def test_a_loaded_baseline_can_be_compressed(baseline, small_digits, tmp_path, device):
     save_model(baseline, None, tmp_path / "b")
-    loaded = load_model(tmp_path / "b")
-    a, _ = compress_model(baseline, small_digits, "magnitude", 0.5, schedule="oneshot", finetune_epochs=1, log=None)
-    b, _ = compress_model(loaded, small_digits, "magnitude", 0.5, schedule="oneshot", finetune_epochs=1, log=None)
+    loaded = load_model(tmp_path / "b")  # on the CPU; compress_model fine-tunes both on the test device
+    a, _ = compress_model(baseline, small_digits, "magnitude", 0.5, schedule="oneshot", finetune_epochs=1, device=device, log=None)
+    b, _ = compress_model(loaded, small_digits, "magnitude", 0.5, schedule="oneshot", finetune_epochs=1, device=device, log=None)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="already compressed"):
         compress_model(a, small_digits, "quantize", "int8_weight", log=None)
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
-def test_resnets_quantize_prune_and_round_trip(imagefolder_split_root, tmp_path, arch):
+def test_resnets_quantize_prune_and_round_trip(imagefolder_split_root, tmp_path, device, arch):
     """Residual blocks, projection shortcuts and torchvision's layout survive every method and a round-trip."""
     b = load_dataset("imagefolder", root=imagefolder_split_root, image_size=8)
     base = build_model(arch, 3, b.input_shape, seed=0)
-    base, _ = train_model(base, b, epochs=1, batch_size=12, log=None)
+    base, _ = train_model(base, b, epochs=1, batch_size=12, device=device, log=None)
     float_logits = evaluate(base, b, keep_logits=True).logits
     for method, level, kw in [("quantize", "int8_static", {}), ("quantize", "fp16", {}),
                               ("structured", 0.5, {"schedule": "oneshot", "finetune_epochs": 0})]:
-        model, info = compress_model(base, b, method, level, log=None, **kw)
+        model, info = compress_model(base, b, method, level, device=device, log=None, **kw)
         directory = tmp_path / f"{arch}-{level}"
         save_model(model, None, directory)
-        a, c = evaluate(model, b, keep_logits=True), evaluate(load_model(directory), b, keep_logits=True)
+        loaded = load_model(directory, device=model_device(model))  # int8 / fp16 models are CPU models
+        a, c = evaluate(model, b, keep_logits=True), evaluate(loaded, b, keep_logits=True)
         assert np.array_equal(a.logits, c.logits), (method, level)
         if level == "int8_static":
             assert info["quantization"]["batchnorm_folded"] >= 19

@@ -151,3 +151,24 @@ def test_a_model_on_the_test_device_trains_there_and_keeps_the_default_layout(sm
     model, _ = train_model(model, small_digits, epochs=1, device=device, log=None)
     assert model_device(model).type == device.type and not model.training
     assert all(p.is_contiguous() for p in model.parameters())  # channels-last is undone after training
+
+
+def test_jobs_functions_take_a_model_on_any_device(baseline, digits, small_digits, device):
+    """The baseline lives on the test device (CUDA under make test-gpu); inputs may come from anywhere."""
+    import copy
+
+    from compbias.jobs import evaluate, layer_activations, predict_logits, quantize_model
+    from compbias.jobs.distill import make_objective
+
+    assert model_device(baseline).type == device.type
+    x = digits.test.batch(slice(0, 64))[0]
+    on_cpu, on_device = predict_logits(baseline, x), predict_logits(baseline, x.to(device))
+    assert on_cpu.shape == (64, 10) and (on_cpu == on_device).all()  # the same batches reach the model
+    assert (evaluate(baseline, digits, keep_logits=True).logits[:64] == on_cpu).all()
+    assert layer_activations(baseline, x)["logits"].shape == (64, 10)
+    q, _ = quantize_model(baseline, "fp16")
+    assert model_device(q).type == "cpu" and model_device(baseline).type == device.type  # copied to the CPU, original left
+    teacher = copy.deepcopy(baseline).cpu()  # a teacher somewhere else follows the student's batches
+    student = copy.deepcopy(baseline)
+    fit(student, small_digits, epochs=1, device=device, objective=make_objective("kd", teacher), log=None)
+    assert model_device(teacher).type == device.type

@@ -147,10 +147,13 @@ def quantize_model(
     Parameters
     ----------
     model : torch.nn.Module
-        Trained float model (left unchanged; a quantized copy is returned).
+        Trained float model on any device (left unchanged where it is; the
+        quantized copy is made on the CPU, where the int8 kernels and the
+        fp16/bf16 casts run).
     level : {'fp16', 'bf16', 'int8_weight', 'int8_static'}
     calibration : iterable of torch.Tensor, optional
-        Input batches of training data for ``int8_static`` (required there):
+        Input batches of training data for ``int8_static`` (required there;
+        on any device, they are read on the CPU):
         the observers' min/max over them set each layer's input and output
         scales.
     engine : {'x86', 'fbgemm', 'qnnpack'}, optional
