@@ -10,15 +10,18 @@ a barrier).
 
 Connecting to Ray and noticing that its cluster went away is
 :mod:`compbias.platform.ray_cluster`; its public names are importable from
-here as well.
+here as well. How much of a GPU a task asks for under ``gpus_per_task: auto``
+is :mod:`compbias.platform.gpu_share` (a probe task measures the model first).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 from compbias.platform.config import StudySpec
+from compbias.platform.gpu_share import GpuShareDecision, gpu_share, resolve_gpu_share, run_probe_on_ray
 from compbias.platform.plan import ModelTask
 from compbias.platform.ray_cluster import (
     EXIT_RAY_LOST,
@@ -37,7 +40,8 @@ from compbias.platform.tasks import ModelFiles, TaskResult, execute_task
 
 __all__ = [
     "WORKER_ENV", "RAY_BIND_ENV", "EXIT_RAY_LOST", "RayUnavailableError", "RayClusterLostError", "check_ray_address",
-    "init_ray", "local_ray_is_loopback", "ray_bind_mode", "task_options", "RayExecutor", "LocalExecutor", "make_executor",
+    "init_ray", "local_ray_is_loopback", "ray_bind_mode", "gpu_share", "task_options", "RayExecutor", "LocalExecutor",
+    "make_executor",
 ]
 
 
@@ -49,7 +53,7 @@ def _remote_body(
     return execute_task(task, spec_data, baseline, tracking_uri=tracking_uri)
 
 
-def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
+def task_options(spec: StudySpec, cluster_gpus: float, share: float | None = None) -> dict[str, Any]:
     """Ray options of every model task of a study.
 
     Parameters
@@ -58,10 +62,15 @@ def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
         ``resources.cpus_per_task``, ``gpus_per_task`` and ``max_retries``.
     cluster_gpus : float
         GPUs of the Ray cluster the tasks run on (``ray.cluster_resources()``).
-        ``gpus_per_task: auto`` asks for one GPU per task when the cluster has
-        any, whatever the driver's own machine has (a CPU-only driver joining a
-        GPU cluster gets GPU tasks; a GPU driver on a CPU-only cluster does not
+        ``gpus_per_task: auto`` asks for GPUs when the cluster has any,
+        whatever the driver's own machine has (a CPU-only driver joining a GPU
+        cluster gets GPU tasks; a GPU driver on a CPU-only cluster does not
         ask for GPUs that would never come).
+    share : float, optional
+        The share of a GPU that ``auto`` asks for on a cluster with GPUs,
+        measured by :func:`compbias.platform.gpu_share.resolve_gpu_share`
+        (:func:`compbias.platform.gpu_share.gpu_share`); default (and after a
+        failed probe) one whole GPU. Ignored for a fixed ``gpus_per_task``.
 
     Returns
     -------
@@ -77,7 +86,7 @@ def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
     """
     gpus = spec.resources.gpus_per_task
     if gpus == "auto":
-        gpus = 1 if cluster_gpus >= 1 else 0
+        gpus = (1 if share is None else share) if cluster_gpus >= 1 else 0
     elif gpus > cluster_gpus:
         raise ValueError(
             f"the study asks for resources.gpus_per_task={gpus:g} but the Ray cluster has {cluster_gpus:g} GPU(s), so its "
@@ -90,6 +99,10 @@ def task_options(spec: StudySpec, cluster_gpus: float) -> dict[str, Any]:
     return options
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class RayExecutor:
     """Runs tasks as Ray tasks, one per model.
 
@@ -99,6 +112,18 @@ class RayExecutor:
         Supplies the resources (:func:`task_options`): ``num_cpus`` and,
         when the cluster has GPUs (``gpus_per_task: auto``) or the study asks
         for them, ``num_gpus``; ``max_retries`` for workers that die.
+    tracking_uri : str, optional
+        The study's store, handed to every task.
+    log : callable, optional
+        Receives the one line saying which GPU share ``auto`` chose (default: stderr).
+
+    Attributes
+    ----------
+    share_decision : GpuShareDecision or None
+        With ``gpus_per_task: auto`` on a cluster with GPUs, the share every
+        task asks for and the probe it came from (a probe task on one whole
+        GPU, before any task: :mod:`compbias.platform.gpu_share`); None
+        otherwise (no probe ran).
 
     Notes
     -----
@@ -111,17 +136,30 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None):
+    def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None, log: Callable[[str], None] | None = _stderr):
         import ray
 
         self.tracking_uri = tracking_uri  # the study's store, passed to each task (a given baseline's model_uri)
         init_ray()
         self._ray = ray
         self.spec_data = spec.resolved()
-        self.options = task_options(spec, ray.cluster_resources().get("GPU", 0.0))
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        self.share_decision: GpuShareDecision | None = resolve_gpu_share(
+            spec, cluster_gpus, lambda: run_probe_on_ray(ray, self.spec_data, num_cpus=spec.resources.cpus_per_task), log)
+        self.options = task_options(spec, cluster_gpus, None if self.share_decision is None else self.share_decision.share)
         self._remote = ray.remote(_remote_body)
         self._spec_ref = ray.put(self.spec_data)
         self._watch = ClusterWatch(ray, local=not os.environ.get("RAY_ADDRESS"))
+
+    def resource_params(self) -> dict[str, str]:
+        """What the study's parent run records about the tasks' GPUs: :meth:`GpuShareDecision.params`, or nothing.
+
+        Returns
+        -------
+        dict of str to str
+            ``resources.gpu_share`` and ``resources.gpu_probe.*`` when a probe ran.
+        """
+        return {} if self.share_decision is None else self.share_decision.params()
 
     def submit(self, task: ModelTask, baseline: Any = None):
         """Start a task; ``baseline`` is model files, a handle of a baseline task, or None.
@@ -240,6 +278,16 @@ class LocalExecutor:
     def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None):
         self.spec_data = spec.resolved()
         self.tracking_uri = tracking_uri
+
+    def resource_params(self) -> dict[str, str]:
+        """Nothing to record: tasks run in this process, on its own device (see :meth:`RayExecutor.resource_params`).
+
+        Returns
+        -------
+        dict
+            Empty.
+        """
+        return {}
 
     def submit(self, task: ModelTask, baseline: Any = None) -> _Done:
         """Run the task now.

@@ -272,7 +272,7 @@ class ClusterWatch:
             time.sleep(1.0)
 
 
-def init_ray(*, num_cpus: int | None = None) -> None:
+def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
     Joins the cluster named by ``RAY_ADDRESS`` when set, otherwise starts a
@@ -301,6 +301,9 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     ----------
     num_cpus : int, optional
         CPUs of a local cluster (ignored when joining one).
+    num_gpus : int, optional
+        GPUs a local cluster declares (ignored when joining one); default:
+        Ray counts the machine's GPUs.
 
     Raises
     ------
@@ -338,6 +341,8 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     )
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
+    if address is None and num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
     loopback = address is None and ray_bind_mode() == "loopback"
     with _single_machine_ray(loopback):
         try:
