@@ -14,7 +14,7 @@ import time
 from typing import Callable, Iterable
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 
 from compbias import contract as C
 from compbias.platform import tracking
@@ -216,6 +216,10 @@ def run_study(
 
 def _execute(spec, study_text, todo, state, outcome, client, exp_id, parent_id, executor_kind, watch, log) -> None:
     ex = make_executor(executor_kind, spec, tracking_uri=str(client.tracking_uri))
+    params = ex.resource_params()  # e.g. the GPU share gpus_per_task: auto chose, and its probe
+    if params:
+        with watch:
+            client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
     handles: dict = {}
     task_of: dict = {}
     baseline_refs: dict = {}
