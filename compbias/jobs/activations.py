@@ -67,16 +67,20 @@ def layer_activations(model: nn.Module, x: torch.Tensor | np.ndarray, *, batch_s
     Parameters
     ----------
     model : torch.nn.Module
-        A model from :func:`build_model` (float, pruned or quantized).
+        A model from :func:`build_model` (float, pruned or quantized), on any
+        device: it runs there.
     x : torch.Tensor or numpy.ndarray
-        Inputs ``(N, C, H, W)`` scaled as the dataset yields them.
+        Inputs ``(N, C, H, W)`` scaled as the dataset yields them, on any
+        device (each batch is moved to the model's device and cast to its
+        input dtype).
     batch_size : int
 
     Returns
     -------
     dict of str to numpy.ndarray
         ``block name -> (N, C, H, W)`` float32 and ``'logits' -> (N, K)``, in
-        block order; only ``'logits'`` for a factory model without blocks.
+        block order (copied to the CPU); only ``'logits'`` for a factory model
+        without blocks.
     """
     x = torch.as_tensor(x)
     if x.ndim != 4:

@@ -19,6 +19,13 @@ Every method here records, in its info dict, ``params`` / ``baseline_params``
 and ``latency_ms`` / ``baseline_latency_ms`` (median CPU wall time of one
 forward pass over a batch of ``latency_batch`` test inputs, measured in this
 process, one after the other, on the same batch; :mod:`compbias.jobs.footprint`).
+
+Devices: the baseline may be on any device and is left where it is. The
+pruning methods and ``custom`` work on a copy on the baseline's device (their
+example and check batches follow the model); fine-tuning moves the model to
+the fine-tuning device (:class:`FineTuning`), as :func:`compbias.jobs.fit`
+does. ``torchao`` quantizes a CPU copy (:mod:`compbias.jobs.torchao_quant`).
+The latency is always measured on a CPU copy.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch.nn as nn
 
 from .data import DatasetBundle
 from .footprint import count_params, measure_latency, measured
-from .models import check_model_output, import_object, model_input_dtype
+from .models import check_model_output, import_object, model_device, model_input_dtype
 from .prune import measure_sparsity, model_size_bytes
 from .vocabulary import BYO_METHODS, METHOD_OPTIONS, TORCH_PRUNE_STYLES
 
@@ -63,6 +70,9 @@ class FineTuning:
         Keyword arguments of :func:`compbias.jobs.train.fit` (batch size,
         learning rate, momentum, weight decay).
     device : str or torch.device, optional
+        Where the model is fine-tuned (and returned, when it is); default
+        CUDA when present, else the CPU (:func:`compbias.jobs.train.resolve_device`).
+        Unused without fine-tuning.
     log : callable, optional
         Progress messages of the fine-tuning.
     """
@@ -76,11 +86,12 @@ class FineTuning:
 
     def run(self, model: nn.Module, baseline: nn.Module, bundle: DatasetBundle, *, seed: int,
             tag: str) -> tuple[nn.Module, dict[str, Any]]:
-        """Fine-tune ``model`` in place.
+        """Fine-tune ``model`` in place, on :attr:`device` (the teacher of a mitigation is a copy of ``baseline`` there).
 
         Returns
         -------
         model : torch.nn.Module
+            On :attr:`device` when fine-tuned; else ``model`` as given, where it is.
         info : dict
             ``history`` (per-epoch dicts; empty without fine-tuning) and
             ``final_loss`` (None without fine-tuning).
@@ -145,7 +156,8 @@ def library_prune(
         ``torch.nn.utils.prune`` masks (``weight_orig`` x ``weight_mask``),
         made permanent.
     baseline : torch.nn.Module
-        Left unchanged.
+        Left unchanged, on any device: the copy is pruned on the baseline's
+        device (Torch-Pruning's example input is made there).
     bundle : DatasetBundle
     level : float
         ``torch_pruning``: the pruning ratio in (0, 1), the fraction of output
@@ -174,6 +186,8 @@ def library_prune(
     Returns
     -------
     model, info
+        ``model`` is in eval mode on the baseline's device, or on the
+        fine-tuning device when fine-tuned.
         ``info`` holds the footprint before/after (``params``, ``size_bytes``,
         ``latency_ms`` and their ``baseline_`` twins), ``history``,
         ``final_loss`` and ``sparsity``: for ``torch_pruning`` the fraction of
@@ -197,7 +211,7 @@ torch_prune_compress = functools.partial(library_prune, "torch_prune")
 
 def _torch_pruning(baseline: nn.Module, bundle: DatasetBundle, level: float, *, seed: int, options: Mapping[str, Any] | None,
                    tuning: FineTuning, latency_batch: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Torch-Pruning's ``MetaPruner`` on a CPU copy, the classifier kept whole (see :func:`library_prune`)."""
+    """Torch-Pruning's ``MetaPruner`` on a copy on the baseline's device, the classifier kept whole (see :func:`library_prune`)."""
     try:
         import torch_pruning as tp
     except ImportError as exc:
@@ -211,8 +225,8 @@ def _torch_pruning(baseline: nn.Module, bundle: DatasetBundle, level: float, *, 
     spec = baseline.compbias_spec
 
     def prune(_x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-        model = copy.deepcopy(baseline).cpu().eval()
-        example = torch.zeros(1, *spec["input_shape"], dtype=model_input_dtype(model))
+        model = copy.deepcopy(baseline).eval()
+        example = torch.zeros(1, *spec["input_shape"], dtype=model_input_dtype(model), device=model_device(model))
         ignored = _output_layer(model, example, int(spec["n_classes"]))
         torch.manual_seed(int(seed))  # RandomImportance
         try:
@@ -277,6 +291,9 @@ def torchao_compress(baseline: nn.Module, bundle: DatasetBundle, level: str, *,
                      latency_batch: int = 64) -> tuple[nn.Module, dict[str, Any]]:
     """torchao's ``quantize_`` on the linear layers (:func:`compbias.jobs.torchao_quant.torchao_quantize`), measured.
 
+    The baseline may be on any device (left there); torchao quantizes a copy
+    on the CPU, and the check batch is sent to the CPU with it.
+
     Returns
     -------
     model, info
@@ -286,7 +303,7 @@ def torchao_compress(baseline: nn.Module, bundle: DatasetBundle, level: str, *,
     from .torchao_quant import torchao_quantize
 
     def quantize(x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-        model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2]))
+        model, extra = torchao_quantize(baseline, str(level), check=lambda m: m(x[:2].cpu()))  # a CPU model
         return model, {"sparsity": 0.0, **extra}
 
     return measured(baseline, bundle, latency_batch, quantize)
@@ -303,8 +320,9 @@ def custom_compress(
     function : str or callable
         ``'package.module:function'`` (importable from the working directory
         or PYTHONPATH) or the function itself. It gets a deep copy of the
-        baseline (in train mode, as :func:`compbias.jobs.load_model` returns
-        it but trainable), the :class:`DatasetBundle`, the level as written in
+        baseline on the baseline's device (in train mode, as
+        :func:`compbias.jobs.load_model` returns it but trainable), the
+        :class:`DatasetBundle`, the level as written in
         the study file and the seed, and returns the compressed module. It may
         fine-tune, change values and shrink conv/linear/batch-norm shapes; it
         must keep the module structure (same state-dict keys), because the
@@ -313,7 +331,8 @@ def custom_compress(
     Returns
     -------
     model, info
-        ``info`` has ``sparsity`` (zeros among conv/linear weights),
+        ``model`` in eval mode, where the function left it (its output check
+        runs there). ``info`` has ``sparsity`` (zeros among conv/linear weights),
         ``function`` and the footprint before/after.
 
     Raises
@@ -336,9 +355,9 @@ def custom_compress(
             raise ValueError(f"custom compression function {name!r} failed at level {level!r}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise ValueError(f"custom compression function {name!r} returned a {type(model).__name__}; it must return the compressed torch.nn.Module")
-        model = model.cpu().eval() if all(p.device.type == "cpu" for p in model.parameters()) else model.eval()
+        model.eval()
         check_model_output(model, spec["input_shape"], int(spec["n_classes"]), source=f"the model returned by {name!r}",
-                           x=x[:2].to(next(iter(model.parameters())).device) if any(True for _ in model.parameters()) else None)
+                           x=x[:2])  # moved to the model's device there
         own, base = model.state_dict(), baseline.state_dict()
         if set(own) != set(base):
             extra, gone = sorted(set(own) - set(base)), sorted(set(base) - set(own))

@@ -82,7 +82,8 @@ def compress_model(
     ----------
     baseline : torch.nn.Module
         Trained model from :func:`compbias.jobs.build_model` /
-        :func:`compbias.jobs.train_model` or :func:`compbias.jobs.load_model`.
+        :func:`compbias.jobs.train_model` or :func:`compbias.jobs.load_model`,
+        on any device (left unchanged where it is).
     bundle : DatasetBundle
         Its training split is used for fine-tuning and calibration.
     method : {'magnitude', 'structured', 'quantize', 'custom', 'torch_pruning', 'torch_prune', 'torchao'}
@@ -110,8 +111,14 @@ def compress_model(
     mitigation_options : dict, optional
         E.g. ``{'temperature': 4}`` for KD, ``{'gamma': 5, 'min_weight': 0.75}`` for pw.
     device : str, optional
-        Training device (default CUDA when present). Quantized models are
-        returned on the CPU.
+        Training device of fine-tuning, scratch training and a mitigation's
+        teacher (default CUDA when present, else the CPU). Pruning keeps the
+        model's device: the baseline's copy is pruned where the baseline is,
+        and is returned there when nothing trains it (``finetune_epochs``
+        0), on ``device`` when fine-tuned. ``quantize`` and ``torchao`` copy
+        the baseline to the CPU and return a CPU model (their kernels are
+        CPU kernels); for ``custom``, ``torch_pruning`` and ``torch_prune``
+        see :mod:`compbias.jobs.byo`.
     log : callable, optional
         Progress printer.
     function : str or callable, optional

@@ -81,12 +81,15 @@ def check_model_output(model: nn.Module, input_shape: Sequence[int], n_classes: 
     """Run ``model`` on one batch of two inputs and check it returns logits ``(2, n_classes)``.
 
     The model is put in eval mode for the check (batch-norm statistics are
-    not touched) and its mode restored.
+    not touched) and its mode restored. It runs where the model is: the
+    batch is moved to the model's device and cast to its input dtype
+    (:func:`~compbias.jobs.activations.model_device`,
+    :func:`~compbias.jobs.activations.model_input_dtype`).
 
     Parameters
     ----------
     x : torch.Tensor, optional
-        The batch to use; default zeros of ``(2, *input_shape)``.
+        The batch to use, on any device; default zeros of ``(2, *input_shape)``.
 
     Raises
     ------
@@ -94,8 +97,8 @@ def check_model_output(model: nn.Module, input_shape: Sequence[int], n_classes: 
         When the forward pass fails or the output is not ``(2, n_classes)``.
     """
     shape = (2, *[int(s) for s in input_shape])
-    if x is None:
-        x = torch.zeros(shape, device=model_device(model), dtype=model_input_dtype(model))
+    x = torch.zeros(shape) if x is None else x
+    x = x.to(device=model_device(model), dtype=model_input_dtype(model))
     was_training = model.training
     model.eval()
     try:

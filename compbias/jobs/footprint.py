@@ -5,6 +5,11 @@ info dict through :func:`measured`: ``params`` / ``baseline_params``,
 ``size_bytes`` / ``baseline_size_bytes`` and ``latency_ms`` /
 ``baseline_latency_ms`` (median CPU wall time of one forward pass over the
 same batch of test inputs, measured in this process, one after the other).
+
+The latency is a CPU number on purpose, whatever device the model is on:
+:func:`measure_latency` times a CPU copy of a model that is elsewhere, so
+that ``latency_ms`` means the same in every study (a GPU time would depend
+on the card, the batch and the synchronisation).
 """
 
 from __future__ import annotations
@@ -30,20 +35,26 @@ def count_params(model: nn.Module) -> int:
 
 
 def latency_batch(bundle: DatasetBundle, n: int) -> torch.Tensor:
-    """The first ``n`` test inputs (at least one, at most the test split): the batch latency is measured on."""
+    """The first ``n`` test inputs (at least one, at most the test split), on the CPU: the batch latency is measured on.
+
+    A function that runs a model on it moves it to that model's device
+    (:func:`compbias.jobs.models.check_model_output` does).
+    """
     n = max(1, min(int(n), len(bundle.test)))
-    return bundle.test.batch(torch.arange(n))[0]
+    return bundle.test.batch(torch.arange(n))[0].cpu()
 
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time in milliseconds of ``model(x)`` on the CPU (eval mode, no gradients).
 
-    The model is copied to the CPU when it is elsewhere; the measurement uses
-    torch's current intra-op thread count.
+    The model may be on any device: when any of its parameters or buffers is
+    elsewhere, a CPU copy is timed (the model is left where it is), and ``x``
+    (on any device) is sent to the CPU. The measurement uses torch's current
+    intra-op thread count.
     """
     m = model
-    if any(p.device.type != "cpu" for p in model.parameters()):
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         m = copy.deepcopy(model).cpu()
     was_training = m.training
     m.eval()

@@ -64,7 +64,9 @@ def save_model(model: nn.Module, spec: Mapping[str, Any] | None, directory: str 
     Parameters
     ----------
     model : torch.nn.Module
-        Float, pruned or quantized model from compbias.jobs.
+        Float, pruned or quantized model from compbias.jobs, on any device
+        (its tensors are copied to the CPU to be written; the model is left
+        where it is).
     spec : dict, optional
         Extra JSON-serialisable entries for ``model_spec.json`` (e.g.
         ``class_names``, ``seed``, the study name). ``arch``, ``n_classes``,
@@ -106,8 +108,13 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     ----------
     directory : path
         Holds ``weights.safetensors`` and ``model_spec.json``.
-    device : str
-        Where to put the model (quantized models stay on the CPU).
+    device : str or torch.device
+        Where to put a float or pruned model (default the CPU). Quantized
+        models (int8, fp16/bf16, torchao) are rebuilt on the CPU whatever
+        ``device`` says, as :func:`compbias.jobs.quantize_model` makes them.
+        On the saving device the logits are bit-identical to the saved
+        model's; across devices they agree within a tolerance
+        (docs/performance.md, "Across devices").
 
     Notes
     -----
@@ -216,7 +223,8 @@ def load_weights(path: str | os.PathLike, *, device: str | torch.device = "cpu")
         ``artifacts/model`` folder holding one), or a ``weights.safetensors``
         file written by it (its header carries the spec: the architecture or
         factory import path with its kwargs, compression and quantization).
-    device : str
+    device : str or torch.device
+        As in :func:`load_model`.
 
     Returns
     -------
@@ -266,7 +274,8 @@ def load_state_file(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Used for a study baseline given as weights (``baseline: {weights: ...}``):
     the file may come from anywhere (the user's own training script,
     ``safetensors.torch.save_file(model.state_dict(), path)``) but must fit
-    the module the study's ``model:`` builds exactly.
+    the module the study's ``model:`` builds exactly. The model may be on
+    any device: the values are copied into its tensors where they are.
 
     Raises
     ------

@@ -72,7 +72,9 @@ def build_model(
     Returns
     -------
     torch.nn.Module
-        In training mode, with ``compbias_spec`` and ``block_names`` attributes.
+        In training mode, with ``compbias_spec`` and ``block_names``
+        attributes; on the CPU (a factory's model where the factory put it).
+        The jobs functions take it on any device (``model.to(device)``).
 
     Examples
     --------

@@ -24,6 +24,11 @@ float model. The quantized weights are saved with torchao's safetensors
 helpers (the subclass flattened into plain tensors plus JSON attributes) and
 rebuilt by applying the same config to a freshly built model: nothing is
 pickled.
+
+Everything here runs on the CPU, whatever device the baseline is on: the
+quantized model is a CPU copy (the table above is what runs on a CPU; the
+latency is measured there, and a saved model is rebuilt there by
+:func:`compbias.jobs.load_model`).
 """
 
 from __future__ import annotations
@@ -79,10 +84,13 @@ def _quantized_layers(model: nn.Module) -> list[str]:
 
 
 def torchao_structure(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
-    """Apply the recorded torchao config to a freshly built float model (for loading saved weights into it)."""
+    """Apply the recorded torchao config to a freshly built float model (for loading saved weights into it).
+
+    The model is moved to the CPU first (in place), where :func:`torchao_quantize` made the saved one.
+    """
     level = record.get("config")
     _, q = _torchao()
-    model.eval()
+    model.cpu().eval()
     q.quantize_(model, _config(str(level)), filter_fn=_is_linear)
     return model
 
@@ -93,17 +101,17 @@ def torchao_quantize(baseline: nn.Module, level: str, *, check: Callable[[nn.Mod
     Parameters
     ----------
     baseline : torch.nn.Module
-        Left unchanged.
+        On any device; left unchanged where it is. The copy is quantized on the CPU.
     level : str
         One of :data:`TORCHAO_LEVELS`.
     check : callable, optional
-        Called with the quantized model (e.g. one forward pass); an exception
-        there is reported as the config failing here.
+        Called with the quantized CPU model (e.g. one forward pass on a CPU
+        batch); an exception there is reported as the config failing here.
 
     Returns
     -------
     model : torch.nn.Module
-        With ``compbias_quantization = {"mode": "torchao", "config": level, ...}``.
+        On the CPU, in eval mode, with ``compbias_quantization = {"mode": "torchao", "config": level, ...}``.
     info : dict
         ``quantization`` (that record), ``quantized_layers`` (count).
 

@@ -40,8 +40,8 @@ CALLS = []
 
 
 def scale_weights(model, bundle, level, seed):
-    """A custom compression: multiply every conv/linear weight by the level; records its arguments."""
-    CALLS.append((float(level), int(seed), len(bundle.train)))
+    """A custom compression: multiply every conv/linear weight by the level; records its arguments and the model's device."""
+    CALLS.append((float(level), int(seed), len(bundle.train), next(model.parameters()).device))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -52,7 +52,7 @@ def scale_weights(model, bundle, level, seed):
 def halve_channels(model, bundle, level, seed):
     """A custom compression that shrinks the first conv (and what it feeds): shapes change, keys do not."""
     import torch_pruning as tp
-    ex = torch.zeros(1, *bundle.input_shape)
+    ex = torch.zeros(1, *bundle.input_shape, device=next(model.parameters()).device)  # where the model is
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=ex)
     conv = model.features[0]
     group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels // 2)))

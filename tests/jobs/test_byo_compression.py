@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 
@@ -11,20 +12,26 @@ import torch
 import torch.nn as nn
 
 from compbias.jobs import build_model, byo, compress_model, evaluate, load_model, load_weights, predict_logits, save_model
+from compbias.jobs.footprint import latency_batch
+from compbias.jobs.models import model_device
 from compbias.jobs.torchao_quant import TORCHAO_LEVELS, TorchaoUnavailable
 from compbias.platform import config
+from tests.jobs.devices import assert_same_logits
 
 from .byo_helpers import rgb_bundle, user_module
 
 
 def _reload_same(model, bundle, tmp_path):
-    """Save, reload (directory and lone weights file) and check the logits are bit-identical."""
+    """Save, reload (directory and lone weights file) and check the logits: bit-identical on the model's device,
+    within the cross-device tolerance on the CPU when the model is elsewhere. Returns the CPU copy."""
     save_model(model, {"seed": 0}, tmp_path / "saved")
     x = bundle.test.batch(torch.arange(min(64, len(bundle.test))))[0]
-    want = predict_logits(model, x)
-    for loaded in (load_model(tmp_path / "saved"), load_weights(tmp_path / "saved" / "weights.safetensors")):
+    want, device = predict_logits(model, x), model_device(model)
+    for loaded in (load_model(tmp_path / "saved", device=device), load_weights(tmp_path / "saved" / "weights.safetensors", device=device)):
         np.testing.assert_array_equal(predict_logits(loaded, x), want)
-    return load_model(tmp_path / "saved")
+    on_cpu = load_model(tmp_path / "saved")
+    assert_same_logits(predict_logits(on_cpu, x), want, same_device=device.type == "cpu")
+    return on_cpu
 
 
 def _info_footprint(info):
@@ -39,7 +46,8 @@ def test_custom_function_is_called_with_model_bundle_level_seed(baseline, small_
     name = user_module(tmp_path, monkeypatch)
     model, info = compress_model(baseline, small_digits, "custom", 0.5, function=f"{name}:scale_weights", seed=4, log=None)
     calls = importlib.import_module(name).CALLS
-    assert calls == [(0.5, 4, len(small_digits.train))]
+    assert calls == [(0.5, 4, len(small_digits.train), model_device(baseline))]  # a copy on the baseline's device
+    assert model_device(model) == model_device(baseline)
     torch.testing.assert_close(model.fc.weight, baseline.fc.weight * 0.5)  # the user's function ran on a copy
     assert not torch.equal(model.fc.weight, baseline.fc.weight)
     assert info["method"] == "custom" and info["function"] == f"{name}:scale_weights"
@@ -73,6 +81,30 @@ def test_custom_function_errors_are_clear(fn, match, small_digits, tmp_path, mon
         compress_model(base, small_digits, "custom", 0.5, function=f"{name}:{fn}", log=None)
 
 
+def test_library_and_custom_methods_work_where_the_baseline_is(baseline, small_digits, monkeypatch):
+    """A baseline on the meta device (shapes, no data) stands in for one on a GPU: Torch-Pruning's copy and
+    example input are made there, and the custom function's copy and its output check run there."""
+    import torch_pruning as tp
+
+    meta = copy.deepcopy(baseline).to("meta")
+    # the footprint times CPU copies, which a model without data cannot give: run the compression step alone
+    monkeypatch.setattr(byo, "measured", lambda base, bundle, n, compress: compress(latency_batch(bundle, n)))
+    seen = {}
+
+    class Spy:
+        def __init__(self, model, example_inputs, **kwargs):
+            seen.update(model=model_device(model), example=example_inputs.device)
+            raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(tp.pruner, "MetaPruner", Spy)
+    with pytest.raises(ValueError, match="stopped by the test"):
+        byo.library_prune("torch_pruning", meta, small_digits, 0.5)
+    assert seen == {"model": torch.device("meta"), "example": torch.device("meta")}
+    monkeypatch.setattr(byo, "measure_sparsity", lambda model, kind: (0.0, {}))  # counting zeros needs data
+    model, info = byo.custom_compress(meta, small_digits, 0.5, function=lambda m, bundle, level, seed: m)
+    assert model_device(model).type == "meta" and model is not meta and info["reshaped"] is False
+
+
 def test_custom_needs_a_function(baseline, small_digits):
     with pytest.raises(ValueError, match="method custom needs function"):
         compress_model(baseline, small_digits, "custom", 0.5, log=None)
@@ -84,6 +116,7 @@ def test_custom_needs_a_function(baseline, small_digits):
 @pytest.mark.parametrize("level", [0.5, 0.75])
 def test_torch_pruning_removes_channels_so_params_and_size_shrink(baseline, small_digits, tmp_path, level):
     model, info = compress_model(baseline, small_digits, "torch_pruning", level, finetune_epochs=0, log=None)
+    assert model_device(model) == model_device(baseline)  # not fine-tuned: pruned and left where the baseline is
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     base_convs = [m for m in baseline.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [round(b.out_channels * (1 - level)) for b in base_convs]  # physically removed
@@ -98,9 +131,11 @@ def test_torch_pruning_removes_channels_so_params_and_size_shrink(baseline, smal
     assert sum(p.numel() for p in baseline.parameters()) == info["baseline_params"]  # the baseline is untouched
 
 
-def test_torch_pruning_fine_tunes_the_smaller_model_on_a_residual_network(small_digits, tmp_path):
-    base = build_model("resnet20", 10, small_digits.input_shape, seed=0).eval()
-    model, info = compress_model(base, small_digits, "torch_pruning", 0.5, finetune_epochs=1, batch_size=128, log=None)
+def test_torch_pruning_fine_tunes_the_smaller_model_on_a_residual_network(small_digits, tmp_path, device):
+    base = build_model("resnet20", 10, small_digits.input_shape, seed=0).eval()  # on the CPU, fine-tuned on the test device
+    model, info = compress_model(base, small_digits, "torch_pruning", 0.5, finetune_epochs=1, batch_size=128, device=device,
+                                 log=None)
+    assert model_device(model).type == device.type
     assert len(info["history"]) == 1 and info["final_loss"] > 0
     assert info["params"] < 0.5 * info["baseline_params"]
     assert model.layer1[0].conv1.out_channels == 8
@@ -137,8 +172,8 @@ def test_library_prune_refuses_other_methods_and_unknown_fine_tuning_options(bas
 # -- torch.nn.utils.prune ---------------------------------------------------------
 
 
-def test_torch_prune_masks_are_made_permanent(baseline, small_digits, tmp_path):
-    model, info = compress_model(baseline, small_digits, "torch_prune", 0.8, finetune_epochs=1, log=None)
+def test_torch_prune_masks_are_made_permanent(baseline, small_digits, tmp_path, device):
+    model, info = compress_model(baseline, small_digits, "torch_prune", 0.8, finetune_epochs=1, device=device, log=None)
     keys = set(model.state_dict())
     assert keys == set(baseline.state_dict())  # no weight_orig / weight_mask left
     assert not any(m._forward_pre_hooks for m in model.modules())  # prune.remove dropped the re-masking hooks
@@ -167,6 +202,7 @@ def test_torch_prune_ln_structured_zeroes_whole_filters(baseline, small_digits):
 @pytest.mark.parametrize("level", ["int8_weight_only", "int8_dynamic", "float8_weight_only"])
 def test_torchao_configs_that_work_on_cpu(baseline, digits, tmp_path, level):
     model, info = compress_model(baseline, digits, "torchao", level, log=None)
+    assert model_device(model).type == "cpu"  # torchao quantizes a CPU copy, whatever device the baseline is on
     assert type(model.fc.weight).__name__ in ("Int8Tensor", "Float8Tensor")
     assert info["quantization"]["layers"] == ["fc"] and info["quantization"]["config"] == level
     assert info["size_bytes"] < info["baseline_size_bytes"]

@@ -79,6 +79,23 @@ def test_a_factory_that_fails_or_returns_no_module(tmp_path, monkeypatch):
         build_model("smallcnn", 10, (1, 8, 8), kwargs={"x": 1})
 
 
+def test_the_output_check_runs_where_the_model_is():
+    """check_model_output sends its batch (from any device) to the model's device and input dtype.
+
+    A model on the meta device (shapes, no data) stands in for one on a GPU: a CPU batch it was not
+    sent to fails there, as a GPU model fails on a CPU batch.
+    """
+    model = build_model("smallcnn", 10, (1, 8, 8), seed=0).to("meta")
+    cpu_batch = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="meta"):
+        model(cpu_batch)  # what the check would hit without the move
+    jobs.models.check_model_output(model, (1, 8, 8), 10, x=cpu_batch)
+    jobs.models.check_model_output(model, (1, 8, 8), 10)  # its own batch of zeros: made on the model's device
+    assert model.training  # its mode restored
+    with pytest.raises(ValueError, match=r"outputs shape \(2, 10\) on a batch of 2; the dataset has 7 classes"):
+        jobs.models.check_model_output(model, (1, 8, 8), 7, x=cpu_batch)
+
+
 def test_output_shape_mismatch_is_refused_with_the_fix(tmp_path, monkeypatch):
     name = user_module(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"outputs shape \(2, 5\).*10 classes.*num_classes: 10"):
@@ -105,11 +122,12 @@ def test_output_shape_mismatch_stops_a_study_task_before_training(tmp_path, monk
         execute_task(task, spec.resolved())
 
 
-def test_a_baseline_from_a_safetensors_file_is_loaded_not_trained(tmp_path, monkeypatch):
+def test_a_baseline_from_a_safetensors_file_is_loaded_not_trained(tmp_path, monkeypatch, device):
     name = user_module(tmp_path, monkeypatch)
     bundle = load_dataset("digits", max_train=200, max_test=100)
     theirs = build_model(f"{name}:tiny", 10, (1, 8, 8), seed=7, kwargs={"hidden": 4})
-    theirs, _ = jobs.train_model(theirs, bundle, epochs=1, seed=7, log=None)
+    theirs, _ = jobs.train_model(theirs, bundle, epochs=1, seed=7, device=device, log=None)
+    theirs.cpu()  # the task below evaluates the given baseline on the CPU: compare on the CPU, bit for bit
     save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "s0.safetensors"))  # the user's own script
     spec = parse_study(_study(name, baseline={"weights": str(tmp_path / "s{seed}.safetensors")}))
     monkeypatch.setattr(jobs, "train_model", lambda *a, **k: pytest.fail("a given baseline must not be trained"))

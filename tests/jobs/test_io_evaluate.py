@@ -117,6 +117,14 @@ def test_save_load_round_trip_gives_identical_predictions(baseline, digits, tmp_
         assert dtypes == {"I8"}  # int8 weights really stored as int8
 
 
+def test_load_model_puts_a_float_model_on_the_device_given_and_a_quantized_one_on_the_cpu(baseline, digits, tmp_path):
+    save_model(baseline, None, tmp_path / "f")  # from the test device
+    assert model_device(load_model(tmp_path / "f", device="meta")).type == "meta"  # meta: a stand-in for a GPU here
+    q, _ = compress_model(baseline, digits, "quantize", "fp16", log=None)
+    save_model(q, None, tmp_path / "q")
+    assert model_device(load_model(tmp_path / "q", device="meta")).type == "cpu"
+
+
 def test_load_model_errors(baseline, tmp_path):
     with pytest.raises(FileNotFoundError, match="model_spec.json"):
         load_model(tmp_path)
