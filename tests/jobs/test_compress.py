@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from compbias.jobs import build_model, compress_model, evaluate, measure_sparsity, pw_targets, pw_weights
 from compbias.jobs.distill import PerformanceWeighted, kd_loss
+from compbias.jobs.models import model_device
 from compbias.jobs.prune import Pruner, conv_bn_pairs, cubic_sparsity
 from compbias.jobs.quantize import (
     Int8LinearFloatOut,
@@ -41,6 +42,7 @@ def test_cubic_schedule():
 @pytest.mark.parametrize("level", [0.5, 0.9, 0.95])
 def test_oneshot_magnitude_pruning_is_global_and_exact(baseline, digits, level):
     pruned, info = compress_model(baseline, digits, "magnitude", level, schedule="oneshot", finetune_epochs=0, log=None)
+    assert model_device(pruned) == model_device(baseline)  # nothing trains it: pruned where the baseline is
     assert info["sparsity"] == pytest.approx(level, abs=1e-4)
     assert measure_sparsity(pruned)[0] == info["sparsity"]
     # global: the surviving weights are exactly the largest |w| of the baseline
@@ -56,8 +58,10 @@ def test_oneshot_magnitude_pruning_is_global_and_exact(baseline, digits, level):
     assert info["size_bytes_sparse"] < info["size_bytes"] == info["baseline_size_bytes"]
 
 
-def test_gradual_magnitude_pruning_finetunes_from_the_baseline(baseline, small_digits):
-    pruned, info = compress_model(baseline, small_digits, "magnitude", 0.9, schedule="gradual", finetune_epochs=3, log=None)
+def test_gradual_magnitude_pruning_finetunes_from_the_baseline(baseline, small_digits, device):
+    pruned, info = compress_model(baseline, small_digits, "magnitude", 0.9, schedule="gradual", finetune_epochs=3,
+                                  device=device, log=None)
+    assert model_device(pruned).type == device.type
     assert abs(info["sparsity"] - 0.9) < 0.002
     scheduled = [h["sparsity"] for h in info["history"]]
     assert scheduled[0] < scheduled[1] <= scheduled[2] == pytest.approx(0.9)
@@ -65,17 +69,19 @@ def test_gradual_magnitude_pruning_finetunes_from_the_baseline(baseline, small_d
     assert evaluate(pruned, small_digits).accuracy > 0.8
 
 
-def test_pruned_weights_stay_zero_during_finetuning(baseline, small_digits):
+def test_pruned_weights_stay_zero_during_finetuning(baseline, small_digits, device):
     pruned, _ = compress_model(baseline, small_digits, "magnitude", 0.7, schedule="oneshot", finetune_epochs=0, log=None)
     zero_before = {n: w == 0 for n, w in _weights(pruned).items()}
-    tuned, info = compress_model(baseline, small_digits, "magnitude", 0.7, schedule="oneshot", finetune_epochs=2, log=None)
+    tuned, info = compress_model(baseline, small_digits, "magnitude", 0.7, schedule="oneshot", finetune_epochs=2,
+                                 device=device, log=None)
     for n, w in _weights(tuned).items():
         assert torch.equal(w == 0, zero_before[n]), n  # same mask after fine-tuning
     assert not torch.equal(_weights(tuned)["fc"], _weights(pruned)["fc"])  # but the survivors moved
 
 
-def test_scratch_schedule_trains_a_new_pruned_model(baseline, small_digits):
-    model, info = compress_model(baseline, small_digits, "magnitude", 0.8, schedule="scratch", epochs=3, lr=0.05, log=None)
+def test_scratch_schedule_trains_a_new_pruned_model(baseline, small_digits, device):
+    model, info = compress_model(baseline, small_digits, "magnitude", 0.8, schedule="scratch", epochs=3, lr=0.05,
+                                 device=device, log=None)
     assert abs(info["sparsity"] - 0.8) < 0.005
     with pytest.raises(ValueError, match="give epochs"):
         compress_model(baseline, small_digits, "magnitude", 0.8, schedule="scratch", log=None)
@@ -84,9 +90,10 @@ def test_scratch_schedule_trains_a_new_pruned_model(baseline, small_digits):
 # -- structured pruning -------------------------------------------------------------
 
 
-def test_structured_pruning_zeroes_whole_filters_in_every_conv(small_digits):
+def test_structured_pruning_zeroes_whole_filters_in_every_conv(small_digits, device):
     model = build_model("resnet20", 10, (1, 8, 8), seed=0)
-    pruned, info = compress_model(model, small_digits, "structured", 0.5, schedule="gradual", finetune_epochs=1, batch_size=100, log=None)
+    pruned, info = compress_model(model, small_digits, "structured", 0.5, schedule="gradual", finetune_epochs=1, batch_size=100,
+                                  device=device, log=None)
     bns = dict(conv_bn_pairs(pruned))
     modules = dict(pruned.named_modules())
     for name, m in modules.items():
@@ -103,8 +110,8 @@ def test_structured_pruning_zeroes_whole_filters_in_every_conv(small_digits):
     assert torch.count_nonzero(pruned.fc.weight) == pruned.fc.weight.numel()  # linear layer untouched
 
 
-def test_structured_levels_are_monotone_over_the_schedule():
-    model = build_model("smallcnn", 10, (1, 8, 8), seed=0)
+def test_structured_levels_are_monotone_over_the_schedule(device):
+    model = build_model("smallcnn", 10, (1, 8, 8), seed=0).to(device)
     pruner = Pruner(model, "structured", 0.75, start_step=0, end_step=10, frequency=2)
     seen = []
     for step in range(12):
@@ -131,9 +138,10 @@ def _int8_weights(q):
 @pytest.mark.parametrize("level", ["int8_weight", "int8_static"])
 def test_int8_weights_lie_on_the_int8_grid(baseline, digits, level):
     q, info = compress_model(baseline, digits, "quantize", level, log=None)
+    assert model_device(q).type == "cpu"  # int8 is a CPU model, whatever device the baseline is on
     layers = _int8_weights(q)
     assert len(layers) == 4 and not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in q.modules())
-    folded, _ = fold_batchnorm(baseline)
+    folded, _ = fold_batchnorm(copy.deepcopy(baseline).cpu())  # compared with the CPU int8 weights
     for name, (qw, scale) in layers.items():
         assert qw.dtype == torch.int8
         w = folded.get_submodule(name).weight.detach()
@@ -195,6 +203,7 @@ def _reference_int8_static(q_model, folded, x):
 
 def test_simulation_computes_the_int8_pipeline_exactly(baseline, digits):
     """The independent check (simulate_int8, compbias's first int8 modules) against int64 unfold/matmuls."""
+    baseline = copy.deepcopy(baseline).cpu()  # int8 arithmetic is checked on the CPU, where simulate_int8 runs
     calibration = [digits.train.batch(slice(i, i + 128))[0] for i in range(0, 512, 128)]
     q, info = simulate_int8(baseline, "int8_static", calibration=calibration)
     assert info["quantization"]["activation"]["dtype"] == "uint8"
@@ -231,10 +240,11 @@ def test_half_precision(baseline, digits, level, dtype):
     assert all(p.dtype == dtype for p in q.parameters())
     floats = sum(t.numel() * t.element_size() for t in baseline.state_dict().values() if t.is_floating_point())
     assert info["size_bytes"] == info["baseline_size_bytes"] - floats // 2  # every float stored in 2 bytes
+    assert model_device(q).type == "cpu"  # fp16/bf16: a CPU copy, whatever device the baseline is on
     x = digits.test.batch(slice(0, 50))[0]
     out = q(x)
     assert out.dtype == torch.float32
-    agree = (out.argmax(1) == baseline(x).argmax(1)).float().mean()
+    agree = (out.argmax(1) == baseline(x.to(model_device(baseline))).argmax(1).cpu()).float().mean()
     assert agree > 0.95
 
 
@@ -260,9 +270,9 @@ def test_quantize_rejects_bad_levels_and_mitigations(baseline, digits):
 
 
 @pytest.mark.parametrize("mitigation, part", [("kd", "kd"), ("at", "at"), ("pkt", "pkt"), ("at_kd", "at"), ("pkt_kd", "pkt")])
-def test_distillation_loss_falls_during_finetuning(baseline, small_digits, mitigation, part):
+def test_distillation_loss_falls_during_finetuning(baseline, small_digits, mitigation, part, device):
     pruned, info = compress_model(baseline, small_digits, "magnitude", 0.9, schedule="oneshot", finetune_epochs=3,
-                                  mitigation=mitigation, log=None)
+                                  mitigation=mitigation, device=device, log=None)
     curve = [h[part] for h in info["history"]]
     assert curve[-1] < curve[0], curve
     total = [h["loss"] for h in info["history"]]  # the weighted distillation objective
@@ -304,9 +314,9 @@ def test_pw_objective_value():
     assert torch.allclose(loss, (w * ce).mean())
 
 
-def test_pruning_with_pw_loss(baseline, small_digits):
+def test_pruning_with_pw_loss(baseline, small_digits, device):
     pruned, info = compress_model(baseline, small_digits, "magnitude", 0.9, schedule="oneshot", finetune_epochs=2,
-                                  mitigation="pw", log=None)
+                                  mitigation="pw", device=device, log=None)
     assert info["method"] == "magnitude+pw" and 0.75 <= info["history"][0]["mean_weight"] <= 1.0
     assert info["history"][-1]["pw"] < info["history"][0]["pw"]
     assert evaluate(pruned, small_digits).accuracy > 0.8

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compbias.jobs import build_model, evaluate, layer_activations, measure_sparsity, train_model
+from compbias.jobs.models import model_device
 
 
 @pytest.mark.parametrize(
@@ -17,16 +18,16 @@ from compbias.jobs import build_model, evaluate, layer_activations, measure_spar
         ("resnet18", 1, (3, 16, 16), {"layer1": (64, 16, 16), "layer2": (128, 8, 8), "layer3": (256, 4, 4), "layer4": (512, 2, 2)}),
     ],
 )
-def test_forward_shapes_and_block_activations(arch, width, shape, blocks):
-    model = build_model(arch, 7, shape, width=width, seed=0)
-    x = torch.rand(3, *shape)
-    assert model(x).shape == (3, 7)
+def test_forward_shapes_and_block_activations(arch, width, shape, blocks, device):
+    model = build_model(arch, 7, shape, width=width, seed=0).to(device)
+    x = torch.rand(3, *shape)  # on the CPU: layer_activations sends it to the model's device
+    assert model(x.to(device)).shape == (3, 7)
     acts = layer_activations(model, x)
     assert list(acts) == [*blocks, "logits"]
     for name, chw in blocks.items():
         assert acts[name].shape == (3, *chw)
     assert acts["logits"].shape == (3, 7)
-    assert torch.allclose(torch.from_numpy(acts["logits"]), model.eval()(x), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(acts["logits"]), model.eval()(x.to(device)).cpu(), atol=1e-5)
 
 
 def test_resnet_depths_and_resnet32x4_channels():
@@ -57,8 +58,10 @@ def test_build_model_errors_and_seeded_init():
 
 
 def _train(bundle, seed):
+    # On the CPU whatever the test device: bit-for-bit reproducible training is a CPU promise
+    # (docs/performance.md; CUDA kernels may sum in another order from run to run).
     model = build_model("smallcnn", bundle.n_classes, bundle.input_shape, seed=seed)
-    return train_model(model, bundle, epochs=2, seed=seed, log=None)
+    return train_model(model, bundle, epochs=2, seed=seed, device="cpu", log=None)
 
 
 def test_training_is_deterministic_on_cpu(small_digits):
@@ -70,9 +73,10 @@ def test_training_is_deterministic_on_cpu(small_digits):
     assert not torch.equal(a.fc.weight, c.fc.weight)
 
 
-def test_training_learns_and_reports_progress(digits, capsys):
+def test_training_learns_and_reports_progress(digits, capsys, device):
     model = build_model("smallcnn", digits.n_classes, digits.input_shape, seed=0)
-    model, history = train_model(model, digits, epochs=3, seed=0)
+    model, history = train_model(model, digits, epochs=3, seed=0, device=device)
+    assert model_device(model).type == device.type
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] epoch")]
     assert len(lines) == 3 and "loss" in lines[0] and "acc" in lines[0]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -85,16 +89,19 @@ def test_training_with_augmentation_is_deterministic(imagefolder_split_root):
 
     b = load_dataset("imagefolder", root=imagefolder_split_root)
     assert b.augment
-    runs = [train_model(build_model("smallcnn", 3, b.input_shape, seed=0), b, epochs=2, batch_size=8, seed=0, log=None)[0] for _ in range(2)]
+    # bit-for-bit: a CPU promise (see _train), so on the CPU whatever the test device
+    runs = [train_model(build_model("smallcnn", 3, b.input_shape, seed=0), b, epochs=2, batch_size=8, seed=0, device="cpu",
+                        log=None)[0] for _ in range(2)]
     assert torch.equal(runs[0].fc.weight, runs[1].fc.weight)
 
 
-def test_gradual_pruning_from_scratch_during_training(small_digits):
+def test_gradual_pruning_from_scratch_during_training(small_digits, device):
     model = build_model("smallcnn", 10, small_digits.input_shape, seed=0)
-    model, history = train_model(model, small_digits, epochs=4, seed=0, log=None, prune={"kind": "magnitude", "sparsity": 0.8})
+    model, history = train_model(model, small_digits, epochs=4, seed=0, device=device, log=None,
+                                 prune={"kind": "magnitude", "sparsity": 0.8})
     sparsity, _ = measure_sparsity(model)
     assert abs(sparsity - 0.8) < 0.005
     scheduled = [h["sparsity"] for h in history]
     assert scheduled == sorted(scheduled) and scheduled[0] < 0.8 and scheduled[-1] == pytest.approx(0.8)
     with pytest.raises(ValueError, match="unknown prune option"):
-        train_model(model, small_digits, epochs=1, log=None, prune={"sparsity": 0.5, "when": 3})
+        train_model(model, small_digits, epochs=1, device=device, log=None, prune={"sparsity": 0.5, "when": 3})
