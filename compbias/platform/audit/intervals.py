@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 import compbias.metrics as M
+from compbias.metrics.bias import cev_sde_rows
 from compbias.platform.audit.population import Population, StudyData
 
 
@@ -70,14 +71,19 @@ def _group_view(rates, agg: np.ndarray, positive_class, smoothing: float = 0.0):
 
 
 def _model_bias(dfpr: np.ndarray, dfnr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    m = dfpr.shape[0]
-    out_c, out_s = np.full(m, np.nan), np.full(m, np.nan)
-    for i in range(m):
-        try:
-            out_c[i] = M.cev(dfpr[i], dfnr[i]).value
-            out_s[i] = M.sde(dfpr[i], dfnr[i]).value
-        except ValueError:  # no class with a defined change on this resample
-            pass
+    """CEV and SDE of every row (model) at once, NaN where :func:`compbias.metrics.cev` would refuse.
+
+    The rows go through the kernel that :func:`~compbias.metrics.cev` and
+    :func:`~compbias.metrics.sde` run on one row (same arithmetic, same
+    values); a row without a class whose two changes are defined, or holding
+    an inf, is NaN.
+    """
+    x = np.ascontiguousarray(dfpr, np.float64)
+    y = np.ascontiguousarray(dfnr, np.float64)
+    out_c, out_s, _ = cev_sde_rows(x, y)  # NaN where no class is used
+    refused = np.isinf(x).any(axis=1) | np.isinf(y).any(axis=1)
+    out_c[refused] = np.nan
+    out_s[refused] = np.nan
     return out_c, out_s
 
 
@@ -160,36 +166,40 @@ def population_intervals(data: StudyData, base: Population, pop: Population | No
                                         smoothing=settings.smoothing)
 
     def stat(b, c):
-        # one recount per resample serves the class-level and the group-level numbers
+        # one recount per resample serves the class-level and the group-level numbers;
+        # each mean is taken once and reused (the same arithmetic as writing it out each time)
         cc_models = class_view(c)  # each compressed model as it is (its own CEV/SDE)
         if resample is not None:
             b, c = resample(b, c)  # the drawn models: population numbers
         bc, cc = class_view(b), class_view(c)
         r = bc if own else cc
-        parts = [np.atleast_1d(_nanmean(np.asarray(r.accuracy, float), 0)), _nanmean(r.fpr, 0), _nanmean(r.fnr, 0)]
+        r_acc = _nanmean(np.asarray(r.accuracy, float), 0)
+        r_fpr, r_fnr = _nanmean(r.fpr, 0), _nanmean(r.fnr, 0)
+        parts = [np.atleast_1d(r_acc), r_fpr, r_fnr]
         if not own:
             bf, bn = _nanmean(bc.fpr, 0), _nanmean(bc.fnr, 0)
-            parts += [M.normalized_change(_nanmean(cc.fpr, 0), bf), M.normalized_change(_nanmean(cc.fnr, 0), bn)]
+            cf, cn = r_fpr, r_fnr  # r is cc
+            dfpr, dfnr = M.normalized_change(cf, bf), M.normalized_change(cn, bn)
+            parts += [dfpr, dfnr]
             parts += list(_model_bias(M.normalized_change(cc_models.fpr, bf), M.normalized_change(cc_models.fnr, bn)))
             # absolute changes in percentage points, beside the relative ones
-            acc_pp = (_nanmean(np.asarray(cc.accuracy, float), 0) - _nanmean(np.asarray(bc.accuracy, float), 0)) * 100.0
-            parts += [np.atleast_1d(acc_pp), (_nanmean(cc.fpr, 0) - bf) * 100.0, (_nanmean(cc.fnr, 0) - bn) * 100.0]
+            acc_pp = (r_acc - _nanmean(np.asarray(bc.accuracy, float), 0)) * 100.0
+            parts += [np.atleast_1d(acc_pp), (cf - bf) * 100.0, (cn - bn) * 100.0]
             if two_level:  # CEV and SDE of the drawn populations' means
-                pop_bias = _model_bias(M.normalized_change(_nanmean(cc.fpr, 0), bf)[None],
-                                       M.normalized_change(_nanmean(cc.fnr, 0), bn)[None])
+                pop_bias = _model_bias(dfpr[None], dfnr[None])
                 parts += [pop_bias[0], pop_bias[1]]
         if grouped:
-            gbf, gbn, gba = _group_view(b, agg, settings.positive_class, settings.smoothing)
+            gbf, gbn, gba = (_nanmean(x, 0) for x in _group_view(b, agg, settings.positive_class, settings.smoothing))
             if own:
-                parts += [_nanmean(gbf, 0), _nanmean(gbn, 0), _nanmean(gba, 0)]
+                parts += [gbf, gbn, gba]
             else:
-                gcf, gcn, gca = _group_view(c, agg, settings.positive_class, settings.smoothing)
-                parts += [_nanmean(gcf, 0), _nanmean(gcn, 0), _nanmean(gca, 0),
-                          M.normalized_change(_nanmean(gcf, 0), _nanmean(gbf, 0)),
-                          M.normalized_change(_nanmean(gcn, 0), _nanmean(gbn, 0)),
-                          (_nanmean(gcf, 0) - _nanmean(gbf, 0)) * 100.0,
-                          (_nanmean(gcn, 0) - _nanmean(gbn, 0)) * 100.0,
-                          (_nanmean(gca, 0) - _nanmean(gba, 0)) * 100.0]
+                gcf, gcn, gca = (_nanmean(x, 0) for x in _group_view(c, agg, settings.positive_class, settings.smoothing))
+                parts += [gcf, gcn, gca,
+                          M.normalized_change(gcf, gbf),
+                          M.normalized_change(gcn, gbn),
+                          (gcf - gbf) * 100.0,
+                          (gcn - gbn) * 100.0,
+                          (gca - gba) * 100.0]
         return np.concatenate(parts)
 
     try:
