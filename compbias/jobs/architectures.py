@@ -20,12 +20,25 @@ __all__ = ["ConvBNReLU", "SmallCNN", "BasicBlock", "CifarResNet", "resnet18_smal
 
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Initialise weights under ``seed`` without touching the global RNG (no-op for None)."""
+    """Initialise weights under ``seed`` without touching the global RNG (no-op for None).
+
+    The CPU generator is seeded and restored. CUDA generators are seeded (and
+    restored) only when CUDA is already initialised in this process: seeding
+    them otherwise (``torch.manual_seed``) would queue a seed that CUDA applies
+    whenever it starts, after this block, changing the process's CUDA random
+    state for good. A factory that builds its model directly on a GPU that
+    this process has not used yet is therefore not seeded on the GPU side;
+    build on the CPU and move it (as compbias does) to get seeded weights.
+    """
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if devices:
+            torch.manual_seed(int(seed))  # CPU and every initialised GPU, all restored on exit
+        else:
+            torch.random.default_generator.manual_seed(int(seed))  # the CPU only
         yield
 
 

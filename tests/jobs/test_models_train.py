@@ -57,6 +57,27 @@ def test_build_model_errors_and_seeded_init():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_seeded_init_leaves_the_global_random_state_alone(monkeypatch):
+    # the CPU generator is restored; a CUDA generator this process has not started is not seeded
+    # (torch.manual_seed would queue a seed that CUDA applies whenever it starts, after the build)
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is running in this process: its generators are seeded and restored instead")
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seeds.append(seed))
+    torch.random.default_generator.manual_seed(123)
+    expected = torch.rand(3)
+    torch.random.default_generator.manual_seed(123)
+    build_model("smallcnn", 10, (1, 8, 8), seed=7)
+    assert torch.equal(torch.rand(3), expected)  # as if no model had been built
+    assert cuda_seeds == []
+    # the weights are those of the seed, as torch.manual_seed(7) would give on the CPU
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(7)
+        ref = build_model("smallcnn", 10, (1, 8, 8), seed=None)
+    assert all(torch.equal(p, q) for p, q in zip(build_model("smallcnn", 10, (1, 8, 8), seed=7).state_dict().values(),
+                                                  ref.state_dict().values()))
+
+
 def _train(bundle, seed):
     # On the CPU whatever the test device: bit-for-bit reproducible training is a CPU promise
     # (docs/performance.md; CUDA kernels may sum in another order from run to run).
