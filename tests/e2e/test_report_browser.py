@@ -93,7 +93,13 @@ def page(report, tmp_path_factory):
     driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
     try:
         driver.get(report.as_uri())
-        assert driver.execute_script("return document.readyState") == "complete"
+        # get() can return at "interactive" on a loaded machine (seen once in CI while other tests ran):
+        # wait for the load to finish, and fail if it never does
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(driver, 60, poll_frequency=0.2).until(
+            lambda d: d.execute_script("return document.readyState") == "complete",
+            message="the report never finished loading (document.readyState stayed short of 'complete' for 60 s)")
         yield driver
     finally:
         driver.quit()
