@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compbias import contract as C
 from compbias.platform.config import AuditSpec, DatasetSpec, StudyConfigError
+from compbias.platform.config.loading import validation_problems
 
 __all__ = ["StudyFacts", "StudyFile", "TestSplit", "resolve_facts"]
 
@@ -34,14 +35,6 @@ class _AuditedSections(BaseModel):
 
     dataset: DatasetSpec | None = None
     audit: AuditSpec = Field(default_factory=AuditSpec)
-
-
-def _problem_lines(err: ValidationError) -> list[str]:
-    lines = []
-    for e in err.errors(include_url=False):
-        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-        lines.append(f"{key or '<top level>'}: {e['msg']}")
-    return lines
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,7 @@ class StudyFile:
         try:
             sections = _AuditedSections.model_validate(data)
         except ValidationError as err:
-            raise StudyConfigError(_problem_lines(err), source) from None
+            raise StudyConfigError(validation_problems(err), source) from None
         return cls(dataset=sections.dataset, audit=sections.audit, source=source or "study file")
 
     @property

@@ -15,7 +15,7 @@ from .sections import BaselineSpec, DatasetSpec, ImbalanceSpec, ModelSpec, Popul
 from .settings import AuditSpec, GateSpec, MlflowSpec, ResourcesSpec, ThresholdsSpec
 from .study import StudySpec
 
-__all__ = ["load_study", "parse_study"]
+__all__ = ["load_study", "parse_study", "validation_problems"]
 
 
 def _loc(loc: tuple) -> str:
@@ -63,7 +63,8 @@ def _section_of(loc: tuple) -> type[BaseModel] | None:
     return _SECTION_MODELS.get(parent)
 
 
-def _problems(err: ValidationError) -> list[str]:
+def validation_problems(err: ValidationError) -> list[str]:
+    """One line per problem of a pydantic error of the study model: the key, what is wrong, what is allowed."""
     problems: list[str] = []
     seen = set()
     for e in err.errors(include_url=False):
@@ -113,7 +114,7 @@ def parse_study(data: Any, *, source: str | None = None) -> StudySpec:
     try:
         return StudySpec.model_validate(data)
     except ValidationError as err:
-        raise StudyConfigError(_problems(err), source) from None
+        raise StudyConfigError(validation_problems(err), source) from None
 
 
 def load_study(path: str | Path) -> StudySpec:
