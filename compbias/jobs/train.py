@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -26,7 +28,7 @@ from .pipeline import EpochPlan, steps_per_epoch, training_batches
 from .prune import Pruner, PruneSchedule
 from .vocabulary import TRAIN_DEFAULTS
 
-__all__ = ["train_model", "fit", "resolve_device", "CrossEntropy"]
+__all__ = ["train_model", "fit", "resolve_device", "CrossEntropy", "TrainingRecipe", "training_recipe"]
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -91,17 +93,41 @@ class _EpochTally:
         return means, float(host[0].sum() / sizes.sum()), int(bad[0]) if len(bad) else None
 
 
-def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype (``None``: full float32) and whether a gradient scaler is needed, for ``device``.
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How :func:`fit` runs its steps on a device: autocast dtype, gradient scaler, memory format.
 
-    CUDA: bfloat16 where the card supports it (no scaler needed), else float16 with a scaler.
-    Everything else trains in float32.
+    Attributes
+    ----------
+    amp_dtype : torch.dtype or None
+        The autocast dtype of the forward pass; None trains in full float32.
+    scaler : bool
+        Whether the loss is scaled (``torch.amp.GradScaler``; float16 needs it).
+    channels_last : bool
+        Whether model and batches use the channels-last memory format during
+        training (the model is put back in the default layout afterwards).
+    """
+
+    amp_dtype: torch.dtype | None = None
+    scaler: bool = False
+    channels_last: bool = False
+
+
+def training_recipe(device: torch.device) -> TrainingRecipe:
+    """The recipe :func:`fit` uses on ``device``.
+
+    CUDA: channels-last, with bfloat16 autocast where the card supports it
+    (no scaler needed), else float16 with a gradient scaler. Every other
+    device trains in float32 in the default layout, so CPU training stays
+    bit-for-bit reproducible. (The tests force the CUDA recipes on the CPU,
+    where autocast, the scaler and channels-last also run, to check the
+    code paths a GPU takes.)
     """
     if device.type != "cuda":
-        return None, False
+        return TrainingRecipe()
     if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
+        return TrainingRecipe(torch.bfloat16, False, True)
+    return TrainingRecipe(torch.float16, True, True)
 
 
 def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -192,8 +218,8 @@ def fit(
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     device = resolve_device(device)
-    amp_dtype, use_scaler = _precision(device)
-    channels_last = device.type == "cuda"
+    recipe = training_recipe(device)
+    amp_dtype, channels_last = recipe.amp_dtype, recipe.channels_last
     augment = bundle.augment if augment is None else augment
     objective = objective or CrossEntropy()
     data = bundle.train
@@ -207,7 +233,7 @@ def fit(
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = _optimizer(model, lr, momentum, weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = torch.amp.GradScaler(device.type) if recipe.scaler else None
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     pruner = pruner_factory(model, total_steps) if pruner_factory is not None else None
     batches = training_batches(data, device, batch_size, steps, channels_last=channels_last) if epochs else None
@@ -215,7 +241,12 @@ def fit(
 
     history: list[dict[str, Any]] = []
     step = 0
-    with _deterministic():
+    with _deterministic(), warnings.catch_warnings():
+        if scaler is not None:
+            # A step the scaler skips (inf/NaN gradients while it calibrates its scale) still
+            # advances the schedule, which counts steps, not updates: torch's warning about
+            # it is expected here, not a misuse.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
         for epoch in range(epochs):
             model.train()
             started = time.perf_counter()

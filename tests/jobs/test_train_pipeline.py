@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from compbias.jobs import build_model, load_dataset, train_model
 from compbias.jobs import pipeline
 from compbias.jobs.data import TensorImageDataset
 from compbias.jobs.models import model_device
+from compbias.jobs import train as train_mod
 from compbias.jobs.train import fit
 from compbias.jobs.vocabulary import TRAIN_DEFAULTS
 from tests.jobs.devices import selected_device
@@ -172,3 +174,60 @@ def test_jobs_functions_take_a_model_on_any_device(baseline, digits, small_digit
     student = copy.deepcopy(baseline)
     fit(student, small_digits, epochs=1, device=device, objective=make_objective("kd", teacher), log=None)
     assert model_device(teacher).type == device.type
+
+
+# The CUDA recipes (autocast, the gradient scaler, channels-last) forced on the CPU, where all
+# three also run: the code paths a GPU takes, checked without one. Expectations are about
+# dtypes, layouts and learning, never about exact values (bf16 kernels differ between CPUs).
+CUDA_RECIPES = {
+    "bf16+channels_last": train_mod.TrainingRecipe(torch.bfloat16, False, True),
+    "fp16+scaler+channels_last": train_mod.TrainingRecipe(torch.float16, True, True),
+}
+
+
+def test_the_cpu_recipe_is_float32_in_the_default_layout():
+    assert train_mod.training_recipe(torch.device("cpu")) == train_mod.TrainingRecipe(None, False, False)
+
+
+@pytest.mark.parametrize("recipe", list(CUDA_RECIPES), ids=list(CUDA_RECIPES))
+@pytest.mark.parametrize("arch", ["smallcnn", "resnet20"])
+def test_the_cuda_recipes_train_on_the_cpu(recipe, arch, small_digits, monkeypatch):
+    seen = {}
+    real = train_mod.training_batches
+
+    def spy(*args, **kwargs):
+        seen["channels_last"] = kwargs.get("channels_last")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_recipe", lambda device: CUDA_RECIPES[recipe])
+    monkeypatch.setattr(train_mod, "training_batches", spy)
+    model = build_model(arch, 10, small_digits.input_shape, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, history, _ = fit(model, small_digits, epochs=3, batch_size=32, device="cpu", log=None)
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]  # a step the scaler skips is expected
+    assert seen["channels_last"] is True
+    losses = [h["loss"] for h in history]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert history[-1]["acc"] > 0.5, history  # 10 classes: chance is 0.1
+    # the model comes back as float32 in the default layout, and evaluates in float32
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    x, _ = small_digits.test.batch(slice(0, 8))
+    with torch.no_grad():
+        assert model(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", list(CUDA_RECIPES), ids=list(CUDA_RECIPES))
+def test_pruning_and_distillation_under_the_cuda_recipes(recipe, small_digits, monkeypatch):
+    from compbias.jobs.distill import make_objective
+    from compbias.jobs.prune import measure_sparsity
+
+    monkeypatch.setattr(train_mod, "training_recipe", lambda device: CUDA_RECIPES[recipe])
+    teacher = build_model("smallcnn", 10, small_digits.input_shape, seed=1)
+    teacher, _ = train_model(teacher, small_digits, epochs=2, device="cpu", log=None)
+    student = build_model("smallcnn", 10, small_digits.input_shape, seed=0)
+    student, history = train_model(student, small_digits, epochs=2, batch_size=32, device="cpu", log=None,
+                                   objective=make_objective("kd", teacher), prune={"kind": "magnitude", "sparsity": 0.5})
+    assert abs(measure_sparsity(student)[0] - 0.5) < 0.005 and history[-1]["sparsity"] == pytest.approx(0.5)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history) and "kd" in history[-1], history[-1]
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in student.parameters())
