@@ -231,3 +231,22 @@ def test_pruning_and_distillation_under_the_cuda_recipes(recipe, small_digits, m
     assert abs(measure_sparsity(student)[0] - 0.5) < 0.005 and history[-1]["sparsity"] == pytest.approx(0.5)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history) and "kd" in history[-1], history[-1]
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in student.parameters())
+
+
+def test_the_residency_rule_on_cuda_uses_the_free_memory(monkeypatch):
+    """A split stays on a CUDA card when it takes at most 40% of the free memory (torch.cuda.mem_get_info, faked)."""
+    gib = 2**30
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(device)
+        return 10 * gib, 80 * gib  # (free, total)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    cuda = torch.device("cuda", 1)
+    assert pipeline.RESIDENT_FRACTION == 0.4
+    assert pipeline.fits_on_device(4 * gib, cuda) and not pipeline.fits_on_device(4 * gib + 1, cuda)
+    assert pipeline.fits_on_device(5 * gib, cuda, fraction=0.5)
+    assert asked and all(d == cuda for d in asked)  # the card the task trains on, not device 0
+    assert pipeline.fits_on_device(10**15, torch.device("cpu"))  # the split is in host memory already
+    assert not pipeline.fits_on_device(1, torch.device("meta"))  # other devices stream
