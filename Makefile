@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo test test-avx2 test-gpu bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite with the CPU held to AVX2 (torch, fbgemm, oneDNN, numpy, OpenBLAS,
+# numba): on an AVX-512 machine, the code paths an AVX2-only CPU takes
+# (devtools/avx2.py; docs/reliability.md).
+test-avx2: install
+	$(BIN)/python -m devtools.avx2 -m pytest
 
 # The suite with CUDA required: the jobs tests train and evaluate on the GPU
 # (COMPBIAS_TEST_DEVICE=cuda, read by tests/jobs/devices.py). Without CUDA it

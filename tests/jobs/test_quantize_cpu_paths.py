@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.avx2 import TORCH_AVX2
+
 REPO = Path(__file__).resolve().parents[2]
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-PATH_ENV = {"native": {}, "avx2": AVX2}
+PATH_ENV = {"native": {}, "avx2": TORCH_AVX2}
 ENGINES = [e for e in ("x86", "fbgemm", "qnnpack") if e in torch.backends.quantized.supported_engines]
 
 
