@@ -23,6 +23,20 @@ training reaches (FLOPs per image from ``torch.utils.flop_counter``).
 ``--population N`` also trains N seeds of the smallest model one after
 another and as one batched model (``torch.func.stack_module_state`` +
 ``vmap``), and prints the speed-up of the batched population.
+
+``--processes K`` trains K seeds of each ``--arch`` with ``fit`` as K
+processes sharing the device at once (what fractional ``gpus_per_task``
+gives a study: several Ray tasks per GPU) against the same K seeds one
+after another in one process, and prints the speed-up (issue 16's target:
+8 ResNet-20s on one GPU >= 4x). Each process builds its model, loads the
+data and trains a warm-up epoch before a barrier, so process start-up,
+imports and the CUDA context are not timed.
+
+``--synthetic N,C,S --classes K`` replaces digits by N random uint8 images
+of C x S x S (split 5:1 into train and test) with K classes, e.g.
+``--synthetic 10000,3,64 --classes 2 --arch resnet18 --batch 128``, the
+shape of the CelebA-10k measurement in issue 16 (random pixels train at
+the same speed as photos).
 """
 
 from __future__ import annotations
@@ -51,7 +65,26 @@ from compbias.jobs.vocabulary import TRAIN_DEFAULTS  # noqa: E402
 BATCH = TRAIN_DEFAULTS["batch_size"]
 
 
-def bundle_for(augment: bool):
+def synthetic_bundle(spec: str, n_classes: int):
+    """``N,C,S``: N uint8 images of C x S x S with random labels, augmented, in digits' bundle layout."""
+    try:
+        n, c, size = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--synthetic takes N,C,S (images, channels, side), e.g. 10000,3,64; got {spec!r}")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    cut = n * 5 // 6
+    d = load_dataset("digits")
+    return dataclasses.replace(
+        d, train=TensorImageDataset(images[:cut], labels[:cut], 1 / 255),
+        test=TensorImageDataset(images[cut:], labels[cut:], 1 / 255), n_classes=n_classes,
+        class_names=[str(k) for k in range(n_classes)], input_shape=(c, size, size), augment=True)
+
+
+def bundle_for(augment: bool, synthetic: str | None = None, n_classes: int = 2):
+    if synthetic:
+        return synthetic_bundle(synthetic, n_classes)
     d = load_dataset("digits")
     if not augment:
         return d
@@ -135,7 +168,7 @@ def compare(arch: str, bundle, epochs: int, repeats: int, device: torch.device, 
     n = len(bundle.train)
 
     def run_fit():
-        fit(copy.deepcopy(init), bundle, epochs=epochs, device=device, log=None)
+        fit(copy.deepcopy(init), bundle, epochs=epochs, batch_size=BATCH, device=device, log=None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return epochs * (n - n % BATCH if n % BATCH == 1 else n)
@@ -225,7 +258,65 @@ def population(arch: str, size: int, bundle, epochs: int, repeats: int, device: 
             "speedup": best["batched"][0] / best["sequential"][0], "speedup_cpu": best["batched"][1] / best["sequential"][1]}
 
 
+# ------------------------------------------------- several processes per device
+
+
+def _fit_seeds(arch: str, bundle, seeds, epochs: int, batch: int, device: torch.device) -> int:
+    """Train each seed's model with ``fit``, one after another; images seen."""
+    n = len(bundle.train)
+    per_epoch = n - n % batch if n % batch == 1 else n
+    for seed in seeds:
+        model = build_model(arch, bundle.n_classes, bundle.input_shape, seed=seed)
+        fit(model, bundle, epochs=epochs, batch_size=batch, seed=seed, device=device, log=None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return epochs * per_epoch * len(seeds)
+
+
+def _process_worker(arch, data, seed, epochs, batch, device, threads, barrier, results):  # runs in a child
+    torch.set_num_threads(threads)
+    bundle = bundle_for(*data)
+    _fit_seeds(arch, bundle, [seed], 1, batch, torch.device(device))  # warm-up: kernels, allocator, CUDA context
+    barrier.wait()
+    start = time.time()
+    seen = _fit_seeds(arch, bundle, [seed], epochs, batch, torch.device(device))
+    results.put((start, time.time(), seen))
+
+
+def processes(arch: str, k: int, data: tuple, bundle, epochs: int, repeats: int, device: torch.device) -> dict:
+    """K seeds as K concurrent processes on ``device`` vs one after another in this process (images/s, best of ``repeats``).
+
+    On the CPU each of the K processes gets ``cpus // K`` torch threads (at
+    least 1) and the one-after-another run all of this process's threads.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    threads = max(1, (os.cpu_count() or 1) // k) if device.type == "cpu" else torch.get_num_threads()
+    _fit_seeds(arch, bundle, [0], 1, BATCH, device)  # warm-up
+    sequential = concurrent = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        seen = _fit_seeds(arch, bundle, range(k), epochs, BATCH, device)
+        sequential = max(sequential, seen / (time.perf_counter() - t))
+        barrier, results = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_process_worker, args=(arch, data, s, epochs, BATCH, str(device), threads, barrier, results))
+                 for s in range(k)]
+        for p in procs:
+            p.start()
+        spans = [results.get(timeout=3600) for _ in procs]
+        for p in procs:
+            p.join()
+            if p.exitcode:
+                raise SystemExit(f"a training process exited with {p.exitcode}")
+        wall = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+        concurrent = max(concurrent, sum(n for _, _, n in spans) / wall)
+    return {"arch": arch, "k": k, "threads": threads, "sequential": sequential, "concurrent": concurrent,
+            "speedup": concurrent / sequential}
+
+
 def main(argv=None) -> None:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["smallcnn", "resnet20"])
     parser.add_argument("--epochs", type=int, default=2)
@@ -234,32 +325,46 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="default: CUDA when present, else CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--population", type=int, default=0, help="also train this many smallcnn seeds batched vs one by one")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also train this many seeds of each --arch as concurrent processes on the device vs one by one")
+    parser.add_argument("--synthetic", default=None, metavar="N,C,S",
+                        help="N random uint8 images of C x S x S (augmented) instead of digits")
+    parser.add_argument("--classes", type=int, default=2, help="classes of --synthetic data")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (default: fit's)")
+    parser.add_argument("--skip-compare", action="store_true", help="skip fit vs tuned (only --population/--processes)")
     args = parser.parse_args(argv)
+    BATCH = args.batch
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = bundle_for(args.augment)
+    data = (args.augment, args.synthetic, args.classes)
+    bundle = bundle_for(*data)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_rate(device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, GPU {gpu}")
-    print(f"device {device}; measured {dtype} matmul rate {peak / 1e9:.1f} GFLOP/s; digits {len(bundle.train)} train images "
-          f"{tuple(bundle.input_shape)}{' uint8 + crops/flips' if args.augment else ''}; batch {BATCH}; "
+    print(f"device {device}; measured {dtype} matmul rate {peak / 1e9:.1f} GFLOP/s; {'synthetic' if args.synthetic else 'digits'} {len(bundle.train)} train images "
+          f"{tuple(bundle.input_shape)}{' uint8 + crops/flips' if bundle.augment else ''}; batch {BATCH}; "
           f"{args.epochs} epochs; best of {args.repeats}")
-    for arch in args.arch:
+    for arch in [] if args.skip_compare else args.arch:
         r = compare(arch, bundle, args.epochs, args.repeats, device, peak)
         cpu = f" (per CPU second {r['fit_cpu']:.0f} / {r['tuned_cpu']:.0f}: {r['ratio_cpu']:.2f}x)" if device.type == "cpu" else ""
         print(f"{arch:9s} fit {r['fit']:7.0f} img/s  tuned {r['tuned']:7.0f} img/s  fit/tuned {r['ratio']:.2f}x{cpu}  "
               f"{r['flops_per_image'] / 1e6:.2f} MFLOP/img: fit {100 * r['fraction_fit']:.1f}% / tuned "
               f"{100 * r['fraction_tuned']:.1f}% of the matmul rate")
-    for shape, loop_ms, vec_ms in augmentation_speed():
+    for shape, loop_ms, vec_ms in [] if args.skip_compare else augmentation_speed():
         print(f"crops+flips of a {shape} uint8 batch: one example at a time {loop_ms:.3f} ms, vectorised "
               f"{vec_ms:.3f} ms: {loop_ms / vec_ms:.1f}x")
     if args.population:
         p = population("smallcnn", args.population, bundle, args.epochs, args.repeats, device)
         print(f"population of {p['size']} smallcnn: one by one {p['sequential']:.0f} img/s, batched (vmap) "
               f"{p['batched']:.0f} img/s: {p['speedup']:.2f}x (per CPU second {p['speedup_cpu']:.2f}x)")
+
+    for arch in args.arch if args.processes else []:
+        r = processes(arch, args.processes, data, bundle, args.epochs, args.repeats, device)
+        print(f"{r['k']} {arch} seeds with fit: one after another {r['sequential']:.0f} img/s, as {r['k']} processes "
+              f"on {device} ({r['threads']} threads each) {r['concurrent']:.0f} img/s: {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":
