@@ -58,21 +58,27 @@ class Evaluation:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
-    """Logits of ``model`` for inputs ``x`` (``(N, C, H, W)``, dataset scaling), as float32.
+def predict_logits(model: nn.Module, x, *, batch_size: int = 512) -> np.ndarray:
+    """Logits of ``model`` for inputs ``x``, as float32.
 
-    Works for float, pruned and quantized models on any device: each batch
-    of ``x`` (on any device) is moved to the model's device and cast to the
+    ``x`` is a tensor ``(N, C, H, W)`` in dataset scaling, or a split
+    (:class:`compbias.jobs.TensorImageDataset`,
+    :class:`compbias.jobs.data.FileImageDataset`) read ``batch_size``
+    examples at a time, so a large test split is never held as float32 at
+    once. Works for float, pruned and quantized models on any device: each
+    batch (on any device) is moved to the model's device and cast to the
     dtype a half-precision model expects; the logits come back on the CPU.
     Raises ``FloatingPointError`` if any logit is NaN or infinite.
     """
     was_training = model.training
     model.eval()
     device, dtype = model_device(model), model_input_dtype(model)
+    n = x.shape[0] if isinstance(x, torch.Tensor) else len(x)
+    read = (lambda s: x[s]) if isinstance(x, torch.Tensor) else (lambda s: x.batch(s)[0])  # noqa: E731
     out = []
     try:
-        for start in range(0, x.shape[0], batch_size):
-            out.append(model(x[start : start + batch_size].to(device=device, dtype=dtype)).float().cpu())
+        for start in range(0, n, batch_size):
+            out.append(model(read(slice(start, start + batch_size)).to(device=device, dtype=dtype)).float().cpu())
     finally:
         model.train(was_training)
     logits = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
@@ -111,7 +117,7 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, *, batch_size: int = 512, 
         When a logit is NaN or infinite.
     """
     test = bundle.test
-    logits = predict_logits(model, test.images.float() * test.scale, batch_size=batch_size)
+    logits = predict_logits(model, test, batch_size=batch_size)
     if logits.shape != (len(test), bundle.n_classes):
         raise ValueError(f"model outputs {logits.shape[1:]} logits per example, the dataset has {bundle.n_classes} classes")
     top = logits.max(axis=1, keepdims=True)

@@ -202,25 +202,31 @@ class _PlanBatches(torch.utils.data.Sampler):
 
 
 class _RawBatches(Dataset):
-    """A tensor dataset read a batch at a time: raw (un-scaled) images and labels gathered by a list of indices."""
+    """A dataset read a batch at a time through its ``raw_batch``: stored (un-scaled) images and labels of a list of indices."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return len(self.dataset)
 
     def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(index, dtype=torch.int64)
-        return self.images[idx], self.labels[idx]
+        return self.dataset.raw_batch(index)
+
+
+def _reads_raw_batches(dataset) -> bool:
+    """Whether ``dataset`` hands out stored, un-scaled batches (``raw_batch`` and ``scale``): the in-memory and the file-backed splits."""
+    return hasattr(dataset, "raw_batch") and hasattr(dataset, "scale")
 
 
 class StreamedBatches(_Batches):
     """Batches streamed to the device by a ``DataLoader`` (for splits that do not fit there).
 
-    A dataset with ``images`` / ``labels`` / ``scale`` tensors (:class:`compbias.jobs.TensorImageDataset`)
-    sends raw batches (``uint8`` stays ``uint8`` over the bus); any other map-style dataset of
-    ``(x float32, label)`` items is collated by the ``DataLoader`` and used as it comes (scale 1).
+    A dataset with ``raw_batch`` and ``scale`` (:class:`compbias.jobs.TensorImageDataset`, and
+    :class:`compbias.jobs.data.FileImageDataset`, whose batches the loader's workers decode from
+    the files) sends stored batches (``uint8`` stays ``uint8`` over the bus), scaled on the device;
+    any other map-style dataset of ``(x float32, label)`` items is collated by the ``DataLoader``
+    and used as it comes (scale 1).
 
     Parameters
     ----------
@@ -228,22 +234,23 @@ class StreamedBatches(_Batches):
     device : torch.device
     batch_size, steps : int
     num_workers : int, optional
-        Loader processes; default ``min(4, cpu count - 1)`` for a dataset that reads items itself, 0 for
-        in-memory tensors (a gather in the main process is faster than handing it to a worker).
+        Loader processes; default ``min(4, cpu count - 1)`` for a dataset that reads items itself (from
+        files), 0 for in-memory tensors (a gather in the main process is faster than handing it to a worker).
     channels_last : bool
     """
 
     def __init__(self, dataset: Dataset, device: torch.device, batch_size: int, steps: int,
                  num_workers: int | None = None, channels_last: bool = False):
-        tensors = all(hasattr(dataset, a) for a in ("images", "labels", "scale"))
-        super().__init__(device, dataset.scale if tensors else 1.0, channels_last)
+        raw = _reads_raw_batches(dataset)
+        super().__init__(device, dataset.scale if raw else 1.0, channels_last)
         if num_workers is None:
-            num_workers = 0 if tensors else min(4, max(0, (os.cpu_count() or 1) - 1))
+            in_memory = hasattr(dataset, "images")
+            num_workers = 0 if in_memory else min(4, max(0, (os.cpu_count() or 1) - 1))
         self.sampler = _PlanBatches(batch_size, steps)
-        # tensors: the sampler's index lists go to _RawBatches whole (batch_size=None: no per-item collation)
-        batching = {"sampler": self.sampler, "batch_size": None} if tensors else {"batch_sampler": self.sampler}
+        # raw batches: the sampler's index lists go to _RawBatches whole (batch_size=None: no per-item collation)
+        batching = {"sampler": self.sampler, "batch_size": None} if raw else {"batch_sampler": self.sampler}
         self.loader = DataLoader(
-            _RawBatches(dataset.images, dataset.labels) if tensors else dataset, **batching,
+            _RawBatches(dataset) if raw else dataset, **batching,
             num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )

@@ -199,7 +199,12 @@ def probe_training_memory(spec_data: dict[str, Any], device: str | None = None) 
     split_bytes = int(images.numel() * images.element_size()) if images is not None else 0
     resident = images is not None and fits_on_device(split_bytes, device)
     bs = int(spec.train.batch_size)
-    dtype = images.dtype if images is not None else torch.float32
+    if images is not None:
+        dtype = images.dtype
+    elif hasattr(bundle.train, "raw_batch") and len(bundle.train):  # a split left in its files: decoded uint8
+        dtype = bundle.train.raw_batch([0])[0].dtype
+    else:
+        dtype = torch.float32
     scale = float(getattr(bundle.train, "scale", 1.0))
     one_batch = dataclasses.replace(bundle, train=jobs.TensorImageDataset(
         torch.zeros((bs, *bundle.input_shape), dtype=dtype), torch.zeros(bs, dtype=torch.int64), scale))

@@ -186,6 +186,19 @@ def test_fingerprint_changes_with_training_but_not_with_seeds_or_root():
     assert spec.model_fingerprint(0) != spec.model_fingerprint(1)
 
 
+def test_dataset_in_memory_is_passed_to_the_loader_and_never_changes_a_fingerprint():
+    plain = parse_study(BASE)
+    assert "in_memory" not in plain.resolved()["dataset"] and "in_memory" not in plain.dataset.loader_options()
+    for value in (False, True):
+        spec = parse_study(_with(dataset={"kind": "imagefolder", "root": "/data", "in_memory": value}))
+        assert spec.dataset.loader_options()["in_memory"] is value
+        assert parse_study(yaml.safe_load(spec.to_yaml())).dataset.in_memory is value  # survives study.yaml
+        same_data = parse_study(_with(dataset={"kind": "imagefolder", "root": "/data"}))
+        assert spec.model_fingerprint(None) == same_data.model_fingerprint(None)
+    with pytest.raises(StudyConfigError, match="in_memory"):
+        parse_study(_with(dataset={"kind": "imagefolder", "root": "/data", "in_memory": "sometimes"}))
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     assert isinstance(load_study(path), StudySpec)

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from compbias.platform.config import parse_study
 from compbias.platform.gpu_share import GpuShareDecision, MemoryProbe, gpu_share, probe_training_memory, resolve_gpu_share
@@ -138,6 +139,24 @@ def test_probe_builds_and_trains_the_study_model_on_the_cpu(spec):
     assert probe.peak_bytes is None and probe.total_bytes is None  # no CUDA numbers off CUDA
     assert probe.param_grad_bytes == 2 * params  # every parameter got a gradient from the one step
     assert probe.split_bytes == images.numel() * images.element_size() > 0 and probe.resident
+
+
+def test_the_probe_of_a_split_left_in_its_files_counts_no_resident_bytes(tmp_path, monkeypatch):
+    """A dataset too large for memory streams from its files: nothing is resident, and the probe's batch is uint8."""
+    from compbias.jobs import train as train_mod
+    from tests.jobs.conftest import write_celeba
+
+    write_celeba(tmp_path / "celeba", n=24)
+    data = parse_study({"name": "files", "dataset": {"kind": "celeba", "root": str(tmp_path / "celeba"),
+                                                      "target": "Blond_Hair", "in_memory": False},
+                        "train": {"batch_size": 8},
+                        "compression": [{"method": "magnitude", "levels": [0.5]}]}).resolved()
+    seen = []
+    real_fit = train_mod.fit
+    monkeypatch.setattr(train_mod, "fit", lambda model, bundle, **kw: seen.append(bundle.train.images.dtype) or real_fit(model, bundle, **kw))
+    probe = probe_training_memory(data, device="cpu")
+    assert probe.split_bytes == 0 and not probe.resident and probe.batch_size == 8
+    assert seen == [torch.uint8]  # the step trains on what the loader's workers send: decoded uint8
 
 
 @pytest.mark.slow

@@ -46,6 +46,11 @@ class TensorImageDataset(Dataset):
         """Return ``(x, y)`` for a batch of indices as float32 / int64 tensors."""
         return self.images[index].float() * self.scale, self.labels[index]
 
+    def raw_batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of a batch of indices, the images in their stored dtype, not scaled."""
+        idx = torch.as_tensor(index, dtype=torch.int64) if not isinstance(index, slice) else index
+        return self.images[idx], self.labels[idx]
+
 
 @dataclass
 class DatasetBundle:

@@ -16,7 +16,7 @@ import torch
 
 from .pools import Pool
 
-__all__ = ["clear_memory_cache", "pool_images"]
+__all__ = ["clear_memory_cache", "decode_image", "decode_images", "pool_images"]
 
 _CACHE_VERSION = 1
 
@@ -51,7 +51,7 @@ def pool_images(pool: Pool, root: Path | None, image_size: int | None, cache_dir
     if disk is not None and disk.is_file():
         images = np.load(disk, allow_pickle=False)
     else:
-        images = _decode_all(files, image_size)
+        images = decode_images(files, image_size)
         if disk is not None:
             disk.parent.mkdir(parents=True, exist_ok=True)
             tmp = disk.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -64,7 +64,8 @@ def pool_images(pool: Pool, root: Path | None, image_size: int | None, cache_dir
     return images
 
 
-def _decode_one(path: Path, image_size: int | None) -> np.ndarray:
+def decode_image(path: Path, image_size: int | None) -> np.ndarray:
+    """One image file as ``uint8`` ``(3, H, W)``: RGB, centre-cropped to a square and resized when ``image_size`` is given."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -81,10 +82,20 @@ def _decode_one(path: Path, image_size: int | None) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _decode_all(files: Sequence[Path], image_size: int | None) -> np.ndarray:
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda f: _decode_one(f, image_size), files, chunksize=64))
+def decode_images(files: Sequence[Path], image_size: int | None, *, threads: int | None = None) -> np.ndarray:
+    """The image files as one ``uint8`` ``(N, 3, H, W)`` array, decoded on ``threads`` threads (default up to 4).
+
+    Raises
+    ------
+    ValueError
+        When the images differ in size and no ``image_size`` is given.
+    """
+    workers = max(1, min(4, os.cpu_count() or 1)) if threads is None else max(1, threads)
+    if workers == 1 or len(files) < 2:
+        arrays = [decode_image(f, image_size) for f in files]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            arrays = list(pool.map(lambda f: decode_image(f, image_size), files, chunksize=64))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         first = arrays[0].shape

@@ -14,7 +14,8 @@ from compbias._locations import cache_dir as _cache_root  # the parameter cache_
 
 from ..vocabulary import DATASET_KINDS
 from .bundle import DatasetBundle, TensorImageDataset
-from .images import pool_images
+from .files import FileImageDataset, stream_from_files
+from .images import decode_image, pool_images
 from .layouts import celeba_pools, cifar_pools, digits_pools, imagefolder_pools
 from .pools import (
     apply_imbalance, check_disjoint_classes, encode_levels, frame, imbalance_entries, resolve_positive_class,
@@ -40,6 +41,7 @@ def load_dataset(
     imbalance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    in_memory: bool | None = None,
 ) -> DatasetBundle:
     """Load a dataset layout into a :class:`DatasetBundle`.
 
@@ -84,6 +86,16 @@ def load_dataset(
         Directory for an on-disk ``.npy`` cache of decoded images, keyed by a
         hash of the files and options (default: ``$COMPBIAS_CACHE_DIR/datasets`` if that variable is set, else none).
         Decoded images are also kept in memory for the life of the process.
+    in_memory : bool, optional
+        Hold the decoded images of an image-file dataset (``imagefolder``,
+        ``celeba``) in memory (``True``), or leave them in their files and
+        decode each batch when it is read (``False``:
+        :class:`compbias.jobs.data.FileImageDataset`; training streams it
+        through a ``DataLoader``'s workers). Default: in memory unless the
+        decoded splits would take more than
+        :data:`compbias.jobs.data.files.MEMORY_FRACTION` of the memory
+        available now. Either way the batches, and so the models, are the
+        same. ``digits`` and CIFAR arrive decoded and are always in memory.
 
     Returns
     -------
@@ -171,15 +183,20 @@ def load_dataset(
     if len(train.keys) == 0 or len(test.keys) == 0:
         raise ValueError(f"empty split after selection: {len(train.keys)} train / {len(test.keys)} test examples")
 
-    if cache_dir is None and os.environ.get(CACHE_ENV):
-        cache_dir = str(_cache_root("datasets"))
-    train_x = pool_images(train, root_path, image_size, cache_dir)
-    test_x = pool_images(test, root_path, image_size, cache_dir)
-    if train_x.shape[1:] != test_x.shape[1:]:
-        raise ValueError(
-            f"train images are {tuple(train_x.shape[1:])} but test images {tuple(test_x.shape[1:])}; "
-            "set dataset.image_size"
-        )
+    if train.images is None and stream_from_files(_decoded_bytes(train, test, root_path, image_size), in_memory):
+        train_ds = FileImageDataset([root_path / p for p in train.paths], train.labels, image_size, scale)
+        test_ds = FileImageDataset([root_path / p for p in test.paths], test.labels, image_size, scale)
+        shape, test_shape = train_ds.shape, test_ds.shape
+    else:
+        if cache_dir is None and os.environ.get(CACHE_ENV):
+            cache_dir = str(_cache_root("datasets"))
+        train_x = pool_images(train, root_path, image_size, cache_dir)
+        test_x = pool_images(test, root_path, image_size, cache_dir)
+        train_ds = TensorImageDataset(torch.from_numpy(train_x), torch.from_numpy(train.labels), scale)
+        test_ds = TensorImageDataset(torch.from_numpy(test_x), torch.from_numpy(test.labels), scale)
+        shape, test_shape = tuple(train_x.shape[1:]), tuple(test_x.shape[1:])
+    if shape != test_shape:
+        raise ValueError(f"train images are {shape} but test images {test_shape}; set dataset.image_size")
 
     levels: dict[str, list[Any]] = {}
     train_codes: dict[str, np.ndarray] = {}
@@ -190,11 +207,11 @@ def load_dataset(
     pos = resolve_positive_class(positive_class, class_names, default=1 if kind == "celeba" else None)
     return DatasetBundle(
         kind=kind,
-        train=TensorImageDataset(torch.from_numpy(train_x), torch.from_numpy(train.labels), scale),
-        test=TensorImageDataset(torch.from_numpy(test_x), torch.from_numpy(test.labels), scale),
+        train=train_ds,
+        test=test_ds,
         n_classes=n_classes,
         class_names=list(class_names),
-        input_shape=tuple(int(s) for s in train_x.shape[1:]),
+        input_shape=tuple(int(s) for s in shape),
         test_frame=frame(test, groups, test_codes),
         train_frame=frame(train, groups, train_codes),
         group_columns=list(groups),
@@ -203,3 +220,12 @@ def load_dataset(
         augment=kind != "digits",
         options=options,
     )
+
+
+def _decoded_bytes(train, test, root: Path, image_size: int | None) -> int:
+    """Bytes of both splits decoded as ``uint8``, from the first image's decoded shape."""
+    first = next(iter(train.paths), None) or next(iter(test.paths), None)
+    if first is None:
+        return 0
+    per_image = int(np.prod(decode_image(root / first, image_size).shape))
+    return per_image * (len(train.paths) + len(test.paths))

@@ -37,7 +37,14 @@ class ImbalanceSpec(Strict):
 
 
 class DatasetSpec(Strict):
-    """Which data, which label, which groups; see ``compbias.jobs.load_dataset``."""
+    """Which data, which label, which groups; see ``compbias.jobs.load_dataset``.
+
+    ``in_memory`` (image files only) holds the decoded images in memory
+    (``true``) or decodes each batch from the files (``false``); unset, the
+    loader decides from the memory available. It changes where the images
+    are, not what is trained: it is not serialized when unset and never part
+    of a model's fingerprint.
+    """
 
     kind: Literal[DATASET_KINDS] = "digits"
     root: str | None = None
@@ -52,6 +59,14 @@ class DatasetSpec(Strict):
     max_test: int | None = Field(default=None, gt=0)
     imbalance: ImbalanceSpec | list[ImbalanceSpec] | None = None
     allow_download: bool = False
+    in_memory: bool | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        if data.get("in_memory") is None:
+            data.pop("in_memory", None)  # studies without it resolve (and fingerprint) as before
+        return data
 
     @model_validator(mode="after")
     def _kind_needs(self) -> "DatasetSpec":

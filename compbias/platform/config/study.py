@@ -129,7 +129,7 @@ class StudySpec(Strict):
         """
         data = self.resolved()
         part = {
-            "dataset": {k: v for k, v in data["dataset"].items() if k not in ("root", "allow_download")},
+            "dataset": {k: v for k, v in data["dataset"].items() if k not in ("root", "allow_download", "in_memory")},
             "model": data["model"],
             "train": data["train"],
         }
