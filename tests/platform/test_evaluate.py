@@ -524,3 +524,26 @@ def test_a_model_exported_for_a_fixed_batch_size_is_evaluated_with_that_batch_si
     report = E.evaluate_versions(store["client"], [rec], table["spec"])
     assert report.evaluated == {rec.key: "onnx"}, report.errors
     check_predictions(store["client"], rec, model, table, tmp_path / "dl")
+
+
+def test_a_dataset_section_is_read_slice_by_slice_and_normalized(tmp_path):
+    """The split's inputs are read a slice at a time (a split left in its files is never decoded whole);
+    normalize is checked when the data is loaded and applied to every slice."""
+    from compbias.jobs import load_dataset
+    from compbias.jobs.data import FileImageDataset
+    from tests.jobs.conftest import write_celeba
+
+    spec = E.load_spec({"dataset": {"kind": "digits"}, "normalize": {"mean": [0.5], "std": [0.25]}})
+    data = E.load_data(spec)
+    x = load_dataset("digits").test.batch(slice(None))[0].numpy()
+    assert data.inputs.shape == x.shape and len(data.inputs) == len(data.frame)
+    assert np.allclose(data.inputs[3:9], (x[3:9] - 0.5) / 0.25) and data.inputs[3:9].dtype == np.float32
+    with pytest.raises(E.EvaluationError, match="normalize mean/std of length 3 do not fit inputs of shape"):
+        E.load_data(E.load_spec({"dataset": {"kind": "digits"}, "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+
+    write_celeba(tmp_path / "celeba", n=24)
+    section = {"kind": "celeba", "root": str(tmp_path / "celeba"), "target": "Blond_Hair", "in_memory": False}
+    files = E.load_data(E.load_spec({"dataset": section}))
+    assert isinstance(files.inputs.split, FileImageDataset)
+    ref = load_dataset("celeba", root=tmp_path / "celeba", target="Blond_Hair").test.batch(slice(None))[0].numpy()
+    assert np.array_equal(np.concatenate([files.inputs[i : i + 5] for i in range(0, len(files.inputs), 5)]), ref)

@@ -12,7 +12,40 @@ from compbias import contract as C
 from compbias.platform.evaluate.errors import EvaluationError, log
 from compbias.platform.evaluate.spec import EvalSpec, dataset_spec
 
-__all__ = ["EvaluationData", "load_data"]
+__all__ = ["EvaluationData", "SplitInputs", "load_data"]
+
+
+class SplitInputs:
+    """A dataset split's float32 model inputs, read a slice at a time (row ``i`` for ``frame`` row ``i``).
+
+    What :class:`EvaluationData` holds for a study-style ``dataset:``
+    section: every version reads the split batch by batch, so a split left
+    in its image files (``compbias.jobs.data.FileImageDataset``) is never
+    decoded whole. ``mean`` / ``std`` (the spec's ``normalize``) are
+    applied to each slice.
+    """
+
+    def __init__(self, split, sample_shape: tuple[int, ...], mean: np.ndarray | None = None, std: np.ndarray | None = None):
+        self.split, self.sample_shape, self.mean, self.std = split, tuple(sample_shape), mean, std
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.split), *self.sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError("SplitInputs is read by slices of rows")
+        x = self.split.batch(index)[0].numpy().astype(np.float32, copy=False)
+        if self.mean is not None:
+            x = ((x - self.mean) / self.std).astype(np.float32)
+        return x
 
 
 @dataclass
@@ -24,8 +57,9 @@ class EvaluationData:
     frame : pandas.DataFrame
         ``example_id``, ``label``, the group columns (integer codes) and
         ``path`` when the examples are image files; one row per example.
-    inputs : numpy.ndarray
-        float32 model inputs, row ``i`` for ``frame`` row ``i``.
+    inputs : numpy.ndarray or SplitInputs
+        float32 model inputs, row ``i`` for ``frame`` row ``i``; read by
+        slices of rows (a dataset split's are read from it slice by slice).
     features : pandas.DataFrame or None
         The raw feature columns of a table dataset (what a pyfunc receives).
     info : compbias.contract.MemberInfo
@@ -34,7 +68,7 @@ class EvaluationData:
     """
 
     frame: pd.DataFrame
-    inputs: np.ndarray
+    inputs: "np.ndarray | SplitInputs"
     features: pd.DataFrame | None
     info: C.MemberInfo
     study_yaml: dict | None = None
@@ -64,7 +98,13 @@ def load_data(spec: EvalSpec) -> EvaluationData:
         if x.ndim == 4 and mean.ndim == 1 and mean.size > 1:
             mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
         try:
-            data.inputs = ((x - mean) / std).astype(np.float32)
+            # the inputs' shape must survive: 3 channel means on 1-channel images would broadcast to 3 channels
+            if np.broadcast_shapes((1, *x.shape[1:]), mean.shape, std.shape)[1:] != tuple(x.shape[1:]):
+                raise ValueError("normalize changes the input shape")
+            if isinstance(x, SplitInputs):  # applied to every slice when it is read
+                x.mean, x.std = mean.astype(np.float32), std.astype(np.float32)
+            else:
+                data.inputs = ((x - mean) / std).astype(np.float32)
         except ValueError:
             raise EvaluationError(f"normalize mean/std of length {mean.size} do not fit inputs of shape "
                                   f"{tuple(x.shape[1:])}; give one value per channel (or per feature)") from None
@@ -92,13 +132,13 @@ def _load_dataset_section(spec: EvalSpec) -> EvaluationData:
     except C.ContractError as exc:
         raise EvaluationError(f"the evaluation spec's classes: {exc}") from None
     frame = bundle.test_frame.copy()
-    x, _ = bundle.test.batch(slice(None))
     dataset = dspec.model_dump(mode="json")
     dataset["positive_class"] = info.positive_class
     study_yaml = {"dataset": dataset}
     if spec.audit:
         study_yaml["audit"] = spec.audit
-    return EvaluationData(frame=frame, inputs=x.numpy().astype(np.float32), features=None, info=info, study_yaml=study_yaml)
+    return EvaluationData(frame=frame, inputs=SplitInputs(bundle.test, bundle.input_shape), features=None, info=info,
+                          study_yaml=study_yaml)
 
 
 def _load_table(spec: EvalSpec) -> EvaluationData:
