@@ -95,14 +95,18 @@ EOF
   timeout 60 $py - "$dev" <<'EOF' 2>&1 | tee "$out/probe.log"
 import sys
 from compbias.platform.config import load_study, parse_study
-from compbias.platform.gpu_share import gpu_share, probe_training_memory
+from compbias.platform.gpu_share import probe_training_memory, resolve_gpu_share
 dev = sys.argv[1]
 for arch in ("smallcnn", "resnet20"):
     data = load_study("configs/digits.yaml").resolved()
     data["model"] = {**data["model"], "arch": arch}
-    p = probe_training_memory(parse_study(data, source=arch).resolved(), device=dev)
-    share = gpu_share(p.peak_bytes, p.split_bytes, p.total_bytes) if p.total_bytes else None
-    print(f"{arch}: {p}; gpus_per_task auto -> {share}")
+    data["resources"] = {**data["resources"], "gpus_per_task": "auto"}
+    spec = parse_study(data, source=arch)
+    probe = probe_training_memory(spec.resolved(), device=dev)
+    print(f"{arch}: {probe}")
+    # the platform's own decision on a one-GPU cluster (off CUDA: a warning and 1 GPU per task)
+    decision = resolve_gpu_share(spec, 1.0, lambda: probe, log=lambda line: print(f"{arch}: {line}"))
+    print(f"{arch}: share {decision.share:g}{'' if decision.error is None else ' (' + decision.error + ')'}")
 EOF
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(probe)
 

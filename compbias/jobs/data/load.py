@@ -183,8 +183,14 @@ def load_dataset(
     if len(train.keys) == 0 or len(test.keys) == 0:
         raise ValueError(f"empty split after selection: {len(train.keys)} train / {len(test.keys)} test examples")
 
-    if train.images is None and stream_from_files(_decoded_bytes(train, test, root_path, image_size), in_memory):
-        train_ds = FileImageDataset([root_path / p for p in train.paths], train.labels, image_size, scale)
+    first = None  # the decoded shape of the first training image, when the memory rule needs it
+    if train.images is not None or in_memory is True:
+        stream = False
+    else:
+        first = tuple(int(s) for s in decode_image(root_path / train.paths[0], image_size).shape)
+        stream = stream_from_files(int(np.prod(first)) * (len(train.paths) + len(test.paths)), in_memory)
+    if stream:
+        train_ds = FileImageDataset([root_path / p for p in train.paths], train.labels, image_size, scale, shape=first)
         test_ds = FileImageDataset([root_path / p for p in test.paths], test.labels, image_size, scale)
         shape, test_shape = train_ds.shape, test_ds.shape
     else:
@@ -220,12 +226,3 @@ def load_dataset(
         augment=kind != "digits",
         options=options,
     )
-
-
-def _decoded_bytes(train, test, root: Path, image_size: int | None) -> int:
-    """Bytes of both splits decoded as ``uint8``, from the first image's decoded shape."""
-    first = next(iter(train.paths), None) or next(iter(test.paths), None)
-    if first is None:
-        return 0
-    per_image = int(np.prod(decode_image(root / first, image_size).shape))
-    return per_image * (len(train.paths) + len(test.paths))
